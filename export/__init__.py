@@ -1,0 +1,1 @@
+"""Export of fastdiff networks to ONNX / TensorRT (installed as fastdiff.export)."""

@@ -1,0 +1,1 @@
+"""Backends that run the three networks: torch, onnxruntime, tensorrt."""

@@ -1,0 +1,151 @@
+"""The one dispatch seam between the model code and the compute kernels.
+
+Every normalisation, attention and activation call in `fastdiff.models` goes through this file.
+Each op has a plain torch reference definition (used on CPU, for ONNX export, and as the
+readable spec) and, where one exists, a fused Triton kernel from `fastdiff.kernels` (used on
+CUDA by default).
+
+Which path runs is chosen by the kernel mode:
+  - "auto"   (default): Triton on CUDA tensors, torch reference everywhere else;
+  - "torch":  always the torch reference;
+  - "triton": always Triton (on CPU tensors this needs TRITON_INTERPRET=1, which is how CI tests
+              the kernels).
+The mode comes from the environment variable FASTDIFF_KERNELS, and can be changed with
+`set_kernels()` or the `kernels()` context manager (Pipeline(kernels=...) uses the latter).
+ONNX export always traces the torch reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+import torch.nn.functional as F
+
+_MODES = ("auto", "torch", "triton")
+_state = threading.local()
+
+
+def _default_mode() -> str:
+    mode = os.environ.get("FASTDIFF_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(f"FASTDIFF_KERNELS={mode!r}: allowed values are {', '.join(_MODES)}")
+    return mode
+
+
+_global_mode = _default_mode()
+
+
+def get_kernels() -> str:
+    """The kernel mode in force for this thread."""
+    return getattr(_state, "mode", None) or _global_mode
+
+
+def set_kernels(mode: str) -> None:
+    """Set the process-wide kernel mode ("auto", "torch" or "triton")."""
+    global _global_mode
+    if mode not in _MODES:
+        raise ValueError(f"kernels={mode!r}: allowed values are {', '.join(_MODES)}")
+    _global_mode = mode
+
+
+@contextlib.contextmanager
+def kernels(mode: str | None):
+    """Use `mode` for ops called in this thread inside the block (None: leave as is)."""
+    if mode is None:
+        yield
+        return
+    if mode not in _MODES:
+        raise ValueError(f"kernels={mode!r}: allowed values are {', '.join(_MODES)}")
+    prev = getattr(_state, "mode", None)
+    _state.mode = mode
+    try:
+        yield
+    finally:
+        _state.mode = prev
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False
+    mode = get_kernels()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        return True
+    return x.is_cuda
+
+
+# ----------------------------------------------------------------------------------------------
+# torch reference definitions: the spec each kernel is tested against.
+
+
+def group_norm_ref(x, num_groups: int, weight, bias, eps: float, silu: bool = False):
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(y) if silu else y
+
+
+def layer_norm_ref(x, weight, bias, eps: float):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def attention_ref(q, k, v, scale: float | None = None):
+    # q: [B, heads, Sq, D], k/v: [B, heads, Sk, D] -> [B, heads, Sq, D]
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def geglu_ref(h):
+    # h: [..., 2 * inner] -> [..., inner]; first half is the value, second half the gate.
+    x, gate = h.chunk(2, dim=-1)
+    return x * F.gelu(gate)
+
+
+# ----------------------------------------------------------------------------------------------
+# public ops: what the models call.
+
+
+def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False):
+    """GroupNorm over [B, C, H, W] (any memory format), optionally followed by SiLU."""
+    if _use_triton(x):
+        from fastdiff.kernels import group_norm as _k
+
+        return _k(x, num_groups, weight, bias, eps, silu=silu)
+    return group_norm_ref(x, num_groups, weight, bias, eps, silu)
+
+
+def layer_norm(x, weight, bias, eps: float):
+    """LayerNorm over the last dimension."""
+    return layer_norm_ref(x, weight, bias, eps)
+
+
+def attention(q, k, v, scale: float | None = None):
+    """Scaled dot-product attention, q/k/v in [B, heads, tokens, head_dim], no mask."""
+    if _use_triton(q):
+        from fastdiff.kernels import attention as _k
+
+        return _k(q, k, v, scale=scale)
+    return attention_ref(q, k, v, scale)
+
+
+def geglu(h):
+    """x * gelu(gate) where (x, gate) = h.chunk(2, -1): the SD feed-forward activation."""
+    if _use_triton(h):
+        from fastdiff.kernels import geglu as _k
+
+        return _k(h)
+    return geglu_ref(h)
+
+
+def silu(x):
+    return F.silu(x)
+
+
+def gelu(x):
+    return F.gelu(x)
+
+
+def quick_gelu(x):
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * torch.sigmoid(1.702 * x)
