@@ -1,0 +1,50 @@
+"""The torch backend: fastdiff's own modules, loaded from a diffusers-format folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fastdiff import ops
+from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
+from fastdiff.weights import find_weights, load_module
+
+
+class TorchBackend:
+    """Runs the three networks with plain PyTorch modules (plus the ops seam's kernels).
+
+    Every backend exposes the same three calls, so the scheduler loop and classifier-free
+    guidance in `Pipeline` are shared code:
+      encode_text(input_ids [B, 77] int64)            -> [B, 77, D]
+      unet(sample [B, 4, h, w], t 0-dim, context)     -> [B, 4, h, w]
+      decode(latents [B, 4, h, w], already unscaled)  -> [B, 3, 8h, 8w] in about [-1, 1]
+    """
+
+    name = "torch"
+
+    def __init__(self, root: Path, *, device: torch.device, dtype: torch.dtype, kernels: str | None = None):
+        self.device, self.dtype, self.kernels = device, dtype, kernels
+        self.text_encoder = _load(CLIPTextModel, CLIPTextConfig, root / "text_encoder", device, dtype)
+        self.unet_model = _load(UNet2DConditionModel, UNetConfig, root / "unet", device, dtype)
+        self.vae = _load(AutoencoderKL, VAEConfig, root / "vae", device, dtype)
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with ops.kernels(self.kernels):
+            return self.text_encoder(input_ids.to(self.device))[0]
+
+    @torch.inference_mode()
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        with ops.kernels(self.kernels):
+            return self.unet_model(sample.to(self.dtype), timestep, context.to(self.dtype))
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with ops.kernels(self.kernels):
+            return self.vae.decode(latents.to(self.dtype))
+
+
+def _load(cls, config_cls, folder: Path, device, dtype):
+    config = config_cls.from_json(folder / "config.json")
+    return load_module(cls, config, find_weights(folder), device=device, dtype=dtype)
