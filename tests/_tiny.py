@@ -93,7 +93,7 @@ def make_sd_folder(folder: Path, which: str = "a", seed: int = 0) -> Path:
         text_encoder=text.eval(),
         tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
         unet=unet.eval(),
-        scheduler=PNDMScheduler(**SD15_SCHEDULER),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
