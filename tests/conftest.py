@@ -1,0 +1,129 @@
+"""Shared test fixtures: small model configs (diffusers / transformers constructor kwargs) and the
+SD1.5 configs, written out here so no download is needed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Two small UNets that differ in every dimension the model code reads: depth, widths, heads
+# (int vs per-block list), context width, group count, conv vs linear projections, padding.
+UNET_SMALL = {
+    "a": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=4,
+        cross_attention_dim=24,
+        norm_num_groups=16,
+    ),
+    "b": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=5,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 8, 4),
+        cross_attention_dim=40,
+        norm_num_groups=8,
+        norm_eps=1e-6,
+        use_linear_projection=True,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+    ),
+}
+
+VAE_SMALL = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    latent_channels=4,
+    norm_num_groups=16,
+    sample_size=32,
+)
+
+# eos_token_id == 2 is the legacy SD1.5 value (pool at argmax of ids); the other pools at the
+# first eos; there eos is not the largest id, so the two rules pick different tokens.
+# max_position_embeddings > the test sequence length.
+CLIP_SMALL = {
+    "eos2": dict(
+        vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=20, hidden_act="quick_gelu", layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2,
+        pad_token_id=1,
+    ),
+    "eos_last": dict(
+        vocab_size=300, hidden_size=48, intermediate_size=40, num_hidden_layers=3, num_attention_heads=6,
+        max_position_embeddings=20, hidden_act="gelu", layer_norm_eps=1e-6, bos_token_id=149, eos_token_id=150,
+        pad_token_id=150,
+    ),
+}
+
+SD15_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    attention_head_dim=8,
+    cross_attention_dim=768,
+    norm_num_groups=32,
+)
+
+SD15_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+
+SD15_CLIP = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
+    bos_token_id=0, eos_token_id=2, pad_token_id=1,
+)
+
+
+@pytest.fixture(params=sorted(UNET_SMALL))
+def unet_small(request) -> dict:
+    return dict(UNET_SMALL[request.param])
+
+
+@pytest.fixture
+def vae_small() -> dict:
+    return dict(VAE_SMALL)
+
+
+@pytest.fixture(params=sorted(CLIP_SMALL))
+def clip_small(request) -> dict:
+    return dict(CLIP_SMALL[request.param])
+
+
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """Add noise to every parameter: reference inits zero some layers (conv_out, proj_out...)
+    and would hide bugs behind them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+@pytest.fixture
+def perturb():
+    return perturb_

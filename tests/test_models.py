@@ -1,0 +1,253 @@
+"""fastdiff.models against the reference implementations (diffusers, transformers).
+
+Each small model is built by the reference with random weights, perturbed (reference inits zero
+some layers), loaded into ours with strict=True (ours built on the meta device and loaded with
+assign=True, as the runtime does) and compared on fresh random inputs. The SD1.5-sized models are
+compared by key set, shapes and parameter count on the meta device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SD15_CLIP, SD15_UNET, SD15_VAE
+
+from fastdiff import ops
+from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
+
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _torch_reference_ops():
+    # The models are compared here; the Triton kernels have their own tests.
+    with ops.kernels("torch"):
+        yield
+
+
+def _ours(cls, config, state_dict):
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.eval()
+
+
+def _maxdiff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+def _text_state_dict(ref) -> dict:
+    """The SD1.x checkpoint-file layout; transformers >= 5 drops the `text_model.` level in memory."""
+    sd = ref.state_dict()
+    return sd if all(k.startswith("text_model.") for k in sd) else {"text_model." + k: v for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# UNet
+
+
+@pytest.fixture
+def unet_pair(unet_small, perturb, tmp_path):
+    from diffusers import UNet2DConditionModel as RefUNet
+
+    torch.manual_seed(0)
+    ref = RefUNet(**unet_small).eval()
+    perturb(ref, 1)
+    ref.save_config(tmp_path)  # a real config.json, with _class_name / _diffusers_version
+    cfg = UNetConfig.from_json(tmp_path / "config.json")
+    return ref, _ours(UNet2DConditionModel, cfg, ref.state_dict())
+
+
+@pytest.mark.parametrize(
+    "hw, timesteps",
+    [
+        ((16, 24), [981, 417.5, torch.tensor(3), torch.tensor([999.0, 0.0])]),  # int, float, 0-dim, [B]
+        ((13, 22), [torch.tensor(500)]),  # sides not multiples of 4: upsampling to the skip's size
+    ],
+)
+def test_unet_matches_diffusers(unet_pair, hw, timesteps):
+    ref, ours = unet_pair
+    g = torch.Generator().manual_seed(hw[0])
+    x = torch.randn(2, ref.config.in_channels, *hw, generator=g)
+    ctx = torch.randn(2, 7, ref.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        for t in timesteps:
+            want = ref(x, t, ctx).sample
+            got = ours(x, t, ctx)
+            assert got.shape == want.shape == (2, ref.config.out_channels, *hw)
+            assert _maxdiff(got, want) <= TOL, f"timestep {t!r}"
+
+
+def test_unet_fp16_close_to_fp32(unet_pair):
+    _, ours = unet_pair
+    g = torch.Generator().manual_seed(5)
+    x, ctx = torch.randn(2, ours.config.in_channels, 8, 8, generator=g), torch.randn(2, 7, ours.config.context_dims[0], generator=g)
+    with torch.no_grad():
+        want = ours(x, 500, ctx)
+        got = ours.half()(x.half(), torch.tensor(500), ctx.half())
+    assert got.dtype == torch.float16
+    assert _maxdiff(got.float(), want) <= 0.01 * want.abs().max().item()
+
+
+def test_unet_config_reads_diffusers_fields():
+    cfg = UNetConfig.from_dict({"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.6.0", **SD15_UNET, "dropout": 0.0})
+    assert cfg == UNetConfig()  # the defaults are SD1.5's
+    assert cfg.heads == (8, 8, 8, 8)  # attention_head_dim means heads in SD1.x configs
+    assert UNetConfig.from_dict({**SD15_UNET, "num_attention_heads": [5, 10, 20, 20]}).heads == (5, 10, 20, 20)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"class_embed_type": "timestep"},
+        {"addition_embed_type": "text_time"},
+        {"down_block_types": ["AttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]},
+        {"up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D"]},
+        {"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"},
+        {"transformer_layers_per_block": [1, 2, 10, 1]},
+        {"time_cond_proj_dim": 256},
+        {"act_fn": "gelu"},
+        {"attention_head_dim": 7},
+    ],
+)
+def test_unet_config_rejects_unsupported(change):
+    with pytest.raises(ValueError):
+        UNetConfig.from_dict({**SD15_UNET, **change})
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE
+
+
+def test_vae_matches_diffusers(vae_small, perturb, tmp_path):
+    from diffusers import AutoencoderKL as RefVAE
+
+    torch.manual_seed(0)
+    ref = RefVAE(**vae_small).eval()
+    perturb(ref, 2)
+    ref.save_config(tmp_path)
+    ours = _ours(AutoencoderKL, VAEConfig.from_json(tmp_path / "config.json"), ref.state_dict())
+    assert ours.config.scaling_factor == ref.config.scaling_factor
+
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(2, 4, 6, 10, generator=g)
+    img = torch.randn(2, 3, 24, 40, generator=g)
+    with torch.no_grad():
+        want = ref.decode(z).sample
+        got = ours.decode(z)
+        assert got.shape == want.shape == (2, 3, 24, 40)
+        assert _maxdiff(got, want) <= TOL
+
+        dist = ref.encode(img).latent_dist
+        mean, logvar = ours.encode(img)
+        assert mean.shape == dist.mean.shape == (2, 4, 6, 10)
+        assert _maxdiff(mean, dist.mean) <= TOL
+        assert _maxdiff(logvar, dist.logvar) <= TOL
+
+
+def test_vae_config_rejects_unsupported():
+    with pytest.raises(ValueError):
+        VAEConfig.from_dict({**SD15_VAE, "down_block_types": ["DownEncoderBlock2D"] * 3 + ["AttnDownEncoderBlock2D"]})
+    with pytest.raises(ValueError):
+        VAEConfig.from_dict({**SD15_VAE, "use_quant_conv": False})
+    assert VAEConfig.from_dict({"_class_name": "AutoencoderKL", **SD15_VAE}) == VAEConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP text encoder
+
+
+def _token_ids(cfg: dict, batch: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """bos, random words, eos, then padding (eos again when pad == eos), like the tokenizer."""
+    ids = torch.randint(3, cfg["vocab_size"] - 1, (batch, n), generator=g)
+    ids[ids == cfg["eos_token_id"]] += 1  # words are never eos
+    ids[:, 0] = cfg["bos_token_id"]
+    for b, end in enumerate(torch.randint(2, n - 1, (batch,), generator=g).tolist()):
+        eos = cfg["vocab_size"] - 1 if cfg["eos_token_id"] == 2 else cfg["eos_token_id"]  # legacy: EOT is the top id
+        ids[b, end] = eos
+        ids[b, end + 1 :] = cfg["pad_token_id"]
+    return ids
+
+
+def test_clip_matches_transformers(clip_small, perturb, tmp_path):
+    from transformers import CLIPTextConfig as RefConfig
+    from transformers import CLIPTextModel as RefCLIP
+
+    torch.manual_seed(0)
+    ref = RefCLIP(RefConfig(**clip_small)).eval()
+    perturb(ref, 3)
+    ref.config.to_json_file(tmp_path / "config.json")
+    cfg = CLIPTextConfig.from_json(tmp_path / "config.json")
+    assert cfg.eos_token_id == clip_small["eos_token_id"]
+    ours = _ours(CLIPTextModel, cfg, ref.state_dict())  # the installed transformers' own layout
+
+    ids = _token_ids(clip_small, 3, 16, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(input_ids=ids)
+        hidden, pooled = ours(ids)
+    assert hidden.shape == want.last_hidden_state.shape == (3, 16, clip_small["hidden_size"])
+    assert _maxdiff(hidden, want.last_hidden_state) <= TOL
+    assert _maxdiff(pooled, want.pooler_output) <= TOL
+
+
+def test_clip_loads_sd15_file_layout():
+    """SD1.5's text encoder file: keys under `text_model.`, plus the obsolete position_ids."""
+    from transformers import CLIPTextConfig as RefConfig
+    from transformers import CLIPTextModel as RefCLIP
+
+    cfg = dict(SD15_CLIP, vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
+    ref = RefCLIP(RefConfig(**cfg)).eval()
+    sd = _text_state_dict(ref)
+    sd["text_model.embeddings.position_ids"] = torch.arange(cfg["max_position_embeddings"])[None]
+    ours = _ours(CLIPTextModel, CLIPTextConfig.from_dict(cfg), sd)
+    ids = _token_ids(cfg, 2, 77, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert _maxdiff(ours(ids)[0], ref(input_ids=ids).last_hidden_state) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# SD1.5-sized networks on the meta device: exactly the reference's keys and shapes
+
+
+def _shapes(module) -> dict:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def test_sd15_unet_keys_and_shapes():
+    from diffusers import UNet2DConditionModel as RefUNet
+
+    with torch.device("meta"):
+        ref = RefUNet(**SD15_UNET)
+        ours = UNet2DConditionModel(UNetConfig.from_dict(SD15_UNET))
+    assert _shapes(ours) == _shapes(ref)
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in ref.parameters())
+    assert 855e6 < n < 865e6  # SD1.5's UNet: ~860M parameters
+
+
+def test_sd15_vae_keys_and_shapes():
+    from diffusers import AutoencoderKL as RefVAE
+
+    with torch.device("meta"):
+        ref = RefVAE(**SD15_VAE)
+        ours = AutoencoderKL(VAEConfig.from_dict(SD15_VAE))
+    assert _shapes(ours) == _shapes(ref)
+
+
+def test_sd15_clip_keys_and_shapes():
+    from transformers import CLIPTextConfig as RefConfig
+    from transformers import CLIPTextModel as RefCLIP
+
+    with torch.device("meta"):
+        ref = RefCLIP(RefConfig(**SD15_CLIP))
+        ours = CLIPTextModel(CLIPTextConfig.from_dict(SD15_CLIP))
+    assert _shapes(ours) == {k: tuple(v.shape) for k, v in _text_state_dict(ref).items()}
+    assert "text_model.final_layer_norm.weight" in _shapes(ours)
+
+
+def test_models_have_no_buffers():
+    """Buffers made in __init__ would stay on the meta device after load_state_dict(assign=True)."""
+    with torch.device("meta"):
+        models = [UNet2DConditionModel(UNetConfig()), AutoencoderKL(VAEConfig()), CLIPTextModel(CLIPTextConfig())]
+    assert all(not list(m.buffers()) for m in models)
