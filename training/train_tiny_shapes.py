@@ -1,0 +1,328 @@
+"""Train the embedded "tiny-shapes" model on the CPU and save it as an SD1.5-layout folder.
+
+A scaled-down Stable Diffusion 1.5: an AutoencoderKL (4 latent channels, downsampling 4), a CLIP
+text encoder on the real CLIP vocabulary (so any prompt tokenizes) and a UNet2DConditionModel
+with the SD block types (cross-attention down/up blocks, plain resnet blocks, GEGLU
+feed-forward), trained on the procedural shapes of training/shapes.py. The folder loads with
+diffusers' StableDiffusionPipeline.from_pretrained and with fastdiff's own loader.
+
+    python training/train_tiny_shapes.py                 # train + save (~35 min on 2 cores)
+    python training/train_tiny_shapes.py --quick         # a few-minute smoke version
+    python training/train_tiny_shapes.py --eval-only     # measure prompt adherence of the saved model
+
+Phases: (1) the VAE on pixels (MSE + L1 + a tiny KL); (2) the scaling factor = 1 / std of the
+latents, as SD did; (3) text encoder + UNet jointly on epsilon prediction with min-SNR
+weighting, 10% empty captions (for classifier-free guidance), AdamW with warm-up and cosine
+decay, EMA weights (the EMA is what gets saved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+# Passive OpenMP waits: on a shared, busy machine spinning worker threads slow training ~5x.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shapes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "fastdiff" / "assets" / "tiny-shapes"
+TOKENIZER = ROOT / "fastdiff" / "assets" / "clip-tokenizer"
+
+# SD1.5's scheduler_config.json, verbatim.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    n_images: int = 6000
+    vae_steps: int = 300
+    vae_batch: int = 16
+    vae_crop: int = 32  # the VAE is convolutional: random crops cost 4x less than whole images
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    steps: int = 100_000  # upper bound; `minutes` usually ends training first
+    minutes: float = 28.0  # wall-clock budget of the UNet phase (the LR schedule follows it)
+    batch: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    ema_decay: float = 0.995
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    # sizes
+    vae_channels: tuple[int, ...] = (32, 64, 64)
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    text_hidden: int = 64
+    text_layers: int = 3
+
+
+QUICK = TrainConfig(n_images=256, vae_steps=5, minutes=0.2, warmup=5, ema_decay=0.98)
+
+
+def build_models(cfg: TrainConfig):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=shapes.SIZE,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels, layers_per_block=1, norm_num_groups=32,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=cfg.text_hidden, intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers, num_attention_heads=4, max_position_embeddings=77,
+        hidden_act="quick_gelu", projection_dim=cfg.text_hidden,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    ))
+    factor = 2 ** (n - 1)
+    unet = UNet2DConditionModel(
+        sample_size=shapes.SIZE // factor, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=cfg.unet_channels, layers_per_block=1, attention_head_dim=4,
+        cross_attention_dim=cfg.text_hidden, norm_num_groups=32,
+    )
+    return vae, text, unet
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def lr_at(step: int, warmup: int, progress: float) -> float:
+    """Linear warm-up over `warmup` steps then cosine decay to 10% as `progress` goes 0 -> 1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
+    """Pixels in [-1, 1] -> reconstruct; MSE + L1 + tiny KL (flat colours need no GAN/LPIPS)."""
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = cfg.vae_lr * lr_at(step, cfg.warmup, step / cfg.vae_steps)
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        y0, x0 = torch.randint(shapes.SIZE - cfg.vae_crop + 1, (2,), generator=gen).tolist()
+        x = images[idx, :, y0:y0 + cfg.vae_crop, x0:x0 + cfg.vae_crop]  # [B, 3, crop, crop]
+        post = vae.encode(x).latent_dist
+        y = vae.decode(post.mean).sample  # the mean: sampling at init std 1 drowns the signal
+        rec = F.mse_loss(y, x) + 0.1 * (y - x).abs().mean()
+        kl = post.kl().mean() / x[0].numel()
+        loss = rec + cfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == cfg.vae_steps - 1:
+            print(f"vae {step:5d} rec {rec.item():.5f} kl {kl.item():.2f} {time.time() - t0:.0f}s", flush=True)
+    return vae
+
+
+class Captions:
+    """Random caption variants of the training scenes, tokenized through a cache (the set of
+    distinct captions is small) to 77 tokens as SD does."""
+
+    def __init__(self, tokenizer, scenes, rng: np.random.Generator, dropout: float):
+        self.tok, self.scenes, self.rng, self.dropout = tokenizer, scenes, rng, dropout
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def ids(self, text: str) -> torch.Tensor:
+        if text not in self.cache:
+            self.cache[text] = self.tok(text, padding="max_length", max_length=77, truncation=True,
+                                        return_tensors="pt").input_ids[0]
+        return self.cache[text]
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        texts = ["" if self.rng.random() < self.dropout else shapes.caption(self.scenes[i], self.rng)
+                 for i in idx.tolist()]
+        return torch.stack([self.ids(t) for t in texts])  # [B, 77]
+
+
+def train_diffusion(text, unet, latents, captions: Captions, cfg: TrainConfig, gen: torch.Generator):
+    """Epsilon prediction with min-SNR-gamma weighting; returns the EMA copies."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+    abar = torch.cumprod(1 - betas, 0).float()  # [1000]
+    snr = abar / (1 - abar)
+    weight = snr.clamp(max=cfg.min_snr_gamma) / snr  # min-SNR for epsilon targets
+
+    ema_text, ema_unet = copy.deepcopy(text).eval(), copy.deepcopy(unet).eval()
+    params = list(text.parameters()) + list(unet.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    t0, avg = time.time(), None
+    for step in range(cfg.steps):
+        progress = max(step / cfg.steps, (time.time() - t0) / (60 * cfg.minutes))
+        if progress >= 1:
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_at(step, cfg.warmup, progress)
+        idx = torch.randint(len(latents), (cfg.batch,), generator=gen)
+        z0 = latents[idx]  # [B, 4, h, w]
+        ids = captions.batch(idx)  # [B, 77]
+        t = torch.randint(1000, (cfg.batch,), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        a = abar[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        cond = text(ids).last_hidden_state  # [B, 77, hidden]
+        pred = unet(zt, t, cond).sample
+        loss = (weight[t] * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema_text, text, decay)
+        ema_update(ema_unet, unet, decay)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % 50 == 0:
+            print(f"unet {step:5d} loss {loss.item():.4f} avg {avg:.4f} {time.time() - t0:.0f}s", flush=True)
+    print(f"unet done: {step} steps, last avg loss {avg:.4f} in {time.time() - t0:.0f}s "
+          f"(rerun with --steps {step} --minutes 1e9 to repeat it)", flush=True)
+    return ema_text, ema_unet
+
+
+def save_grid(x: torch.Tensor, path: Path, cols: int = 8) -> None:
+    """Images in [-1, 1], [N, 3, H, W] (N a multiple of cols) -> one PNG grid."""
+    from PIL import Image
+
+    u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # [N, H, W, 3]
+    n, h, w, _ = u8.shape
+    g = u8.reshape(n // cols, cols, h, w, 3).transpose(0, 2, 1, 3, 4)  # [rows, H, cols, W, 3]
+    Image.fromarray(g.reshape(n // cols * h, cols * w, 3)).save(path)
+
+
+def save(vae, text, unet, tokenizer, out: Path) -> None:
+    """fp16 safetensors in SD1.5's folder layout, tokenizer from the CLIP vocab asset."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    sched = PNDMScheduler.from_config(SD15_SCHEDULER)  # ignores clip_sample, which PNDM lacks
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=sched,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out, safe_serialization=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2) + "\n")
+    shutil.rmtree(out / "tokenizer")  # the shared asset's files verbatim (no 3.6 MB tokenizer.json)
+    shutil.copytree(TOKENIZER, out / "tokenizer")
+
+
+def evaluate(folder: Path, steps_list=(25, 10), guidance: float = 6.0, seed: int = 0, grid: Path | None = None):
+    """Prompt adherence on the held-out prompts: colour / shape match % by the pixel classifier."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = shapes.heldout_prompts()
+    results = {}
+    for steps in steps_list:
+        gen = torch.Generator().manual_seed(seed)
+        out = pipe([p for p, _ in prompts], height=shapes.SIZE, width=shapes.SIZE, num_inference_steps=steps,
+                   guidance_scale=guidance, generator=gen, output_type="np").images
+        imgs = (out * 255).round().astype(np.uint8)  # [N, 64, 64, 3]
+        found = [shapes.classify(im) for im in imgs]
+        colour = 100 * np.mean([c == s.colour for (c, _), (_, s) in zip(found, prompts)])
+        shape = 100 * np.mean([k == s.shape for (_, k), (_, s) in zip(found, prompts)])
+        results[steps] = (colour, shape)
+        print(f"eval {steps} steps, guidance {guidance}: colour {colour:.1f}% shape {shape:.1f}% "
+              f"on {len(prompts)} held-out prompts", flush=True)
+        if grid is not None:
+            cols = 8
+            pad = (-len(imgs)) % cols
+            g = np.concatenate([imgs, np.zeros((pad, *imgs.shape[1:]), np.uint8)])
+            g = g.reshape(-1, cols, *imgs.shape[1:]).transpose(0, 2, 1, 3, 4)  # [rows, H, cols, W, 3]
+            Image.fromarray(g.reshape(g.shape[0] * g.shape[1], -1, 3)).save(grid.with_suffix(f".{steps}.png"))
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="few-minute smoke run")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--steps", type=int, help="UNet steps (overrides the default bound)")
+    ap.add_argument("--minutes", type=float, help="UNet wall-clock budget")
+    ap.add_argument("--grid", type=Path, default=Path("/tmp/tiny_shapes_grid.png"))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    if args.eval_only:
+        evaluate(args.out, grid=args.grid)
+        return
+
+    from transformers import CLIPTokenizer
+
+    cfg = QUICK if args.quick else TrainConfig()
+    if args.steps is not None:
+        cfg = replace(cfg, steps=args.steps)
+    if args.minutes is not None:
+        cfg = replace(cfg, minutes=args.minutes)
+    print(cfg, flush=True)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t_start = time.time()
+
+    images_u8, scenes = shapes.make_dataset(cfg.n_images, seed=cfg.seed)
+    images = torch.from_numpy(images_u8).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, 64, 64]
+    vae, text, unet = build_models(cfg)
+    print(f"params: vae {n_params(vae):,} text {n_params(text):,} unet {n_params(unet):,}", flush=True)
+
+    train_vae(vae, images, cfg, gen)
+    vae.eval()
+    with torch.no_grad():
+        save_grid(torch.cat([images[:32], vae(images[:32]).sample]), args.grid.with_suffix(".vae.png"))
+        means = torch.cat([vae.encode(images[i:i + 256]).latent_dist.mean for i in range(0, len(images), 256)])
+    scale = 1.0 / means.std().item()
+    vae.register_to_config(scaling_factor=scale)
+    latents = means * scale  # [N, 4, 16, 16], unit std like SD's latents
+    print(f"latents {tuple(latents.shape)} scaling_factor {scale:.5f} {time.time() - t_start:.0f}s", flush=True)
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER)
+    captions = Captions(tokenizer, scenes, np.random.default_rng(cfg.seed), cfg.caption_dropout)
+    ema_text, ema_unet = train_diffusion(text, unet, latents, captions, cfg, gen)
+    print(f"trained in {time.time() - t_start:.0f}s", flush=True)
+    torch.save({"vae": vae.state_dict(), "text": ema_text.state_dict(), "unet": ema_unet.state_dict()},
+               args.grid.with_suffix(".ckpt.pt"))  # a fallback copy in fp32, outside the repo
+
+    save(vae, ema_text, ema_unet, tokenizer, args.out)
+    print(f"saved to {args.out}", flush=True)
+    evaluate(args.out, grid=args.grid)
+
+
+if __name__ == "__main__":
+    main()
