@@ -88,12 +88,12 @@ def group_norm_ref(x, num_groups: int, weight, bias, eps: float, silu: bool = Fa
 
 
 def layer_norm_ref(x, weight, bias, eps: float):
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return F.layer_norm(x, weight.shape, weight, bias, eps)  # weight.shape: a constant for the tracer
 
 
-def attention_ref(q, k, v, scale: float | None = None):
+def attention_ref(q, k, v, scale: float | None = None, causal: bool = False):
     # q: [B, heads, Sq, D], k/v: [B, heads, Sk, D] -> [B, heads, Sq, D]
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
 
 
 def geglu_ref(h):
@@ -120,13 +120,16 @@ def layer_norm(x, weight, bias, eps: float):
     return layer_norm_ref(x, weight, bias, eps)
 
 
-def attention(q, k, v, scale: float | None = None):
-    """Scaled dot-product attention, q/k/v in [B, heads, tokens, head_dim], no mask."""
-    if _use_triton(q):
+def attention(q, k, v, scale: float | None = None, causal: bool = False):
+    """Scaled dot-product attention, q/k/v in [B, heads, tokens, head_dim].
+
+    `causal=True` (CLIP's 77-token text encoder, run once per prompt) always takes the torch
+    reference: the fused kernel serves the UNet/VAE attention, which has no mask."""
+    if not causal and _use_triton(q):
         from fastdiff.kernels import attention as _k
 
         return _k(q, k, v, scale=scale)
-    return attention_ref(q, k, v, scale)
+    return attention_ref(q, k, v, scale, causal)
 
 
 def geglu(h):

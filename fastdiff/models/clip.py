@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.models.common import ConfigBase
@@ -41,15 +40,6 @@ class CLIPTextConfig(ConfigBase):
             raise ValueError(f"hidden_size {self.hidden_size} does not split into {self.num_attention_heads} heads")
 
 
-def _causal_attention(q, k, v, scale: float):
-    """Causal scaled dot-product attention, q/k/v [B, heads, tokens, d].
-
-    `ops.attention` has no mask argument; the text encoder is < 1% of an SD run, so it uses the
-    torch kernel directly.
-    """
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-
-
 class CLIPAttention(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
@@ -65,7 +55,7 @@ class CLIPAttention(nn.Module):
         q = self.q_proj(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, N, d]
         k = self.k_proj(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
-        o = _causal_attention(q, k, v, self.head_dim**-0.5)  # [B, heads, N, d]
+        o = ops.attention(q, k, v, self.head_dim**-0.5, causal=True)  # [B, heads, N, d]
         return self.out_proj(o.transpose(1, 2).reshape(B, N, C))  # [B, N, heads * d]
 
 
