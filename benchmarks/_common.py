@@ -1,0 +1,176 @@
+"""Model folders and machine facts shared by the benchmarks.
+
+The benchmarks need a diffusers-format folder that both diffusers and fastdiff load. Without
+downloads there are two kinds: the embedded trained model (fastdiff/assets/tiny-shapes) and
+random-weight models built here with diffusers/transformers (benchmarks may import them, the
+runtime may not) and saved with `save_pretrained`, so fastdiff reads exactly the files a real
+download holds. Random weights time the architecture, not the picture quality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "fastdiff" / "assets"
+TINY_SHAPES = ASSETS / "tiny-shapes"
+TOKENIZER_DIR = ASSETS / "clip-tokenizer"
+
+# The embedded model's architecture (training/train_tiny_shapes.py, 64x64 pixels, 16x16 latents):
+# the default when the trained weights are not in the checkout yet.
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 128),
+    layers_per_block=1,
+    attention_head_dim=4,
+    cross_attention_dim=64,
+    norm_num_groups=32,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=64,
+)
+TINY_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    projection_dim=64,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+
+def architecture(arch: str) -> tuple[dict, dict, dict, dict]:
+    """(unet, vae, text encoder, scheduler) constructor arguments for `arch` ("tiny" or "sd15");
+    SD1.5's come from fastdiff.iospec, the one place that holds them."""
+    from fastdiff import iospec
+
+    def args(cfg: dict) -> dict:  # config.json bookkeeping keys are not constructor arguments
+        return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+    scheduler = dict(iospec.SD15_SCHEDULER)  # written verbatim: DDIM reads clip_sample, PNDM does not
+    if arch == "tiny":
+        return TINY_UNET, TINY_VAE, TINY_TEXT, scheduler
+    if arch == "sd15":
+        c = iospec.SD15_CONFIGS
+        return args(c["unet"]), args(c["vae"]), args(c["text_encoder"]), scheduler
+    raise ValueError(f"arch={arch!r}: tiny or sd15")
+
+
+def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
+    """Add seeded noise to every parameter: default inits zero some layers (conv_out, proj_out),
+    which would make outputs constant and parity meaningless."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def build_random_folder(folder: Path, arch: str = "tiny", seed: int = 0) -> Path:
+    """A seeded random-weight StableDiffusionPipeline of architecture `arch`, saved to `folder`
+    in diffusers format (fp32 safetensors, SD1.5's PNDM scheduler config, the CLIP tokenizer).
+    The embedded model's architecture is the default; SD1.5's gives shape-true timings."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    unet_cfg, vae_cfg, text_cfg, sched_cfg = architecture(arch)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae = AutoencoderKL(**vae_cfg)
+    text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+    for i, m in enumerate((unet, vae, text)):
+        perturb_(m, seed * 10 + i)
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text.eval(),
+        tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
+        unet=unet.eval(),
+        scheduler=PNDMScheduler.from_config(sched_cfg),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    (Path(folder) / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
+    _sd15_text_keys(Path(folder) / "text_encoder" / "model.safetensors")
+    return Path(folder)
+
+
+def _sd15_text_keys(path: Path) -> None:
+    """Rewrite the text encoder's keys as SD1.5's file holds them (`text_model.` prefix):
+    transformers 5 saves them without it, and a real download is what we time."""
+    import safetensors.torch
+
+    state = safetensors.torch.load_file(path)
+    state = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state.items()}
+    safetensors.torch.save_file(state, path, metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_avg() -> float | None:
+    """The 1-minute load average: above the core count, other processes share the cores and
+    multi-threaded CPU timings swing widely (OpenMP threads wait on descheduled peers)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and hardware, for the JSON results: a number is useless without them."""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("fastdiff", "diffusers", "transformers", "numpy", "onnxruntime", "onnx", "tensorrt", "triton"):
+        mod = sys.modules.get(name)
+        if mod is None:
+            try:
+                mod = __import__(name)
+            except Exception:  # noqa: BLE001 - absent or broken optional package: just not listed
+                continue
+        versions[name] = getattr(mod, "__version__", "?")
+    env = {
+        "versions": versions,
+        "platform": platform.platform(),
+        "device": str(device),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "load_avg_1min": load_avg(),
+    }
+    return env
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,144 @@
+"""The latency harness (benchmarks/latency.py) on a tiny random model: every stage measured for
+the diffusers reference and each backend, speed-ups paired repeat by repeat, parity filled in,
+and the gate failing / passing on thresholds set beyond / below what was measured.
+Checks the harness's bookkeeping, never the timings themselves."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+latency = _load("latency")
+common = _load("_common")
+STEPS, REPEATS = 2, 2
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return common.build_random_folder(tmp_path_factory.mktemp("tiny-sd"), "tiny", seed=3)
+
+
+def _argv(folder, *extra):
+    return ["--model", str(folder), "--steps", str(STEPS), "--height", "32", "--width", "48", "--threads", "1", "--quiet", *extra]
+
+
+@pytest.fixture(scope="module")
+def run(folder, tmp_path_factory):
+    """One harness run with a lenient gate; returns its exit status and JSON results."""
+    tmp = tmp_path_factory.mktemp("bench")
+    gate = tmp / "gate.json"
+    gate.write_text(json.dumps({"cpu": {"min_speedup": {"torch": {"end_to_end": 1e-6}}, "min_psnr_db": {"torch": 0.0}}}))
+    out = tmp / "results.json"
+    status = latency.main(
+        _argv(folder, "--repeats", str(REPEATS), "--warmup", "1", "--json", str(out), "--gate", str(gate),
+              "--report", str(tmp / "report"))
+    )
+    return status, json.loads(out.read_text()), tmp
+
+
+def test_every_stage_measured(run):
+    status, res, _ = run
+    assert status == 0, res.get("gate")
+    assert latency.REF in res["runs"] and "torch" in res["runs"]
+    for name, stages in res["runs"].items():
+        assert set(stages) == set(latency.STAGES), name
+        for stage, s in stages.items():
+            assert len(s["values"]) == REPEATS and all(v > 0 and math.isfinite(v) for v in s["values"]), (name, stage)
+            assert s["min"] <= s["median"] <= s["max"]
+        # The stages are disjoint slices of the call, and the step is the loop over its UNet calls.
+        for r in range(REPEATS):
+            parts = sum(stages[k]["values"][r] for k in ("text_encoder", "denoise", "vae_decode"))
+            assert parts <= stages["end_to_end"]["values"][r] * 1.0001, name
+            assert stages["denoise"]["values"][r] / stages["unet_step"]["values"][r] == pytest.approx(STEPS), name
+
+
+def test_speedups_are_paired(run):
+    _, res, _ = run
+    ref = res["runs"][latency.REF]
+    for backend, stages in res["speedup"].items():
+        for stage in latency.STAGES:
+            mine = res["runs"][backend][stage]["values"]
+            expected = [a / b for a, b in zip(ref[stage]["values"], mine)]
+            assert stages[stage]["values"] == pytest.approx(expected, rel=1e-12)
+            assert stages[stage]["median"] == pytest.approx(statistics.median(expected), rel=1e-12)
+
+
+def test_parity_and_flops_filled(run):
+    _, res, tmp = run
+    assert set(res["parity"]) == set(res["runs"]) - {latency.REF}
+    for backend, p in res["parity"].items():
+        assert all(math.isfinite(p[k]) for k in ("max_abs", "mean_abs", "psnr_db")), backend
+        assert p["psnr_db"] > 20, (backend, p)  # same weights and seed: the images must agree
+        assert (tmp / "report" / f"{backend}_vs_{latency.REF}.png").exists()
+    f = res["flops"]
+    assert f["unet_flops_per_step"] > 0 and f["peak_flops_per_s"] > 0
+    assert set(f["achieved"]) == set(res["runs"])
+    assert res["settings"]["steps"] == STEPS and res["environment"]["versions"]["torch"]
+    assert (tmp / "report" / "report.md").read_text().count("![") == len(res["parity"])
+
+
+def test_psnr_formula():
+    rng = np.random.default_rng()
+    a = rng.random((1, 8, 8, 3), dtype=np.float32)
+    b = a + np.float32(0.01)  # MSE 1e-4 -> 40 dB
+    p = latency.parity(a, b)
+    assert p["psnr_db"] == pytest.approx(40.0, abs=1e-3)
+    assert p["max_abs"] == pytest.approx(0.01, rel=1e-4)
+    assert latency.parity(a, a)["psnr_db"] == latency.PSNR_CAP_DB
+
+
+def test_gate_fails_beyond_measured(run, folder, capsys):
+    _, res, tmp = run
+    backend = "torch"
+    got = res["speedup"][backend]["end_to_end"]["median"]
+    gate = tmp / "strict.json"
+    gate.write_text(json.dumps({
+        "_comment": "set beyond what was measured",
+        "cpu": {
+            "min_speedup": {backend: {"end_to_end": got * 100, "text_encoder": 1e-6}},
+            "max_abs": {backend: -1.0},
+            "min_psnr_db": {backend: res["parity"][backend]["psnr_db"] + 1e3},
+        },
+    }))
+    capsys.readouterr()
+    status = latency.main(_argv(folder, "--repeats", "1", "--warmup", "0", "--gate", str(gate)))
+    out = capsys.readouterr().out
+    assert status == 1
+    assert f"min_speedup {backend} end_to_end" in out
+    assert f"max_abs {backend}" in out and f"min_psnr_db {backend}" in out
+    assert "text_encoder" not in out.split("GATE FAILED")[1]  # the lenient threshold is not named
+
+
+def test_gate_names_unmeasured_backend(run):
+    _, res, _ = run
+    gate = {"cpu": {"min_psnr_db": {"tensorrt": 30.0}}}
+    missed = latency.check_gate({**res, "skipped": {"tensorrt": "needs a CUDA device"}}, gate)
+    assert missed and "tensorrt" in missed[0] and "not measured" in missed[0]
+
+
+def test_bad_gate_rejected_before_running(tmp_path, folder):
+    gate = tmp_path / "bad.json"
+    gate.write_text(json.dumps({"cpu": {"min_speedup": {"torch": {"end2end": 1.0}}}}))
+    assert latency.main(_argv(folder, "--gate", str(gate))) == 2
+
+
+def test_project_gate_file_is_valid():
+    latency.load_gate(BENCH / "gate.json")
