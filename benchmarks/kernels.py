@@ -1,0 +1,190 @@
+"""Triton kernels vs torch's own ops on SD1.5's shapes (512x512, batch 2 for classifier-free guidance).
+
+    python benchmarks/kernels.py                     # fp16, prints a table
+    python benchmarks/kernels.py --dtype bf16 --json kernels.json
+
+Pairs timed (median of triton.testing.do_bench, same inputs for both sides):
+  attention   fastdiff.kernels.attention  vs F.scaled_dot_product_attention   (TFLOP/s: 4 B H Sq Sk D)
+  group_norm  fastdiff.kernels.group_norm(silu=True) vs F.silu(F.group_norm)  (GB/s: read x + write y)
+  geglu       fastdiff.kernels.geglu      vs chunk + x * F.gelu(gate)         (GB/s: read h + write out)
+q/k/v are slices of a packed projection, as the UNet makes them. Ceilings measured in the same run:
+a 8192^3 matmul in the benchmark dtype (TFLOP/s) and a device-to-device copy of 1 GiB (GB/s, read
++ write). speed-up = torch time / triton time. Needs CUDA; on CPU it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# (B, heads, Sq, Sk, head_dim): down/up blocks at 64/32/16 latents and the mid block at 8, self and cross.
+ATTENTION_SHAPES = [
+    (2, 8, 4096, 4096, 40),
+    (2, 8, 4096, 77, 40),
+    (2, 8, 1024, 1024, 80),
+    (2, 8, 1024, 77, 80),
+    (2, 8, 256, 256, 160),
+    (2, 8, 256, 77, 160),
+    (2, 8, 64, 64, 160),
+    (2, 8, 64, 77, 160),
+]
+GROUP_NORM_SHAPES = [(2, c, s, s) for c in (320, 640, 1280) for s in (64, 32, 16, 8)]
+# GEGLU input [B, tokens, 2 * inner] with inner = 4 * channels: 320 @ 64x64, 640 @ 32, 1280 @ 16 and 8.
+GEGLU_SHAPES = [(2, 4096, 2560), (2, 1024, 5120), (2, 256, 10240), (2, 64, 10240)]
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+DEVICE = "cuda"
+
+
+def bench(fn) -> float:
+    """Median milliseconds; one call first so autotuning and compilation stay out of the timing."""
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def ceilings(dtype) -> dict:
+    n = 8192
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    ms = bench(lambda: a @ b)
+    src = torch.empty(2**30, device=DEVICE, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    return {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": 2 * src.numel() / copy_ms / 1e6}
+
+
+def run_attention(dtype) -> list[dict]:
+    from fastdiff.kernels import attention
+
+    rows = []
+    for B, H, Sq, Sk, D in ATTENTION_SHAPES:
+        if Sq == Sk:
+            qkv = torch.randn(B, Sq, 3, H, D, device=DEVICE, dtype=dtype)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, D]
+        else:
+            q = torch.randn(B, Sq, H, D, device=DEVICE, dtype=dtype).transpose(1, 2)  # [B, H, Sq, D]
+            kv = torch.randn(B, Sk, 2, H, D, device=DEVICE, dtype=dtype)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, Sk, D]
+        ours, ref = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+        flops = 4 * B * H * Sq * Sk * D
+        t_ours = bench(lambda: attention(q, k, v))
+        t_ref = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        rows.append(
+            dict(
+                kernel="attention", shape=f"B{B} H{H} Sq{Sq} Sk{Sk} D{D}", triton_ms=t_ours, torch_ms=t_ref,
+                unit="TFLOP/s", triton_rate=flops / t_ours / 1e9, torch_rate=flops / t_ref / 1e9,
+                max_abs_diff=(ours.float() - ref.float()).abs().max().item(),
+            )  # fmt: skip
+        )
+    return rows
+
+
+def run_group_norm(dtype) -> list[dict]:
+    from fastdiff.kernels import group_norm
+
+    rows = []
+    for shape in GROUP_NORM_SHAPES:
+        for layout in ("nchw", "nhwc"):
+            x = torch.randn(shape, device=DEVICE, dtype=dtype)
+            if layout == "nhwc":
+                x = x.to(memory_format=torch.channels_last)
+            w = torch.randn(shape[1], device=DEVICE, dtype=dtype)
+            b = torch.randn(shape[1], device=DEVICE, dtype=dtype)
+
+            def ours():
+                return group_norm(x, 32, w, b, 1e-5, silu=True)
+
+            def ref():
+                return F.silu(F.group_norm(x, 32, w, b, 1e-5))
+
+            nbytes = 2 * x.numel() * x.element_size()
+            t_ours, t_ref = bench(ours), bench(ref)
+            rows.append(
+                dict(
+                    kernel="group_norm+silu", shape=f"{list(shape)} {layout}", triton_ms=t_ours, torch_ms=t_ref,
+                    unit="GB/s", triton_rate=nbytes / t_ours / 1e6, torch_rate=nbytes / t_ref / 1e6,
+                    max_abs_diff=(ours().float() - ref().float()).abs().max().item(),
+                )  # fmt: skip
+            )
+    return rows
+
+
+def run_geglu(dtype) -> list[dict]:
+    from fastdiff.kernels import geglu
+
+    def ref(h):
+        x, gate = h.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+    rows = []
+    for shape in GEGLU_SHAPES:
+        h = torch.randn(shape, device=DEVICE, dtype=dtype)
+        nbytes = h.numel() * h.element_size() * 3 // 2  # read h, write half of it
+        t_ours, t_ref = bench(lambda: geglu(h)), bench(lambda: ref(h))
+        rows.append(
+            dict(
+                kernel="geglu", shape=str(list(shape)), triton_ms=t_ours, torch_ms=t_ref,
+                unit="GB/s", triton_rate=nbytes / t_ours / 1e6, torch_rate=nbytes / t_ref / 1e6,
+                max_abs_diff=(geglu(h).float() - ref(h).float()).abs().max().item(),
+            )  # fmt: skip
+        )
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
+    parser.add_argument("--only", choices=["attention", "group_norm", "geglu"], action="append")
+    parser.add_argument("--json", type=Path, help="save the results (and the environment) here")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("benchmarks/kernels.py needs a CUDA device: the Triton kernels only run compiled there.")
+        return 0
+
+    import _common
+
+    dtype = DTYPES[args.dtype]
+    ceil = ceilings(dtype)
+    print(f"{torch.cuda.get_device_name()}  {args.dtype}  ceilings: matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
+          f"copy {ceil['copy_gbps']:.0f} GB/s")  # fmt: skip
+    runners = {"attention": run_attention, "group_norm": run_group_norm, "geglu": run_geglu}
+    rows = []
+    for name in args.only or list(runners):
+        rows += runners[name](dtype)
+
+    header = (
+        f"{'kernel':16} {'shape':30} {'triton ms':>10} {'torch ms':>10} {'speed-up':>8} "
+        f"{'triton':>9} {'torch':>9} {'ceiling':>9}  unit     max|diff|"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        c = ceil["matmul_tflops"] if r["unit"] == "TFLOP/s" else ceil["copy_gbps"]
+        r["speedup"] = r["torch_ms"] / r["triton_ms"]
+        r["ceiling"] = c
+        print(
+            f"{r['kernel']:16} {r['shape']:30} {r['triton_ms']:10.4f} {r['torch_ms']:10.4f} {r['speedup']:7.2f}x "
+            f"{r['triton_rate']:9.1f} {r['torch_rate']:9.1f} {c:9.1f}  {r['unit']:8} {r['max_abs_diff']:.2g}"
+        )
+
+    if args.json:
+        env = _common.environment(torch.device(DEVICE))
+        result = {"dtype": args.dtype, "ceilings": ceil, "rows": rows, "environment": env}
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""GEGLU: x * gelu(gate) with (x, gate) = h.chunk(2, -1), in one pass reading h once.
+
+The torch version reads h for the chunk views, writes gelu(gate), then reads both again for the
+product; here each program loads a [BLOCK_M, BLOCK_N] tile of both halves and writes the product.
+gelu is the exact erf form (F.gelu's default), computed in fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_TILE = 4096  # output elements per program
+_NUM_WARPS = 8  # 16 elements per thread
+
+
+@triton.jit
+def _geglu_kernel(
+    H,  # [M, 2 * N] input rows: value half then gate half; last dim contiguous
+    Out,  # [M, N] output, contiguous, dtype of H
+    stride_hm,  # H row stride in elements
+    M,  # rows (all leading dims flattened)
+    N,  # inner size: half of h's last dim
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # columns per program
+):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BLOCK_M]
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+
+    x_ptrs = H + offs_m[:, None] * stride_hm + offs_n[None, :]
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(x_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+    gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))  # exact: gate * Phi(gate)
+    tl.store(Out + offs_m[:, None] * N + offs_n[None, :], (x * gelu).to(Out.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _plan(inner: int):
+    """(BLOCK_M, BLOCK_N) for one inner size: wide rows first, then enough rows to fill _TILE."""
+    block_n = min(triton.next_power_of_2(inner), 1024)
+    return _TILE // block_n, block_n
+
+
+def geglu(h, *, out=None):
+    """x * gelu(gate) where (x, gate) = h.chunk(2, -1); h [..., 2 * inner] -> [..., inner].
+
+    `out` (optional, contiguous [..., inner]) receives the result instead.
+    """
+    two_n = h.shape[-1]
+    assert two_n % 2 == 0, f"GEGLU needs an even last dim, got {two_n}"
+    N = two_n // 2
+    h2 = h.reshape(-1, two_n)  # [M, 2N]; a view for the usual contiguous h
+    if h2.stride(1) != 1:
+        h2 = h2.contiguous()
+    M = h2.shape[0]
+    if out is None:
+        out = torch.empty((*h.shape[:-1], N), device=h.device, dtype=h.dtype)
+    assert out.is_contiguous(), "geglu: out must be contiguous"
+    block_m, block_n = _plan(N)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _geglu_kernel[grid](h2, out, h2.stride(0), M, N, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS)
+    return out

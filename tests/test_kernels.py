@@ -1,0 +1,417 @@
+"""Triton kernels vs float64 torch references, on fresh random inputs.
+
+Without CUDA the kernels run in Triton's CPU interpreter on small shapes: TRITON_INTERPRET=1 is set
+below before fastdiff.kernels is imported, which is when @triton.jit picks compiled vs interpreted.
+With CUDA the "cuda" cases run the compiled kernels on SD1.5's real shapes (512x512, batch 2).
+
+Every launch writes into a NaN-filled `out=` buffer, so an element the kernel forgets fails.
+The last group of tests compiles (without running) each kernel for sm_90 at SD's shapes, in a
+child process, and fails on compile errors or register spills: the CUDA path checked on CPU CI.
+
+Tolerances: fp32 1e-4 relative (plus 1e-5 absolute for values near zero); fp16/bf16 2e-2 max abs.
+bf16 keeps 8 significant bits, so 2e-2 holds for outputs below 4 in magnitude even at 1 ulp (the
+interpreter rounds fp32 -> bf16 toward zero, so 1 ulp, not half): bf16 inputs are scaled to keep
+outputs there.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import fastdiff.kernels as K  # noqa: E402
+
+attn_mod = importlib.import_module("fastdiff.kernels.attention")
+geglu_mod = importlib.import_module("fastdiff.kernels.geglu")
+INTERPRETED = isinstance(geglu_mod._geglu_kernel, InterpretedFunction)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _need(device: str) -> None:
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device: the compiled kernels need one")
+        if INTERPRETED:
+            pytest.skip("TRITON_INTERPRET=1 was set at import: the CUDA cases need compiled kernels")
+    elif not INTERPRETED:
+        pytest.skip("kernels were compiled for CUDA in this process; CPU cases need TRITON_INTERPRET=1")
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    kernel_dtype = out.dtype
+    out64 = out.double()
+    assert not out64.isnan().any(), f"{out64.isnan().sum().item()} of {out64.numel()} elements not written (NaN)"
+    err = (out64 - ref).abs()
+    if kernel_dtype == torch.float32:
+        bound = 1e-4 * ref.abs() + 1e-5
+        i = (err - bound).argmax()
+        assert (err <= bound).all(), f"fp32: err {err.flatten()[i]:.3g} at |ref| {ref.abs().flatten()[i]:.3g}"
+    else:
+        assert err.max().item() <= 2e-2, f"{kernel_dtype}: max abs err {err.max().item():.3g}"
+
+
+def _poisoned(shape, dtype, device, transpose12: bool = False) -> torch.Tensor:
+    if transpose12:  # [B, H, S, D] view of a [B, S, H, D] buffer, like the launcher's own output
+        b, h, s, d = shape
+        return torch.full((b, s, h, d), float("nan"), dtype=dtype, device=device).transpose(1, 2)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+def _qkv(B, H, Sq, Sk, D, dtype, device, layout):
+    """q/k/v as the model makes them: slices of packed projections (non-contiguous views)."""
+    if layout == "packed":
+        if Sq == Sk:  # self-attention: one [B, S, 3, H, D] projection
+            qkv = torch.randn(B, Sq, 3, H, D, device=device, dtype=dtype)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, S, D]
+        else:  # cross-attention: q from the image tokens, k/v from one [B, Sk, 2, H, D] projection
+            q = torch.randn(B, Sq, H, D, device=device, dtype=dtype).transpose(1, 2)  # [B, H, Sq, D]
+            kv = torch.randn(B, Sk, 2, H, D, device=device, dtype=dtype)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, Sk, D]
+    elif layout == "contiguous":
+        q = torch.randn(B, H, Sq, D, device=device, dtype=dtype)
+        k = torch.randn(B, H, Sk, D, device=device, dtype=dtype)
+        v = torch.randn(B, H, Sk, D, device=device, dtype=dtype)
+    else:  # "dim-strided": head dim not unit-stride (k stored [B, H, D, Sk], v [D, B, H, Sk])
+        q = torch.randn(B, H, Sq, D, device=device, dtype=dtype)
+        k = torch.randn(B, H, D, Sk, device=device, dtype=dtype).transpose(2, 3)
+        v = torch.randn(D, B, H, Sk, device=device, dtype=dtype).permute(1, 2, 3, 0)
+    return q, k, v
+
+
+def _attention_ref(q, k, v, scale=None):
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
+
+
+# (head_dim, Sq, Sk, dtype, layout): every head dim with Sk = 77 and Sk = Sq, Sq in {1, 77, 100, 256};
+# trimmed so the interpreter stays fast.
+CPU_ATTENTION_CASES = [
+    (40, 1, 77, torch.float32, "packed"),
+    (40, 100, 77, torch.float16, "packed"),
+    (40, 256, 256, torch.float32, "packed"),
+    (64, 77, 77, torch.float32, "dim-strided"),
+    (64, 100, 100, torch.float16, "packed"),
+    (80, 100, 77, torch.float32, "packed"),
+    (80, 77, 77, torch.float16, "contiguous"),
+    (160, 100, 100, torch.float32, "packed"),
+    (160, 1, 77, torch.float16, "dim-strided"),
+    (160, 77, 77, torch.float32, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("D,Sq,Sk,dtype,layout", CPU_ATTENTION_CASES)
+def test_attention_cpu(D, Sq, Sk, dtype, layout):
+    _need("cpu")
+    B, H = 1, 2
+    q, k, v = _qkv(B, H, Sq, Sk, D, dtype, "cpu", layout)
+    out = _poisoned((B, H, Sq, D), dtype, "cpu", transpose12=(layout == "packed"))
+    K.attention(q, k, v, out=out)
+    _check(out, _attention_ref(q, k, v))
+
+
+def test_attention_default_output_and_scale():
+    """Without out=, the result is [B, H, Sq, D] over a [B, Sq, H, D] buffer; scale is honoured."""
+    _need("cpu")
+    q, k, v = _qkv(2, 3, 33, 77, 40, torch.float32, "cpu", "packed")
+    out = K.attention(q, k, v, scale=0.3)
+    assert out.shape == (2, 3, 33, 40) and out.transpose(1, 2).is_contiguous()
+    _check(out, _attention_ref(q, k, v, scale=0.3))
+
+
+def test_attention_head_dim_512_falls_back():
+    """The VAE mid-block's single 512-wide head goes through torch SDPA (documented fallback)."""
+    _need("cpu")
+    q, k, v = _qkv(1, 1, 64, 64, 512, torch.float32, "cpu", "packed")
+    out = _poisoned((1, 1, 64, 512), torch.float32, "cpu")
+    K.attention(q, k, v, out=out)
+    _check(out, _attention_ref(q, k, v))
+
+
+def test_attention_bf16_cpu():
+    _need("cpu")
+    pytest.skip(
+        "Triton's interpreter computes tl.dot on bf16 by multiplying the raw uint16 bit patterns "
+        "(runtime/interpreter.py create_dot), so bf16 attention is checked by the CUDA cases only"
+    )
+
+
+# SD1.5 at 512x512 with CFG: self-attention 4096/1024/256/64 tokens at head dims 40/80/160/160,
+# cross-attention to 77 tokens, and the VAE mid-block's single 512 head.
+CUDA_ATTENTION_SHAPES = [
+    (2, 8, 4096, 4096, 40),
+    (2, 8, 4096, 77, 40),
+    (2, 8, 1024, 1024, 80),
+    (2, 8, 1024, 77, 80),
+    (2, 8, 256, 256, 160),
+    (2, 8, 256, 77, 160),
+    (2, 8, 64, 64, 160),
+    (2, 8, 64, 77, 160),
+    (1, 1, 4096, 4096, 512),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Sq,Sk,D", CUDA_ATTENTION_SHAPES)
+def test_attention_cuda(B, H, Sq, Sk, D, dtype):
+    _need("cuda")
+    q, k, v = _qkv(B, H, Sq, Sk, D, dtype, "cuda", "packed")
+    out = _poisoned((B, H, Sq, D), dtype, "cuda", transpose12=True)
+    K.attention(q, k, v, out=out)
+    _check(out, _attention_ref(q, k, v))
+
+
+def test_attention_cuda_fp32_odd_lengths():
+    _need("cuda")
+    q, k, v = _qkv(2, 8, 999, 77, 40, torch.float32, "cuda", "dim-strided")
+    out = _poisoned((2, 8, 999, 40), torch.float32, "cuda")
+    K.attention(q, k, v, out=out)
+    _check(out, _attention_ref(q, k, v))
+
+
+# ----------------------------------------------------------------------------------------------
+# GroupNorm (+ SiLU)
+
+
+def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=1e-5, silu=True):
+    x = (torch.randn(shape, device=device) + mean).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    C = shape[1]
+    weight = (0.5 + 0.1 * torch.randn(C, device=device)).to(dtype)  # keeps |y| < 4 for bf16
+    bias = (0.1 * torch.randn(C, device=device)).to(dtype)
+    out = torch.full_like(x, float("nan"))  # same memory format as x
+    K.group_norm(x, groups, weight, bias, eps, silu=silu, out=out)
+    y = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
+    _check(out, F.silu(y) if silu else y)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_group_norm_cpu_dtypes_layouts(dtype, channels_last):
+    """320 channels (10 per group: padded tile) at a tiny 5x7, the SD eps 1e-6 of the UNet."""
+    _need("cpu")
+    _group_norm_case((1, 320, 5, 7), 32, dtype, "cpu", channels_last, eps=1e-6, silu=True)
+
+
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])
+def test_group_norm_cpu_eps_silu(eps, silu):
+    """960 channels (30 per group), both eps values, with and without SiLU."""
+    _need("cpu")
+    _group_norm_case((1, 960, 3, 5), 32, torch.float32, "cpu", channels_last=silu, eps=eps, silu=silu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_cpu_large_mean(channels_last, dtype):
+    """100 + randn: a naive E[x^2] - E[x]^2 in fp32 would lose most digits of the variance."""
+    _need("cpu")
+    _group_norm_case((2, 64, 6, 6), 8, dtype, "cpu", channels_last, mean=100.0, eps=1e-6, silu=False)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_cpu_split_chunks(channels_last):
+    """Several tiles per chunk, several chunks per group, a partial last tile: both merge paths."""
+    _need("cpu")
+    gn_mod = importlib.import_module("fastdiff.kernels.group_norm")
+    shape, groups = (1, 64, 60, 60), 32
+    hw = shape[2] * shape[3]
+    _, block_hw, hw_per_split, split = gn_mod._plan(shape[0], shape[1], hw, groups, torch.device("cpu"))
+    assert split > 1 and hw_per_split > block_hw and hw % block_hw != 0
+    _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, mean=3.0, eps=1e-5, silu=True)
+
+
+def test_group_norm_cpu_other_layout_and_no_affine():
+    """A layout that is neither NCHW nor channels-last is made contiguous; None affine = 1/0."""
+    _need("cpu")
+    x = torch.randn(1, 7, 5, 16).transpose(1, 3)  # [1, 16, 5, 7] with odd strides
+    out = K.group_norm(x, 4, None, None, 1e-5)
+    _check(out, F.group_norm(x.double(), 4, None, None, 1e-5))
+
+
+CUDA_GROUP_NORM_SHAPES = [(2, c, s, s) for c, s in [(320, 64), (640, 32), (1280, 16), (1280, 8), (960, 64)]] + [
+    (1, 128, 512, 512),  # VAE decoder at full resolution
+]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", CUDA_GROUP_NORM_SHAPES, ids=str)
+def test_group_norm_cuda(shape, dtype, channels_last):
+    _need("cuda")
+    _group_norm_case(shape, 32, dtype, "cuda", channels_last, mean=100.0 if dtype == torch.float32 else 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GEGLU
+
+
+def _geglu_case(shape, dtype, device):
+    scale = 0.4 if dtype == torch.bfloat16 else 1.0  # keeps |x * gelu(gate)| < 4 for bf16
+    h = (scale * torch.randn(shape, device=device)).to(dtype)
+    out = torch.full((*shape[:-1], shape[-1] // 2), float("nan"), device=device, dtype=dtype)
+    K.geglu(h, out=out)
+    x, gate = h.double().chunk(2, dim=-1)
+    _check(out, x * F.gelu(gate))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_geglu_cpu(dtype):
+    """inner 1280 (SD's smallest) over 3 x 7 rows: column and row tails both masked."""
+    _need("cpu")
+    _geglu_case((3, 7, 2 * 1280), dtype, "cpu")
+
+
+def test_geglu_cpu_odd_inner_and_strided_rows():
+    _need("cpu")
+    h = torch.randn(5, 2 * 2 * 100)[:, : 2 * 100]  # rows of a wider buffer: row stride 400
+    out = K.geglu(h)
+    x, gate = h.double().chunk(2, dim=-1)
+    _check(out, x * F.gelu(gate))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [(2, 4096, 2560), (2, 1024, 5120), (2, 256, 10240), (2, 64, 10240)], ids=str)
+def test_geglu_cuda(shape, dtype):
+    _need("cuda")
+    _geglu_case(shape, dtype, "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# sm_90 builds: the CUDA path compiled (not run) on any machine, with the specialisation the JIT
+# gives SD's shapes, so CPU-only CI still catches code the interpreter accepts but the compiler
+# rejects, and tile configs that spill registers. Triton picks interpreted vs compiled per
+# process (its own library functions included), so the builds run in a child process.
+
+
+def _sm90_cases() -> dict:
+    """name -> (kernel, args, constexprs, num_warps, num_stages) at SD1.5 shapes, fp16.
+
+    args: name -> pointer type ("*fp16", assumed 16-byte aligned), float, or int value (the JIT
+    makes ints equal to 1 constants and hints multiples of 16 as such)."""
+    gn_mod = importlib.import_module("fastdiff.kernels.group_norm")
+    cases = {}
+    fp16 = {"Q": torch.empty(0, dtype=torch.float16)}
+    for D in (40, 80, 160):  # self-attention over a packed [2, 4096, 3, 8, D] projection, key tail masked
+        B, S, H = 2, 4096, 8
+        p2 = attn_mod._head_dim_p2(D)
+        config = attn_mod._prune_configs(attn_mod._configs(), fp16, HEAD_DIM_P2=p2)[0]  # the largest tile kept
+        qkv = (S * 3 * H * D, D, 3 * H * D, 1)  # batch, head, token, dim strides of q, k and v
+        o = (S * H * D, D, H * D, 1)
+        args = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", num_heads=H, SEQ_Q=S, SEQ_K=S + 3, qk_scale=0.1)
+        for t, strides in (("q", qkv), ("k", qkv), ("v", qkv), ("o", o)):
+            args.update({f"stride_{t}{n}": s for n, s in zip("bhmd" if t in "qo" else "bhnd", strides)})
+        meta = dict(HEAD_DIM=D, HEAD_DIM_P2=p2, DOT_PRECISION="tf32", STRIDE_ALIGN=8, EVEN_N=False, **config.kwargs)
+        cases[f"attention_d{D}"] = (attn_mod._attention_kernel, args, meta, config.num_warps, config.num_stages)
+
+    B, C, HW, G = 2, 320, 64 * 64, 32
+    block_c, block_hw, hw_per_split, split = gn_mod._plan(B, C, HW, G, torch.device("cpu"))
+    for layout, strides in (("nchw", (C * HW, HW, 1)), ("nhwc", (C * HW, 1, C))):  # batch, channel, spatial
+        common = dict(HW=HW, num_groups=G, HW_PER_SPLIT=hw_per_split, SPLIT=split, Partials="*fp32")
+        common.update({f"stride_x{n}": s for n, s in zip(("b", "c", "hw"), strides)})
+        meta = dict(CHANNELS_PER_GROUP=C // G, BLOCK_C=block_c, BLOCK_HW=block_hw)
+        stats = dict(X="*fp16", **common)
+        cases[f"group_norm_stats_{layout}"] = (gn_mod._group_norm_stats_kernel, stats, meta, gn_mod._NUM_WARPS, 3)
+        apply = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **common)
+        apply.update({f"stride_y{n}": s for n, s in zip(("b", "c", "hw"), strides)})
+        meta = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(split), SILU=True)
+        cases[f"group_norm_apply_{layout}"] = (gn_mod._group_norm_apply_kernel, apply, meta, gn_mod._NUM_WARPS, 3)
+
+    block_m, block_n = geglu_mod._plan(1280)
+    args = dict(H="*fp16", Out="*fp16", stride_hm=2560, M=8192, N=1280)
+    cases["geglu"] = (geglu_mod._geglu_kernel, args, dict(BLOCK_M=block_m, BLOCK_N=block_n), geglu_mod._NUM_WARPS, 3)
+    return cases
+
+
+def _build_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> int:
+    """Compile for sm_90; return the stack bytes per thread (register spills) ptxas reports."""
+    import re
+    import subprocess
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn  # through Autotuner and Heuristics
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(kernel.arg_names):
+        value = args.get(name)
+        if name in constexprs or value == 1:
+            constants.setdefault(name, value)
+            signature[name] = "constexpr"
+        elif isinstance(value, str):
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), GPUTarget("cuda", 90, 32), options)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        cuobjdump = triton.knobs.nvidia.cuobjdump.path
+        usage = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, check=True)
+    return int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
+
+
+@pytest.fixture(scope="module")
+def sm90_builds() -> dict:
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    child = subprocess.run(
+        [sys.executable, __file__, "--build-sm90"], env=env, capture_output=True, text=True, timeout=600
+    )
+    if child.returncode == 3:
+        pytest.skip(child.stdout.strip().splitlines()[-1])
+    assert child.returncode == 0, child.stderr[-4000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["attention_d40", "attention_d80", "attention_d160"]
+    + [f"group_norm_{k}_{l}" for k in ("stats", "apply") for l in ("nchw", "nhwc")]
+    + ["geglu"],
+)
+def test_builds_for_sm90_without_spills(sm90_builds, name):
+    assert sm90_builds[name] == 0, f"{name}: {sm90_builds[name]} bytes of register spills per thread"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--build-sm90"]:
+    import json
+
+    try:
+        missing = not (Path(triton.knobs.nvidia.ptxas.path).exists() and Path(triton.knobs.nvidia.cuobjdump.path).exists())
+    except Exception:  # noqa: BLE001 - a triton build without the NVIDIA backend
+        missing = True
+    if missing:
+        print("this triton has no ptxas / cuobjdump to build sm_90 code with")
+        sys.exit(3)
+    print(json.dumps({name: _build_sm90(*case) for name, case in _sm90_cases().items()}))
