@@ -33,6 +33,7 @@ def pipes(model):
     ref = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     ours = Pipeline.from_pretrained(folder, backend="torch", device="cpu")
+    ref.original_scheduler_config = ref.scheduler.config  # each test swaps schedulers from this one
     return ref, ours
 
 
@@ -62,7 +63,7 @@ CASES = [
 def test_matches_diffusers(pipes, scheduler, steps, negative):
     ref, ours = pipes
     seed = int(torch.randint(0, 2**31, ()).item())
-    ref.scheduler = _diffusers_scheduler(scheduler, ref.scheduler.config)
+    ref.scheduler = _diffusers_scheduler(scheduler, ref.original_scheduler_config)
     kwargs = dict(num_inference_steps=steps, guidance_scale=7.5, height=H, width=W, output_type="np")
     expected = ref(
         prompt=PROMPTS,
@@ -90,7 +91,7 @@ def test_matches_diffusers(pipes, scheduler, steps, negative):
 
 def test_num_images_and_no_guidance(pipes):
     ref, ours = pipes
-    ref.scheduler = _diffusers_scheduler("dpmpp_2m", ref.scheduler.config)
+    ref.scheduler = _diffusers_scheduler("dpmpp_2m", ref.original_scheduler_config)
     for guidance in (1.0, 5.0):
         expected = ref(
             prompt=PROMPTS,
@@ -121,7 +122,7 @@ def test_output_types(pipes):
 
 def test_empty_prompt_is_unconditional(pipes):
     ref, ours = pipes
-    ref.scheduler = _diffusers_scheduler("ddim", ref.scheduler.config)
+    ref.scheduler = _diffusers_scheduler("ddim", ref.original_scheduler_config)
     expected = ref(
         prompt="", num_inference_steps=3, height=H, width=W, generator=torch.Generator("cpu").manual_seed(1), output_type="np"
     ).images
