@@ -1,0 +1,113 @@
+"""The onnxruntime backend: runs an export made by `python -m fastdiff.export`.
+
+CPU: the CPU execution provider, numpy in and out. CUDA: the CUDA execution provider with IO
+binding, so inputs and outputs stay torch tensors on the GPU (no host round trip). Input and
+output names, dtypes and shapes come from `fastdiff.iospec`; every call returns torch tensors on
+the pipeline's device, in the export's precision.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastdiff import iospec
+from fastdiff.export.cache import read_manifest
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32}
+
+
+def cuda_provider_available() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+class OnnxRuntimeBackend:
+    """Same three calls as TorchBackend (see fastdiff.backends), on onnxruntime sessions."""
+
+    name = "onnxruntime"
+
+    def __init__(self, export_dir: Path, *, device: torch.device, dtype: torch.dtype, session_options=None):
+        import onnxruntime as ort
+
+        self.export_dir, self.device = Path(export_dir), torch.device(device)
+        manifest = read_manifest(self.export_dir) or {}
+        self.precision = manifest.get("options", {}).get("precision", "fp32")
+        self.dtype = iospec.PRECISIONS[self.precision]
+        if dtype != self.dtype:
+            raise ValueError(f"{export_dir} is a {self.precision} export; the pipeline asked for {dtype}")
+        self.latent_multiple = manifest.get("latent_multiple")
+        self.static = (manifest.get("options") or {}).get("static")
+        self.configs = {
+            "text_encoder": json.loads((self.export_dir / "text_encoder" / "config.json").read_text()),
+            "unet": json.loads((self.export_dir / "unet" / "config.json").read_text()),
+            "vae": json.loads((self.export_dir / "vae_decoder" / "config.json").read_text()),
+        }
+        if self.device.type == "cuda":
+            if not cuda_provider_available():
+                raise RuntimeError("onnxruntime on CUDA needs the onnxruntime-gpu package (CUDAExecutionProvider)")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        self.sessions = {
+            name: ort.InferenceSession(str(self.export_dir / name / "model.onnx"), session_options, providers=providers)
+            for name in iospec.NETWORKS
+        }
+        self.name = "onnxruntime" if self.device.type == "cpu" else "onnxruntime-cuda"
+
+    # ------------------------------------------------------------------------------------------
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._run("text_encoder", {"input_ids": input_ids})[0]
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h, w = sample.shape[-2:]
+        m = self.latent_multiple
+        if m and (h % m or w % m):
+            f = iospec.vae_scale_factor(self.configs["vae"])
+            raise ValueError(
+                f"this ONNX UNet takes latent sides that are multiples of {m} (images: multiples of {m * f} px); "
+                f"got {h}x{w} latents ({h * f}x{w * f} px). Use backend='torch' for other sizes."
+            )
+        t = torch.as_tensor(timestep).reshape(1)  # [1]: one timestep shared by the batch
+        return self._run("unet", {"sample": sample, "timestep": t, "encoder_hidden_states": context})[0]
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self._run("vae_decoder", {"latent_sample": latents})[0]
+
+    # ------------------------------------------------------------------------------------------
+    def _run(self, name: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        net = iospec.NETWORKS[name]
+        dtypes = {t.name: t.torch_dtype(self.precision) for t in net.tensors}
+        session = self.sessions[name]
+        if self.device.type != "cuda":
+            feed = {k: v.detach().to("cpu", dtypes[k]).contiguous().numpy() for k, v in inputs.items()}
+            return [torch.from_numpy(o) for o in session.run([t.name for t in net.outputs], feed)]
+
+        # CUDA: bind torch's device memory directly; outputs preallocated from iospec's shapes.
+        index = self.device.index or 0
+        feed = {k: v.detach().to(self.device, dtypes[k]).contiguous() for k, v in inputs.items()}
+        shapes = net.shapes(self._dims(name, feed))
+        outs = [torch.empty(shapes[t.name], dtype=dtypes[t.name], device=self.device) for t in net.outputs]
+        binding = session.io_binding()
+        for k, v in feed.items():
+            binding.bind_input(k, "cuda", index, _NP[v.dtype], tuple(v.shape), v.data_ptr())
+        for t, o in zip(net.outputs, outs):
+            binding.bind_output(t.name, "cuda", index, _NP[o.dtype], tuple(o.shape), o.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # onnxruntime runs on its own stream
+        session.run_with_iobinding(binding)  # returns once its stream is done
+        return outs
+
+    def _dims(self, name: str, feed: dict[str, torch.Tensor]) -> dict[str, int]:
+        """iospec axis sizes for the inputs given (batch from dim 0, image size from the latents)."""
+        f = iospec.vae_scale_factor(self.configs["vae"])
+        first = next(iter(feed.values()))
+        if name == "text_encoder":
+            return iospec.dims(self.configs, first.shape[0], f, f)  # image size unused
+        h, w = first.shape[-2:]
+        return iospec.dims(self.configs, first.shape[0], h * f, w * f)

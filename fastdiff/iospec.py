@@ -1,0 +1,208 @@
+"""The I/O spec of each exported network: names, dtypes and axes, in one place.
+
+Export, the onnxruntime / TensorRT backends and the benchmarks all read it. Names follow Hugging
+Face Optimum's Stable Diffusion ONNX layout (`text_encoder/`, `unet/`, `vae_decoder/`), so an
+export also opens with Optimum's ORTStableDiffusionPipeline and diffusers' OnnxStableDiffusionPipeline:
+both feed int32 `input_ids` and a float32 `timestep` of shape [1] (they read the timestep dtype from
+the session; float keeps the fractional timesteps of the Euler / Karras schedules exact).
+
+A shape is a tuple of axis symbols. `dims()` gives every symbol its size for a model (from its
+config dicts) and a batch / image size; `DYNAMIC` lists the symbols left free in a dynamic export.
+This file also holds SD1.5's config dicts (for `--random-weights` timing exports).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+
+# Axis symbols that are dynamic in a dynamic export (everything else is fixed by the model config).
+DYNAMIC = ("batch", "latent_height", "latent_width", "height", "width")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. dtype "float" is the export precision (float32 or float16)."""
+
+    name: str
+    dtype: str  # "int32" | "float32" | "float"
+    shape: tuple[str, ...]  # axis symbols, sized by `dims()`
+
+    def torch_dtype(self, precision: str) -> torch.dtype:
+        return PRECISIONS[precision] if self.dtype == "float" else getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """One exported network: its folder in the export, the diffusers folder it comes from, its I/O."""
+
+    name: str  # subfolder in the export: text_encoder / unet / vae_decoder
+    source: str  # subfolder of the diffusers model it is exported from
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return self.inputs + self.outputs
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """{tensor name: {axis index: symbol}} for the axes left free in a dynamic export."""
+        return {t.name: {i: s for i, s in enumerate(t.shape) if s in DYNAMIC} for t in self.tensors}
+
+    def shapes(self, d: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        """Concrete shape of every input and output for the sizes `d` (from `dims`)."""
+        return {t.name: tuple(d[s] for s in t.shape) for t in self.tensors}
+
+
+TEXT_ENCODER = NetworkSpec(
+    name="text_encoder",
+    source="text_encoder",
+    inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),),
+    outputs=(
+        TensorSpec("last_hidden_state", "float", ("batch", "sequence", "text_hidden")),
+        TensorSpec("pooler_output", "float", ("batch", "text_hidden")),
+    ),
+)
+UNET = NetworkSpec(
+    name="unet",
+    source="unet",
+    inputs=(
+        TensorSpec("sample", "float", ("batch", "unet_in_channels", "latent_height", "latent_width")),
+        TensorSpec("timestep", "float32", ("one",)),
+        TensorSpec("encoder_hidden_states", "float", ("batch", "sequence", "context_dim")),
+    ),
+    outputs=(TensorSpec("out_sample", "float", ("batch", "unet_out_channels", "latent_height", "latent_width")),),
+)
+VAE_DECODER = NetworkSpec(
+    name="vae_decoder",
+    source="vae",
+    inputs=(TensorSpec("latent_sample", "float", ("batch", "latent_channels", "latent_height", "latent_width")),),
+    outputs=(TensorSpec("sample", "float", ("batch", "image_channels", "height", "width")),),
+)
+NETWORKS: dict[str, NetworkSpec] = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER)}
+
+
+def vae_scale_factor(vae_config: dict) -> int:
+    """Pixels per latent cell: 2 ** (number of VAE resolution levels - 1), 8 for SD."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def dims(configs: dict[str, dict], batch: int, height: int, width: int) -> dict[str, int]:
+    """Size of every axis symbol for a model (`configs`: {"text_encoder", "unet", "vae"} config
+    dicts as in its config.json files), `batch` rows and a `height` x `width` pixel image."""
+    text, unet, vae = configs["text_encoder"], configs["unet"], configs["vae"]
+    f = vae_scale_factor(vae)
+    if height % f or width % f:
+        raise ValueError(f"height={height}, width={width}: must be multiples of {f} (the VAE's scale factor)")
+    cross = unet.get("cross_attention_dim", 768)
+    return {
+        "batch": batch,
+        "one": 1,
+        "sequence": text.get("max_position_embeddings", 77),
+        "text_hidden": text["hidden_size"],
+        "unet_in_channels": unet.get("in_channels", 4),
+        "unet_out_channels": unet.get("out_channels", 4),
+        "context_dim": cross if isinstance(cross, int) else cross[0],
+        "latent_channels": vae.get("latent_channels", 4),
+        "image_channels": vae.get("out_channels", 3),
+        "latent_height": height // f,
+        "latent_width": width // f,
+        "height": height,
+        "width": width,
+    }
+
+
+def sample_inputs(
+    net: NetworkSpec,
+    configs: dict[str, dict],
+    *,
+    batch: int,
+    height: int,
+    width: int,
+    precision: str = "fp32",
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Random inputs of the right names, shapes and dtypes (CPU tensors), for export and checks."""
+    d = dims(configs, batch, height, width)
+    out = {}
+    for t in net.inputs:
+        shape, dtype = tuple(d[s] for s in t.shape), t.torch_dtype(precision)
+        if t.name == "input_ids":
+            vocab = configs["text_encoder"].get("vocab_size", 49408)
+            out[t.name] = torch.randint(0, vocab, shape, generator=generator).to(dtype)
+        elif t.name == "timestep":
+            out[t.name] = (torch.rand(shape, generator=generator) * 999).to(dtype)
+        else:
+            out[t.name] = torch.randn(shape, generator=generator).to(dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# SD1.5's configs, as in its config.json files: the architecture `--random-weights` builds.
+
+SD15_TEXT_ENCODER = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "projection_dim": 768,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+SD15_VAE = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+    "act_fn": "silu",
+}
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "trained_betas": None,
+}
+SD15_CONFIGS = {"text_encoder": SD15_TEXT_ENCODER, "unet": SD15_UNET, "vae": SD15_VAE}

@@ -1,0 +1,346 @@
+"""ONNX export: the files against the diffusers / transformers modules (plain onnxruntime, dynamic
+sizes), the Optimum layout and manifest, and the cache's failure paths (corrupt, truncated,
+interrupted, missing model).
+
+One real export of the tiny model "a" is shared by the tests (and by test_ort_backend.py, through
+the content-keyed cache under pytest's base temp folder); the cache tests replace the slow trace
+step by a copy of the real files, so their checks still run onnxruntime against torch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny import make_sd_folder
+
+from fastdiff import iospec
+from fastdiff.export import cache, find_export
+from fastdiff.export import onnx_export as ox
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(model folder, export folder, cache root) for tiny model "a", fp32, dynamic axes, MHA attention."""
+    return shared_export(tmp_path_factory)
+
+
+def shared_export(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    folder = base / "tiny-sd-a"
+    if not (folder / "model_index.json").is_file():
+        make_sd_folder(folder, "a", seed=3)
+    root = base / "fastdiff-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDIFF_CACHE", str(root))
+        out = ox.export(folder)
+    return folder, out, root
+
+
+@pytest.fixture
+def cache_root(exported, monkeypatch):
+    """The shared cache root, set for this test."""
+    monkeypatch.setenv("FASTDIFF_CACHE", str(exported[2]))
+    return exported[2]
+
+
+@pytest.fixture
+def fresh_root(tmp_path, monkeypatch):
+    """An empty cache root, set for this test."""
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+# ----------------------------------------------------------------------------------------------
+# the files against the reference modules
+
+
+B, H, W = 3, 24, 40  # neither the traced (2, 32x32) nor the checked (1, 32x48) size: the axes are dynamic
+
+
+def _session(path: Path):
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def test_unet_matches_diffusers(exported):
+    from diffusers import UNet2DConditionModel
+
+    folder, out, _ = exported
+    ref = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    sample = torch.randn(B, 4, H // 2, W // 2)
+    t = torch.rand(1) * 999
+    context = torch.randn(B, 77, ref.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = ref(sample, t, context).sample.numpy()
+    got = _session(out / "unet" / "model.onnx").run(
+        ["out_sample"], {"sample": sample.numpy(), "timestep": t.numpy(), "encoder_hidden_states": context.numpy()}
+    )[0]
+    assert got.shape == expected.shape == (B, 4, H // 2, W // 2)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_vae_decoder_matches_diffusers(exported):
+    from diffusers import AutoencoderKL
+
+    folder, out, _ = exported
+    ref = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    z = torch.randn(B, 4, H // 2, W // 2)
+    with torch.no_grad():
+        expected = ref.decode(z).sample.numpy()
+    got = _session(out / "vae_decoder" / "model.onnx").run(["sample"], {"latent_sample": z.numpy()})[0]
+    assert got.shape == expected.shape == (B, 3, H, W)
+    assert np.abs(got - expected).max() <= 1e-4
+
+
+def test_text_encoder_matches_transformers(exported):
+    from transformers import CLIPTextModel
+
+    folder, out, _ = exported
+    ref = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    ids = torch.randint(0, 49406, (5, 77))
+    ids[torch.arange(5), torch.randint(1, 77, (5,))] = ref.config.eos_token_id  # pooling reads the EOT position
+    with torch.no_grad():
+        expected = ref(ids)
+    got = _session(out / "text_encoder" / "model.onnx").run(None, {"input_ids": ids.to(torch.int32).numpy()})
+    assert np.abs(got[0] - expected.last_hidden_state.numpy()).max() <= 1e-4
+    assert np.abs(got[1] - expected.pooler_output.numpy()).max() <= 1e-4
+
+
+def test_io_spec_of_the_files(exported):
+    """Names, dtypes and dynamic axes in the files are iospec's (Optimum's names)."""
+    import onnx
+
+    _, out, _ = exported
+    elem = {"int32": onnx.TensorProto.INT32, "float32": onnx.TensorProto.FLOAT, "float": onnx.TensorProto.FLOAT}
+    for name, net in iospec.NETWORKS.items():
+        g = onnx.load(str(out / name / "model.onnx"), load_external_data=False).graph
+        values = {v.name: v for v in list(g.input) + list(g.output)}
+        assert [v.name for v in g.input] == [t.name for t in net.inputs]
+        assert [v.name for v in g.output] == [t.name for t in net.outputs]
+        for t in net.tensors:
+            v = values[t.name].type.tensor_type
+            assert v.elem_type == elem[t.dtype], t.name
+            params = [d.dim_param for d in v.shape.dim]
+            assert params == [s if s in iospec.DYNAMIC else "" for s in t.shape], t.name
+
+
+def test_attention_is_multihead_node(exported):
+    """UNet and VAE attention are com.microsoft MultiHeadAttention nodes; CLIP's causal one stays plain."""
+    import onnx
+
+    from fastdiff.models.unet import Attention
+
+    folder, out, _ = exported
+    unet = ox.load_networks(folder)["unet"]
+    ops = {n: [x.op_type for x in onnx.load(str(out / n / "model.onnx")).graph.node] for n in iospec.NETWORKS}
+    assert ops["unet"].count("MultiHeadAttention") == sum(isinstance(m, Attention) for m in unet.modules()) > 0
+    assert ops["vae_decoder"].count("MultiHeadAttention") == 1
+    assert "MultiHeadAttention" not in ops["text_encoder"] and "Softmax" in ops["text_encoder"]
+    assert "Softmax" not in ops["unet"]
+
+
+def test_layout_and_manifest(exported):
+    folder, out, _ = exported
+    for name in iospec.NETWORKS:
+        assert (out / name / "model.onnx").is_file() and (out / name / "config.json").is_file()
+    assert json.loads((out / "unet" / "config.json").read_text()) == json.loads((folder / "unet" / "config.json").read_text())
+    assert (out / "tokenizer" / "vocab.json").is_file() or (out / "tokenizer" / "tokenizer.json").is_file()
+    assert (out / "scheduler" / "scheduler_config.json").is_file()
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["unet"] == index["vae_decoder"] == ["diffusers", "OnnxRuntimeModel"] and "vae" not in index
+
+    m = cache.read_manifest(out)
+    assert m["key"] == cache.export_key(cache.source_hash(folder), cache.ExportOptions())
+    assert out.name.endswith(m["key"][:16])
+    assert m["random_weights"] is False and m["options"]["precision"] == "fp32" and m["options"]["static"] is None
+    assert set(m["versions"]) >= {"torch", "onnx", "onnxruntime", "tensorrt"}
+    for rel, digest in m["files"].items():
+        assert cache.file_sha256(out / rel) == digest
+    assert set(m["networks"]) == set(iospec.NETWORKS)
+    assert all(0 <= n["max_abs_err"] <= 1e-4 for n in m["networks"].values())
+    assert m["io"]["unet"]["sample"]["shape"] == ["batch", 4, "latent_height", "latent_width"]
+
+
+def test_find_export(exported, cache_root):
+    folder, out, _ = exported
+    assert find_export(folder, "fp32") == out
+    assert find_export(folder, "fp16") is None
+    assert find_export(folder, "fp32", attention="plain") is None
+    assert find_export(folder, "fp32", static=cache.Shapes(1, 32, 32)) is None
+
+
+# ----------------------------------------------------------------------------------------------
+# cache behaviour
+
+
+@pytest.fixture
+def fake_trace(exported, monkeypatch):
+    """Replace the slow trace step by a copy of the real file; counts the calls."""
+    good = exported[1]
+    calls = []
+
+    def copy_network(name, module, configs, path, options):
+        calls.append(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(good / name / "model.onnx", path)
+        return {"seconds": 0.0, "weight_bytes": 0, "external_data": False, "fp32_islands": 0, "mha_nodes": 0}
+
+    monkeypatch.setattr(ox, "export_network", copy_network)
+    return calls
+
+
+def _copy_to(exported, root: Path) -> Path:
+    """The good export copied into the cache root `root` (same key: same source, options, versions)."""
+    out = exported[1]
+    dst = root / "exports" / out.name
+    shutil.copytree(out, dst)
+    return dst
+
+
+def test_rerun_reuses_the_folder(exported, cache_root, monkeypatch):
+    folder, out, _ = exported
+    monkeypatch.setattr(ox, "export_network", lambda *a, **k: pytest.fail("re-exported a valid folder"))
+    before = (out / "manifest.json").stat().st_mtime_ns
+    assert ox.export(folder) == out
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_source_change_changes_the_key(exported, tmp_path):
+    folder = exported[0]
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    assert cache.source_hash(copy) == cache.source_hash(folder)  # the key is content, not the path
+    cfg = json.loads((copy / "scheduler" / "scheduler_config.json").read_text())
+    cfg["beta_end"] = 0.0121
+    (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+    assert cache.source_hash(copy) != cache.source_hash(folder)
+
+
+@pytest.mark.parametrize("damage", ["manifest-garbage", "manifest-missing", "truncated-onnx", "flipped-byte", "missing-config"])
+def test_damaged_folder_is_detected_and_rebuilt(exported, fresh_root, fake_trace, damage):
+    folder = exported[0]
+    dst = _copy_to(exported, fresh_root)
+    assert find_export(folder, "fp32") == dst
+    onnx_file = dst / "unet" / "model.onnx"
+    if damage == "manifest-garbage":
+        (dst / "manifest.json").write_text('{"format": 1, "key": ')
+    elif damage == "manifest-missing":
+        (dst / "manifest.json").unlink()
+    elif damage == "truncated-onnx":
+        data = onnx_file.read_bytes()
+        onnx_file.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped-byte":  # same size: only the sha256 tells
+        data = bytearray(onnx_file.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        onnx_file.write_bytes(bytes(data))
+    else:
+        (dst / "vae_decoder" / "config.json").unlink()
+
+    ok, why = cache.validate(dst, cache.read_manifest(exported[1])["key"])
+    assert not ok and why
+    assert find_export(folder, "fp32") is None
+
+    assert ox.export(folder) == dst  # rebuilt in place
+    assert fake_trace == list(iospec.NETWORKS)
+    assert find_export(folder, "fp32") == dst
+    assert cache.file_sha256(onnx_file) == cache.file_sha256(exported[1] / "unet" / "model.onnx")
+
+
+def test_interrupted_export_leaves_nothing_valid(exported, fresh_root, fake_trace, monkeypatch):
+    folder = exported[0]
+    real_check = ox.check_network
+    seen = []
+
+    def check_then_die(name, *a, **k):
+        seen.append(name)
+        if name == "unet":
+            raise KeyboardInterrupt  # the user pressing Ctrl-C midway
+        return real_check(name, *a, **k)
+
+    monkeypatch.setattr(ox, "check_network", check_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ox.export(folder)
+    assert seen == ["text_encoder", "unet"]
+    exports = fresh_root / "exports"
+    assert [p.name for p in exports.iterdir() if not p.name.endswith(".lock")] == []  # no folder, no temp left
+    assert find_export(folder, "fp32") is None
+
+
+def test_killed_export_temp_is_never_used(exported, fresh_root, fake_trace):
+    """A temp folder left by a killed exporter (even a complete-looking one) is ignored, then removed."""
+    folder, out, _ = exported
+    exports = fresh_root / "exports"
+    exports.mkdir(parents=True)
+    stale = exports / f".tmp-{out.name}-999999-abcd1234"  # pid 999999: not running
+    shutil.copytree(out, stale)
+    assert find_export(folder, "fp32") is None
+    assert ox.export(folder) == exports / out.name
+    assert not stale.exists()
+
+
+def test_failed_check_is_an_error(exported, fresh_root, fake_trace, monkeypatch):
+    """Outputs that differ from torch make the export fail; no folder is left to be found."""
+    folder = exported[0]
+    real_wrap = ox.wrap
+
+    def off_by_a_bit(name, module, configs, precision):
+        m = real_wrap(name, module, configs, precision)
+        if name != "vae_decoder":
+            return m
+
+        class Shifted(torch.nn.Module):
+            def forward(self, latent_sample):
+                return m(latent_sample) + 0.01
+
+        return Shifted()
+
+    monkeypatch.setattr(ox, "wrap", off_by_a_bit)
+    with pytest.raises(ox.ExportError, match="vae_decoder.*differs from the torch module"):
+        ox.export(folder)
+    assert find_export(folder, "fp32") is None
+
+
+def test_random_export_is_never_found_for_the_real_model(exported, fresh_root):
+    folder = exported[0]
+    dst = _copy_to(exported, fresh_root)
+    m = cache.read_manifest(dst)
+    m["random_weights"] = True
+    cache.write_manifest(dst, m)
+    assert cache.validate(dst, m["key"])[0]
+    assert find_export(folder, "fp32") is None
+    assert cache.random_source_hash(0) != cache.source_hash(folder)
+    assert "random" in cache.folder_name("sd15", cache.ExportOptions(random_weights=True), "0" * 64)
+
+
+def test_random_weights_only_with_sd15(exported):
+    with pytest.raises(ValueError, match="sd15"):
+        ox.export(exported[0], random_weights=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_missing_model(fresh_root, tmp_path, capsys):
+    from fastdiff.export.__main__ import main
+
+    assert main([str(tmp_path / "no-such-model")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "not found" in err
+    assert not (fresh_root / "exports").exists() or not any((fresh_root / "exports").iterdir())
+
+
+def test_cli_reports_a_reused_export(exported, cache_root, monkeypatch, capsys):
+    from fastdiff.export.__main__ import main
+
+    monkeypatch.setattr(ox, "export_network", lambda *a, **k: pytest.fail("re-exported a valid folder"))
+    assert main([str(exported[0])]) == 0
+    out = capsys.readouterr().out
+    assert str(exported[1]) in out and "unet" in out and "max abs err" in out

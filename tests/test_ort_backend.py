@@ -1,0 +1,131 @@
+"""The onnxruntime backend: whole pipelines against the torch backend, backend selection
+(`onnxruntime`, `auto`), size errors, and diffusers' own ONNX pipeline opening our export."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny import make_sd_folder
+
+from fastdiff.backends import make_backend
+from fastdiff.export import onnx_export as ox
+from fastdiff.pipeline import Pipeline
+
+pytest.importorskip("onnxruntime")
+
+H, W = 32, 48  # latents 16x24: multiples of the tiny UNet's 2
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(model folder, export folder, cache root): the export test_export.py makes, reused by its
+    content key when both files run in one session."""
+    base = tmp_path_factory.getbasetemp()
+    folder = base / "tiny-sd-a"
+    if not (folder / "model_index.json").is_file():
+        make_sd_folder(folder, "a", seed=3)
+    root = base / "fastdiff-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDIFF_CACHE", str(root))
+        out = ox.export(folder)
+    return folder, out, root
+
+
+@pytest.fixture
+def cache_root(exported, monkeypatch):
+    monkeypatch.setenv("FASTDIFF_CACHE", str(exported[2]))
+    return exported[2]
+
+
+@pytest.fixture(scope="module")
+def pipes(exported):
+    folder, _, root = exported
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDIFF_CACHE", str(root))
+        ours = Pipeline.from_pretrained(folder, backend="onnxruntime", device="cpu")
+    ref = Pipeline.from_pretrained(folder, backend="torch", device="cpu")
+    return ref, ours
+
+
+@pytest.mark.parametrize("scheduler,steps,guidance", [("ddim", 4, 7.5), ("dpmpp_2m", 5, 5.0), ("euler", 3, 1.0)])
+def test_pipeline_matches_torch_backend(pipes, scheduler, steps, guidance):
+    ref, ours = pipes
+    assert ours.backend.name == "onnxruntime" and ref.backend.name == "torch"
+    seed = int(torch.randint(0, 2**31, ()).item())
+    kwargs = dict(steps=steps, guidance_scale=guidance, height=H, width=W, seed=seed, scheduler=scheduler, output_type="np")
+    prompts = ["a red circle on the left", "two blue squares"]
+    expected = ref.generate(prompts, negative_prompt=["blurry", ""], **kwargs)
+    got = ours.generate(prompts, negative_prompt=["blurry", ""], **kwargs)
+    assert got.shape == expected.shape == (2, H, W, 3)
+    assert np.abs(got - expected).max() <= 1e-3
+    assert expected.std() > 1e-3
+
+
+def test_backend_calls_return_torch_tensors(pipes):
+    _, ours = pipes
+    b = ours.backend
+    ctx = b.encode_text(torch.randint(0, 49408, (2, 77)))  # int64 ids, as the pipeline passes them
+    assert isinstance(ctx, torch.Tensor) and ctx.dtype == torch.float32 and ctx.shape[:2] == (2, 77)
+    eps = b.unet(torch.randn(2, 4, 8, 12), torch.tensor(500.0), ctx)
+    assert eps.shape == (2, 4, 8, 12) and eps.device.type == "cpu"
+    img = b.decode(torch.randn(1, 4, 8, 12))
+    assert img.shape == (1, 3, 16, 24)
+
+
+def test_unet_size_the_graph_cannot_take_is_a_clear_error(pipes):
+    _, ours = pipes
+    ctx = torch.zeros(1, 77, 32)
+    with pytest.raises(ValueError, match="multiples of 2"):
+        ours.backend.unet(torch.randn(1, 4, 9, 12), torch.tensor(10.0), ctx)
+
+
+def test_auto_on_cpu_uses_a_cached_export(exported, cache_root, tmp_path, monkeypatch):
+    folder = exported[0]
+    assert make_backend("auto", folder, device=torch.device("cpu"), dtype=torch.float32).name == "onnxruntime"
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "empty"))  # nothing cached: torch, and no export started
+    monkeypatch.setattr(ox, "export", lambda *a, **k: pytest.fail("auto must not start an export"))
+    assert make_backend("auto", folder, device=torch.device("cpu"), dtype=torch.float32).name == "torch"
+
+
+def test_onnxruntime_exports_when_nothing_is_cached(exported, tmp_path, monkeypatch, caplog):
+    folder, out, _ = exported
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "empty"))
+    calls = []
+
+    def fake_export(root, **kwargs):
+        calls.append((root, kwargs))
+        return out
+
+    monkeypatch.setattr(ox, "export", fake_export)
+    with caplog.at_level(logging.INFO, logger="fastdiff"):
+        backend = make_backend("onnxruntime", folder, device=torch.device("cpu"), dtype=torch.float32)
+    assert backend.name == "onnxruntime"
+    assert calls == [(folder, {"precision": "fp32", "attention": "mha"})]
+    assert "exporting" in caplog.text
+
+
+def test_diffusers_onnx_pipeline_opens_the_export(exported):
+    """diffusers' OnnxStableDiffusionPipeline (int32 ids, float [1] timestep) runs our folder and
+    matches diffusers' torch pipeline given the same initial latents."""
+    from diffusers import DDIMScheduler, OnnxStableDiffusionPipeline, StableDiffusionPipeline
+
+    folder, out, _ = exported
+    onnx_pipe = OnnxStableDiffusionPipeline.from_pretrained(
+        out, provider="CPUExecutionProvider", vae_encoder=None, safety_checker=None, feature_extractor=None
+    )
+    torch_pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    for p in (onnx_pipe, torch_pipe):
+        p.scheduler = DDIMScheduler.from_config(torch_pipe.scheduler.config)
+        p.set_progress_bar_config(disable=True)
+    # diffusers' ONNX pipeline assumes SD's 8x VAE; the tiny VAE upsamples 2x, so it is asked for
+    # 64 x 96 and the torch pipeline for the 16 x 24 image that the same latents decode to.
+    latents = torch.randn(1, 4, 8, 12)
+    kwargs = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=7.5, output_type="np")
+    got = onnx_pipe(latents=latents.numpy(), height=64, width=96, **kwargs).images
+    expected = torch_pipe(latents=latents, height=16, width=24, **kwargs).images
+    assert got.shape == expected.shape == (1, 16, 24, 3)
+    assert np.abs(got - expected).max() <= 1e-3
