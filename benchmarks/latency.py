@@ -485,9 +485,10 @@ def format_table(res: dict) -> str:
     env = res["environment"]
     loads = [x for x in (env["load_avg_1min"], res["load_avg_1min_after"]) if x is not None]
     if env["device"].startswith("cpu") and loads and max(loads) > (env["cpu_count"] or 1):
+        hint = "; try --threads 1" if env["torch_threads"] > 1 else ""
         lines.append(
             f"WARNING: load average {max(loads):.1f} on {env['cpu_count']} cores: other processes share the "
-            "CPU, absolute times are unreliable (paired ratios less so); try --threads 1"
+            f"CPU, absolute times are unreliable (paired ratios less so){hint}"
         )
     return "\n".join(lines)
 

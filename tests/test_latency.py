@@ -58,6 +58,11 @@ def test_every_stage_measured(run):
     status, res, _ = run
     assert status == 0, res.get("gate")
     assert latency.REF in res["runs"] and "torch" in res["runs"]
+    from fastdiff.backends import BACKENDS
+
+    # Every backend is either timed or listed as skipped, with a reason.
+    assert set(res["runs"]) | set(res["skipped"]) == {latency.REF, *BACKENDS} - {"auto"}
+    assert all(res["skipped"].values())
     for name, stages in res["runs"].items():
         assert set(stages) == set(latency.STAGES), name
         for stage, s in stages.items():
