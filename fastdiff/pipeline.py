@@ -26,6 +26,7 @@ from fastdiff.weights import resolve_model
 log = logging.getLogger("fastdiff")
 
 OUTPUT_TYPES = ("pil", "np")
+_MAX_GRAPHS = 4  # captured step graphs kept per pipeline
 SCHEDULER_NAMES = tuple(schedulers.SCHEDULERS) + ("dpmpp_2m_karras",)
 
 
@@ -82,9 +83,21 @@ class Pipeline:
     buffers, generator) lives in the call, the networks are read-only.
     """
 
-    def __init__(self, root: Path, backend, tokenizer: CLIPTokenizer, *, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        root: Path,
+        backend,
+        tokenizer: CLIPTokenizer,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        cuda_graph: bool = True,
+    ):
         self.root, self.backend, self.tokenizer = root, backend, tokenizer
         self.device, self.dtype = device, dtype
+        self.cuda_graph = cuda_graph
+        self._graphs: dict = {}  # GraphKey -> GraphedStep
+        self._graphs_lock = threading.Lock()
         index = json.loads((root / "model_index.json").read_text())
         self.scheduler_config = schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
         unet_cfg = json.loads((root / "unet" / "config.json").read_text())
@@ -104,7 +117,13 @@ class Pipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         kernels: str | None = None,
+        cuda_graph: bool = True,
     ) -> "Pipeline":
+        """Load `model` (a name or a diffusers-format folder) onto `backend`.
+
+        kernels: "torch" | "triton" | "auto" | None (FASTDIFF_KERNELS) for the torch backend's ops.
+        cuda_graph: capture each denoising step in one CUDA graph on GPU (False: eager, for debugging).
+        """
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
         root = resolve_model(model)
@@ -114,9 +133,31 @@ class Pipeline:
         net = make_backend(backend, root, device=device, dtype=dtype, kernels=kernels)
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         log.info("fastdiff: loaded %s on %s (%s, backend %s)", root, device, dtype, net.name)
-        return cls(root, net, tokenizer, device=device, dtype=dtype)
+        return cls(root, net, tokenizer, device=device, dtype=dtype, cuda_graph=cuda_graph)
 
     # ------------------------------------------------------------------------------------------
+    def _graphed_step(self, sched, name, karras, steps, cfg, latents, context):
+        """The captured step for these settings (captured on first use), or None when not on CUDA."""
+        if not (self.cuda_graph and self.device.type == "cuda" and getattr(self.backend, "capturable", False)):
+            return None
+        from fastdiff.graphs import GraphedStep, GraphKey
+
+        key = GraphKey(tuple(latents.shape), tuple(context.shape), name, karras, steps, cfg, self.dtype)
+        with self._graphs_lock:
+            graphed = self._graphs.get(key)
+            if graphed is None:
+                if len(self._graphs) >= _MAX_GRAPHS:  # bound memory: drop the oldest capture
+                    self._graphs.pop(next(iter(self._graphs)))
+                graphed = self._graphs[key] = GraphedStep(key, sched, self.backend.unet, self.device)
+        return graphed
+
+    def _decode_fp32(self, latents):
+        """fp16 VAE overflowed (NaN/inf): decode again in fp32, warning once per pipeline."""
+        if not getattr(self, "_warned_fp32_decode", False):
+            log.warning("fastdiff: fp16 VAE decode overflowed; decoding in fp32 (slower) from now on when needed")
+            self._warned_fp32_decode = True
+        return self.backend.decode_fp32(latents).float()
+
     def generate(self, prompt, **kwargs):
         """One PIL.Image for one prompt and one image, else a list; output_type="np" gives
         float32 [N, H, W, 3] in [0, 1]. Arguments as in `run`."""
@@ -174,22 +215,29 @@ class Pipeline:
         if getattr(sched, "needs_noise", False):  # ancestral sampling: per-step noise, drawn up front in order
             noise = torch.randn((n_evals, *shape), generator=generator, dtype=self.dtype).to(self.device, torch.float32)
 
-        # 3. Denoise.
+        # 3. Denoise: one captured CUDA graph per step where possible, else the same loop eagerly.
         with clock("denoise"):
-            state = sched.init_state(latents)
-            for i in range(n_evals):
-                x = torch.cat([latents, latents]) if cfg else latents  # [(2)N, 4, h, w]
-                x = sched.scale_model_input(x, i)
-                eps = self.backend.unet(x, sched.timesteps[i], context).float()
-                if cfg:
-                    eps_uncond, eps_text = eps.chunk(2)
-                    eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-                latents = sched.step(eps, i, latents, state, noise=None if noise is None else noise[i])
+            graphed = self._graphed_step(sched, scheduler, karras, steps, cfg, latents, context)
+            if graphed is not None:
+                with graphed.lock:
+                    latents = graphed.run(latents, context, guidance_scale, noise)
+            else:
+                state = sched.init_state(latents)
+                for i in range(n_evals):
+                    x = torch.cat([latents, latents]) if cfg else latents  # [(2)N, 4, h, w]
+                    x = sched.scale_model_input(x, i)
+                    eps = self.backend.unet(x, sched.timesteps[i], context).float()
+                    if cfg:
+                        eps_uncond, eps_text = eps.chunk(2)
+                        eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+                    latents = sched.step(eps, i, latents, state, noise=None if noise is None else noise[i])
         timings["unet_step"] = timings["denoise"] / n_evals if timed else 0.0
 
         # 4. Decode to [0, 1] NHWC float32.
         with clock("vae_decode"):
             image = self.backend.decode(latents / self.scaling_factor).float()
+            if self.dtype == torch.float16 and not torch.isfinite(image).all():
+                image = self._decode_fp32(latents / self.scaling_factor)
             image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, 3]
         if timed:
             timings["end_to_end"] = sum(timings[k] for k in ("text_encoder", "denoise", "vae_decode"))

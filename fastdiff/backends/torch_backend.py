@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -25,6 +26,8 @@ class TorchBackend:
 
     def __init__(self, root: Path, *, device: torch.device, dtype: torch.dtype, kernels: str | None = None):
         self.device, self.dtype, self.kernels = device, dtype, kernels
+        self.capturable = device.type == "cuda"  # unet() may be captured in a CUDA graph
+        self._vae_fp32 = None
         self.text_encoder = _load(CLIPTextModel, CLIPTextConfig, root / "text_encoder", device, dtype)
         self.unet_model = _load(UNet2DConditionModel, UNetConfig, root / "unet", device, dtype)
         self.vae = _load(AutoencoderKL, VAEConfig, root / "vae", device, dtype)
@@ -43,6 +46,14 @@ class TorchBackend:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with ops.kernels(self.kernels):
             return self.vae.decode(latents.to(self.dtype))
+
+    @torch.inference_mode()
+    def decode_fp32(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode in float32 (the fp16 overflow fallback); the fp32 VAE copy is made on first use."""
+        if self._vae_fp32 is None:
+            self._vae_fp32 = copy.deepcopy(self.vae).float()
+        with ops.kernels(self.kernels):
+            return self._vae_fp32.decode(latents.float())
 
 
 def _load(cls, config_cls, folder: Path, device, dtype):

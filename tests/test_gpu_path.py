@@ -1,0 +1,134 @@
+"""The GPU path: Triton kernels inside the whole pipeline, the CUDA-graph step, the fp16 VAE guard.
+
+The kernel-in-pipeline test runs everywhere (Triton's interpreter on CPU, in a subprocess because
+TRITON_INTERPRET must be set before triton is first imported). The CUDA-graph tests need a GPU and
+skip elsewhere, saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from _tiny import make_sd_folder
+
+from fastdiff.pipeline import Pipeline
+
+HERE = Path(__file__).resolve().parent
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/device_check.sh)")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_sd_folder(tmp_path_factory.mktemp("sd-gpu"), "a", seed=3)
+
+
+def test_triton_kernels_in_pipeline_match_torch(folder, tmp_path):
+    """FASTDIFF_KERNELS=triton (interpreter on CPU, compiled on CUDA) vs the torch reference ops."""
+    script = textwrap.dedent(
+        f"""
+        import json, sys, numpy as np, torch
+        sys.path.insert(0, {str(HERE)!r})
+        from fastdiff.pipeline import Pipeline
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        out = {{}}
+        for mode in ("torch", "triton"):
+            pipe = Pipeline.from_pretrained({str(folder)!r}, backend="torch", device=device,
+                                            dtype=torch.float32, kernels=mode, cuda_graph=False)
+            out[mode] = pipe.generate(["a red circle", "a cat"], steps=2, height=16, width=24, seed=4,
+                                      scheduler="dpmpp_2m", output_type="np")
+        np.save({str(tmp_path / "torch.npy")!r}, out["torch"])
+        np.save({str(tmp_path / "triton.npy")!r}, out["triton"])
+        """
+    )
+    env = dict(os.environ, FASTDIFF_KERNELS="triton")
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref, got = np.load(tmp_path / "torch.npy"), np.load(tmp_path / "triton.npy")
+    err = np.abs(ref - got).max()
+    print(f"triton vs torch kernels, whole pipeline: max abs {err:.2e}")
+    assert err <= 1e-3
+    assert ref.std() > 1e-3
+
+
+def test_kernel_mode_reaches_the_kernels(folder, monkeypatch):
+    """kernels="triton" must route ops to fastdiff.kernels (spied, torch stand-ins), "torch" must not."""
+    import fastdiff.kernels as K
+    import fastdiff.ops as ops
+
+    calls = []
+
+    def spy(name, ref):
+        def f(*a, **k):
+            calls.append(name)
+            k.pop("out", None)
+            return ref(*a, **k)
+
+        return f
+
+    monkeypatch.setattr(K, "attention", spy("attention", ops.attention_ref), raising=False)
+    monkeypatch.setattr(K, "group_norm", spy("group_norm", ops.group_norm_ref), raising=False)
+    monkeypatch.setattr(K, "geglu", spy("geglu", ops.geglu_ref), raising=False)
+    pipe = Pipeline.from_pretrained(folder, backend="torch", device="cpu", kernels="torch")
+    pipe.generate("x", steps=1, height=16, width=16, seed=0, output_type="np")
+    assert calls == []
+    pipe = Pipeline.from_pretrained(folder, backend="torch", device="cpu", kernels="triton")
+    pipe.generate("x", steps=1, height=16, width=16, seed=0, output_type="np")
+    assert {"attention", "group_norm", "geglu"} <= set(calls)
+
+
+def test_fp16_vae_overflow_decodes_again_in_fp32(folder, caplog):
+    """A non-finite fp16 decode is redone in fp32 with one warning; the result equals an fp32 decode."""
+    pipe = Pipeline.from_pretrained(folder, backend="torch", device="cpu", dtype=torch.float32)
+    pipe.dtype = torch.float16  # the guard (and the noise draw) read it: the networks stay fp32 on this CPU
+    expected = pipe.generate("x", steps=2, height=16, width=16, seed=9, output_type="np")
+    real = pipe.backend.decode
+    pipe.backend.decode = lambda z: torch.full_like(real(z), float("inf"))
+    with caplog.at_level(logging.WARNING, logger="fastdiff"):
+        got = pipe.generate("x", steps=2, height=16, width=16, seed=9, output_type="np")
+        pipe.generate("x", steps=2, height=16, width=16, seed=9, output_type="np")
+    assert np.isfinite(got).all()
+    assert np.abs(got - expected).max() <= 1e-6
+    assert sum("fp32" in r.getMessage() for r in caplog.records) == 1
+
+
+@cuda
+def test_cuda_graph_equals_eager_fp16(folder):
+    graphed = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16)
+    eager = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16, cuda_graph=False)
+    for sched in ("dpmpp_2m", "euler_a", "pndm"):
+        a = graphed.generate(["a", "b"], steps=6, height=32, width=48, seed=1, scheduler=sched, output_type="np")
+        b = eager.generate(["a", "b"], steps=6, height=32, width=48, seed=1, scheduler=sched, output_type="np")
+        assert np.abs(a - b).max() <= 1e-3, sched
+    assert len(graphed._graphs) == 3
+
+
+@cuda
+def test_cuda_graph_never_stale(folder):
+    """Changing size, steps, scheduler or guidance between calls gives the eager result each time."""
+    graphed = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16)
+    eager = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16, cuda_graph=False)
+    settings = [
+        dict(height=32, width=32, steps=4, scheduler="ddim", guidance_scale=7.5),
+        dict(height=48, width=32, steps=4, scheduler="ddim", guidance_scale=7.5),
+        dict(height=48, width=32, steps=7, scheduler="ddim", guidance_scale=7.5),
+        dict(height=48, width=32, steps=7, scheduler="euler", guidance_scale=7.5),
+        dict(height=48, width=32, steps=7, scheduler="euler", guidance_scale=3.0),
+        dict(height=48, width=32, steps=7, scheduler="euler", guidance_scale=1.0),
+        dict(height=32, width=32, steps=4, scheduler="ddim", guidance_scale=7.5),
+    ]
+    for kw in settings:
+        a = graphed.generate("a red circle", seed=2, output_type="np", **kw)
+        b = eager.generate("a red circle", seed=2, output_type="np", **kw)
+        assert np.abs(a - b).max() <= 1e-3, kw
