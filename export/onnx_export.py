@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastdiff import iospec
+from fastdiff import iospec, ops
 from fastdiff.export import cache
 from fastdiff.export.cache import ExportOptions, Shapes
 
@@ -286,17 +286,8 @@ def name_axes(model, net: iospec.NetworkSpec, static: bool) -> None:
 # one network
 
 
-def export_network(name: str, module: nn.Module, configs: dict, path: Path, options: ExportOptions) -> dict:
-    """Trace, translate and save network `name` to `path` (model.onnx). Returns facts for the manifest."""
-    import onnx_ir as ir
-
-    net = iospec.NETWORKS[name]
-    batch, height, width = trace_size(configs, options)
-    inputs = iospec.sample_inputs(
-        net, configs, batch=batch_for(name, batch, options), height=height, width=width, precision=options.precision
-    )
-    t0 = time.perf_counter()
-    program = torch.onnx.export(
+def _torch_export(name, module, configs, inputs, net, options):
+    return torch.onnx.export(
         wrap(name, module, configs, options.precision),
         (),
         kwargs=inputs,
@@ -308,6 +299,20 @@ def export_network(name: str, module: nn.Module, configs: dict, path: Path, opti
         custom_translation_table=_mha_translation() if options.attention == "mha" else None,
         verbose=False,
     )
+
+
+def export_network(name: str, module: nn.Module, configs: dict, path: Path, options: ExportOptions) -> dict:
+    """Trace, translate and save network `name` to `path` (model.onnx). Returns facts for the manifest."""
+    import onnx_ir as ir
+
+    net = iospec.NETWORKS[name]
+    batch, height, width = trace_size(configs, options)
+    inputs = iospec.sample_inputs(
+        net, configs, batch=batch_for(name, batch, options), height=height, width=width, precision=options.precision
+    )
+    t0 = time.perf_counter()
+    with ops.kernels("torch"):  # the readable reference ops, whatever FASTDIFF_KERNELS says
+        program = _torch_export(name, module, configs, inputs, net, options)
     model = program.model
     casts = upcast_sensitive_ops(model) if options.precision == "fp16" else 0
     name_axes(model, net, static=options.static is not None)
@@ -349,7 +354,7 @@ def check_network(name: str, module: nn.Module, configs: dict, path: Path, optio
     )
     session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
     got = session.run(None, {k: v.numpy() for k, v in inputs.items()})
-    with torch.inference_mode():
+    with torch.inference_mode(), ops.kernels("torch"):
         ref = wrap(name, module, configs, "fp32")(**{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()})
     ref = ref if isinstance(ref, tuple) else (ref,)
     atol, rtol = TOLERANCE[options.precision]
@@ -457,11 +462,14 @@ def export(
             log.info("fastdiff.export: reusing %s (same content key)", final)
             return final
         if final.exists():
+            ours = final.parent == cache.exports_dir() or (final / cache.MANIFEST).exists() or not any(final.iterdir())
+            if not ours:  # never delete a user's folder that is not an export
+                raise ValueError(f"--out {final}: the folder exists and is not a fastdiff export; choose another")
             log.info("fastdiff.export: rebuilding %s (%s)", final, why)
         cache.remove_stale_temps(final.parent)
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            manifest = _build(tmp, model_root, configs, options, providers)
+            manifest = _build(tmp, model_root, configs, options, providers, seed)
             manifest.update(
                 key=key,
                 model={"name": str(model), "root": str(model_root) if model_root else None, "source_sha256": source_sha},
@@ -478,9 +486,9 @@ def export(
     return final
 
 
-def _build(folder: Path, model_root: Path | None, configs: dict, options: ExportOptions, providers) -> dict:
+def _build(folder: Path, model_root: Path | None, configs: dict, options: ExportOptions, providers, seed: int) -> dict:
     folder.mkdir(parents=True)
-    modules = random_networks() if model_root is None else load_networks(model_root)
+    modules = random_networks(seed) if model_root is None else load_networks(model_root)
     _write_side_files(folder, model_root, configs)
     nets, errors = {}, {}
     for name in iospec.NETWORKS:

@@ -176,6 +176,43 @@ def test_find_export(exported, cache_root):
     assert find_export(folder, "fp32", static=cache.Shapes(1, 32, 32)) is None
 
 
+def test_fp16_static_export(exported, fresh_root):
+    """fp16 + static shapes: fixed dims, fp16 I/O (timestep stays float32, ids int32), norms and
+    softmax fed through Casts to float32, outputs close to the float32 diffusers UNet."""
+    import onnx
+    from diffusers import UNet2DConditionModel
+
+    folder = exported[0]
+    out = ox.export(folder, precision="fp16", static=cache.Shapes(1, 32, 48), attention="plain")
+    assert find_export(folder, "fp16", static=cache.Shapes(1, 32, 48), attention="plain") == out
+    assert find_export(folder, "fp16", attention="plain") is None  # the dynamic one is another key
+
+    g = onnx.load(str(out / "unet" / "model.onnx")).graph
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in list(g.input) + list(g.output)}
+    assert dims == {"sample": [2, 4, 16, 24], "timestep": [1], "encoder_hidden_states": [2, 77, 32], "out_sample": [2, 4, 16, 24]}
+    types = {v.name: v.type.tensor_type.elem_type for v in list(g.input) + list(g.output)}
+    assert types["timestep"] == onnx.TensorProto.FLOAT and types["sample"] == types["out_sample"] == onnx.TensorProto.FLOAT16
+    producer = {o: n for n in g.node for o in n.output}
+    sensitive = [n for n in g.node if n.op_type in ("InstanceNormalization", "LayerNormalization", "Softmax")]
+    assert sensitive
+    for n in sensitive:
+        cast = producer[n.input[0]]
+        assert cast.op_type == "Cast" and cast.attribute[0].i == onnx.TensorProto.FLOAT, n.name
+
+    ref = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    sample, t, context = torch.randn(2, 4, 16, 24), torch.tensor([321.5]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        expected = ref(sample, t, context).sample.numpy()
+    got = _session(out / "unet" / "model.onnx").run(
+        None, {"sample": sample.half().numpy(), "timestep": t.numpy(), "encoder_hidden_states": context.half().numpy()}
+    )[0]
+    assert got.dtype == np.float16
+    assert np.abs(got.astype(np.float32) - expected).max() <= 2e-2 * max(1.0, np.abs(expected).max())
+    m = cache.read_manifest(out)
+    assert m["io"]["unet"]["sample"] == {"dtype": "float16", "shape": [2, 4, 16, 24]}
+    assert m["io"]["vae_decoder"]["latent_sample"]["shape"] == [1, 4, 16, 24]
+
+
 # ----------------------------------------------------------------------------------------------
 # cache behaviour
 
@@ -305,6 +342,19 @@ def test_failed_check_is_an_error(exported, fresh_root, fake_trace, monkeypatch)
     with pytest.raises(ox.ExportError, match="vae_decoder.*differs from the torch module"):
         ox.export(folder)
     assert find_export(folder, "fp32") is None
+
+
+def test_out_folder(exported, fresh_root, fake_trace, tmp_path):
+    """--out DIR: written there (and found there); a folder that is not an export is never replaced."""
+    folder = exported[0]
+    out = ox.export(folder, out=tmp_path / "onnx-sd")
+    assert out == tmp_path / "onnx-sd" and find_export(folder, "fp32", out=out) == out
+    mine = tmp_path / "my-files"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a fastdiff export"):
+        ox.export(folder, out=mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_random_export_is_never_found_for_the_real_model(exported, fresh_root):
