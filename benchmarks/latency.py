@@ -284,31 +284,28 @@ def _sdpa_cpu_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) 
     return 2 * b * h * s * l * d + 2 * b * h * s * l * dv
 
 
-def count_unet_flops(folder: Path, runners, args, device, dtype) -> int:
-    """FLOPs of one UNet evaluation on the classifier-free-guidance batch, on fastdiff's UNet
-    (the torch reference ops: Triton kernels would be invisible to the counter)."""
+def count_unet_flops(folder: Path, args) -> int:
+    """FLOPs of one UNet evaluation on the classifier-free-guidance batch, counted on fastdiff's
+    UNet built on the meta device: the same ops without weights or compute, so counting costs
+    no memory even for SD1.5. The torch reference ops: Triton kernels would be invisible."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fastdiff import ops
+    from fastdiff.models import UNet2DConditionModel, UNetConfig
 
-    torch_runner = next((r for r in runners if r.name == "torch"), None)
-    if torch_runner is not None:
-        backend = torch_runner.pipe.backend
-    else:
-        from fastdiff.backends import make_backend
-
-        backend = make_backend("torch", folder, device=device, dtype=dtype)
-    unet_cfg = _common.read_json(folder / "unet" / "config.json")
+    config = UNetConfig.from_json(folder / "unet" / "config.json")
     vae_cfg = _common.read_json(folder / "vae" / "config.json")
     scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     n = args.batch * (2 if args.guidance_scale > 1.0 else 1)
-    x = torch.randn(n, unet_cfg.get("in_channels", 4), args.height // scale, args.width // scale,
-                    device=device, dtype=dtype)  # [2B, 4, h, w]
-    context = torch.randn(n, 77, unet_cfg["cross_attention_dim"], device=device, dtype=dtype)  # [2B, 77, D]
-    t = torch.tensor(500.0, device=device)
+    cross = config.cross_attention_dim if isinstance(config.cross_attention_dim, int) else config.cross_attention_dim[0]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config)
+        x = torch.empty(n, config.in_channels, args.height // scale, args.width // scale)  # [2B, 4, h, w]
+        context = torch.empty(n, 77, cross)  # [2B, 77, D]
+        t = torch.tensor(500.0)
     custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
     with torch.inference_mode(), ops.kernels("torch"), FlopCounterMode(display=False, custom_mapping=custom) as fc:
-        backend.unet_model(x, t, context)
+        unet(x, t, context)
     return int(fc.get_total_flops())
 
 
@@ -627,7 +624,7 @@ def _run(args, gate) -> int:
         kept = not folder.is_relative_to(tmp)
         args.height, args.width = image_size(folder, args.height, args.width)
         runners, skipped = load_runners(folder, args, device, dtype)
-        flops = count_unet_flops(folder, runners, args, device, dtype)
+        flops = count_unet_flops(folder, args)
         rate = MatmulRate(device, dtype)
         times, images = measure(runners, args, rate)
         del runners

@@ -11,6 +11,7 @@ import math
 import statistics
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -147,3 +148,19 @@ def test_bad_gate_rejected_before_running(tmp_path, folder):
 
 def test_project_gate_file_is_valid():
     latency.load_gate(BENCH / "gate.json")
+
+
+def test_unet_flops_match_diffusers(folder):
+    """The meta-device count on fastdiff's UNet equals a count over diffusers' UNet really run."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    args = SimpleNamespace(batch=2, guidance_scale=7.5, height=32, width=48)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    x = torch.randn(4, 4, 8, 12)  # CFG batch of 2 images, 32x48 pixels / VAE factor 4
+    context = torch.randn(4, 77, unet.config.cross_attention_dim)
+    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: latency._sdpa_cpu_flops}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as fc:
+        unet(x, torch.tensor(500.0), context)
+    assert latency.count_unet_flops(folder, args) == fc.get_total_flops() > 0
