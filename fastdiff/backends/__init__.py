@@ -85,6 +85,6 @@ def _pick_auto(root: Path, device: torch.device, dtype: torch.dtype) -> str:
         if cuda_provider_available() and _onnx_export(root, dtype, attention="mha", create=False):
             return "onnxruntime"
         return "torch"
-    # CPU: the onnxruntime export was measured faster than torch (see the export README / report),
-    # but exporting takes minutes, so only an export that is already cached is used.
+    # CPU: onnxruntime was measured faster than torch (SD1.5 UNet, 512 px, CFG batch 2, 2 cores:
+    # 15.9 s against 22.0 s per step), but exporting takes minutes: only a cached export is used.
     return "onnxruntime" if _onnx_export(root, dtype, attention="mha", create=False) else "torch"
