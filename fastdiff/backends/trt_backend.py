@@ -79,7 +79,7 @@ class _Engine:
                 self.context.execute_async_v3(stream.cuda_stream)
                 stream.synchronize()
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph, stream=stream):
+                with torch.cuda.graph(self.graph):  # captures on torch's side stream (not the legacy default one)
                     self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
             self.graph.replay()
         elif not self.context.execute_async_v3(stream.cuda_stream):
