@@ -275,6 +275,8 @@ def find_export(
     """
     options = ExportOptions(precision=precision, static=static, attention=attention)
     root = Path(model_root)
+    if out is None and not (exports_dir().is_dir() and any(exports_dir().iterdir())):
+        return None  # nothing cached: skip hashing the model
     try:
         key = export_key(source_hash(root), options)
     except FileNotFoundError:
