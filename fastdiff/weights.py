@@ -9,6 +9,7 @@ checkpoints (.bin, .ckpt, .pt) can execute code when loaded, so they are refused
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from itertools import chain
@@ -17,6 +18,8 @@ from pathlib import Path
 import safetensors.torch
 import torch
 from torch import nn
+
+log = logging.getLogger("fastdiff")
 
 ASSETS = Path(__file__).parent / "assets"
 
@@ -122,13 +125,33 @@ def _find_in_hub_cache(repos: tuple[str, ...], looked: list[str]) -> Path | None
     return None
 
 
+def default_model() -> Path:
+    """What model=None means: $FASTDIFF_MODEL if set, else the source of the newest export in the
+    cache (what the user ran `python -m fastdiff.export` on), else the embedded model; logs which."""
+    env = os.environ.get("FASTDIFF_MODEL")
+    if env:
+        log.info("fastdiff: model=None -> $FASTDIFF_MODEL=%s", env)
+        return resolve_model(env)
+    try:
+        from fastdiff.export.cache import newest_export_source
+
+        exported = newest_export_source()
+    except ImportError:
+        exported = None
+    if exported is not None:
+        log.info("fastdiff: model=None -> %s (the newest export in the cache)", exported)
+        return exported
+    log.info("fastdiff: model=None -> %s (the embedded model)", DEFAULT_MODEL)
+    return resolve_model(DEFAULT_MODEL)
+
+
 def resolve_model(model: str | os.PathLike | None = None) -> Path:
     """The diffusers-format folder for a path or a known name (None: `DEFAULT_MODEL`).
 
     Offline only: names are looked up in the local hub cache or the package, never downloaded.
     """
     if model is None:
-        model = DEFAULT_MODEL
+        return default_model()
     if isinstance(model, str) and model in MODELS:
         known, looked = MODELS[model], []
         if known.bundled is not None:

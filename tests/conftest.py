@@ -3,8 +3,15 @@ SD1.5 configs, written out here so no download is needed."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# Tests never read or write the user's cache, nor follow their default-model setting.
+os.environ["FASTDIFF_CACHE"] = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
+os.environ.pop("FASTDIFF_MODEL", None)
 
 # Two small UNets that differ in every dimension the model code reads: depth, widths, heads
 # (int vs per-block list), context width, group count, conv vs linear projections, padding.

@@ -139,6 +139,38 @@ def test_default_is_the_bundled_model(tmp_path, monkeypatch, hub):
     assert resolve_model(None) == resolve_model("tiny-shapes") == folder
 
 
+def test_default_model_order(tmp_path, monkeypatch, hub, caplog):
+    """model=None: $FASTDIFF_MODEL, else the newest real export's source, else the embedded model."""
+    import json
+    import logging
+    import os
+
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(W, "ASSETS", tmp_path / "assets")
+    bundled = make_model_folder(tmp_path / "assets" / "tiny-shapes")
+    with caplog.at_level(logging.INFO, logger="fastdiff"):
+        assert resolve_model(None) == bundled
+    assert "embedded" in caplog.text
+
+    sources = [make_model_folder(tmp_path / name) for name in ("old", "new", "rand")]
+    for i, (src, random) in enumerate(zip(sources, (False, False, True))):
+        folder = tmp_path / "cache" / "exports" / f"export-{i}"
+        folder.mkdir(parents=True)
+        manifest = {"model": {"root": str(src)}, "random_weights": random}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        os.utime(folder / "manifest.json", (1000 + i, 1000 + i))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastdiff"):
+        assert resolve_model(None) == sources[1]  # newest real one; the random-weights export never counts
+    assert "newest export" in caplog.text
+
+    monkeypatch.setenv("FASTDIFF_MODEL", str(sources[0]))
+    assert resolve_model(None) == sources[0]
+    monkeypatch.setenv("FASTDIFF_MODEL", str(tmp_path / "missing"))
+    with pytest.raises(ModelNotFoundError, match="missing"):
+        resolve_model(None)
+
+
 def test_resolution_is_offline_and_does_not_import_hub_libraries(hub):
     """In a fresh interpreter with sockets disabled: no huggingface_hub/transformers/diffusers import."""
     snap = make_hub_snapshot(hub, SD15_REPOS[0], "9" * 40)
