@@ -10,20 +10,11 @@ from pathlib import Path
 
 import torch
 
+from fastdiff.iospec import SD15_SCHEDULER
+
 ASSETS = Path(__file__).resolve().parents[1] / "fastdiff" / "assets"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"
 
-SD15_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
 
 # Two UNet configs that differ in every dimension the model code reads.
 UNET_A = dict(
@@ -93,7 +84,7 @@ def make_sd_folder(folder: Path, which: str = "a", seed: int = 0) -> Path:
         text_encoder=text.eval(),
         tokenizer=CLIPTokenizer.from_pretrained(TOKENIZER_DIR),
         unet=unet.eval(),
-        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),
+        scheduler=PNDMScheduler.from_config(SD15_SCHEDULER),  # ignores clip_sample
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

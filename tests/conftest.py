@@ -134,3 +134,28 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
 @pytest.fixture
 def perturb():
     return perturb_
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory):
+    """(model folder, export folder, cache root) for tiny model "a", fp32, dynamic axes, MHA
+    attention: exported once per session, shared by the export and onnxruntime tests."""
+    pytest.importorskip("onnxruntime")
+    from _tiny import make_sd_folder
+
+    from fastdiff.export import onnx_export
+
+    base = tmp_path_factory.getbasetemp()
+    folder = make_sd_folder(base / "tiny-sd-a", "a", seed=3)
+    root = base / "fastdiff-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDIFF_CACHE", str(root))
+        out = onnx_export.export(folder)
+    return folder, out, root
+
+
+@pytest.fixture
+def cache_root(exported, monkeypatch):
+    """The shared export's cache root, set for this test."""
+    monkeypatch.setenv("FASTDIFF_CACHE", str(exported[2]))
+    return exported[2]

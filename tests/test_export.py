@@ -17,38 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import make_sd_folder
 
 from fastdiff import iospec
 from fastdiff.export import cache, find_export
 from fastdiff.export import onnx_export as ox
 
 onnxruntime = pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(model folder, export folder, cache root) for tiny model "a", fp32, dynamic axes, MHA attention."""
-    return shared_export(tmp_path_factory)
-
-
-def shared_export(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    folder = base / "tiny-sd-a"
-    if not (folder / "model_index.json").is_file():
-        make_sd_folder(folder, "a", seed=3)
-    root = base / "fastdiff-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTDIFF_CACHE", str(root))
-        out = ox.export(folder)
-    return folder, out, root
-
-
-@pytest.fixture
-def cache_root(exported, monkeypatch):
-    """The shared cache root, set for this test."""
-    monkeypatch.setenv("FASTDIFF_CACHE", str(exported[2]))
-    return exported[2]
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ skip elsewhere, saying so.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess

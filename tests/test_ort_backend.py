@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import make_sd_folder
 
 from fastdiff.backends import make_backend
 from fastdiff.export import onnx_export as ox
@@ -18,27 +17,6 @@ from fastdiff.pipeline import Pipeline
 pytest.importorskip("onnxruntime")
 
 H, W = 32, 48  # latents 16x24: multiples of the tiny UNet's 2
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """(model folder, export folder, cache root): the export test_export.py makes, reused by its
-    content key when both files run in one session."""
-    base = tmp_path_factory.getbasetemp()
-    folder = base / "tiny-sd-a"
-    if not (folder / "model_index.json").is_file():
-        make_sd_folder(folder, "a", seed=3)
-    root = base / "fastdiff-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTDIFF_CACHE", str(root))
-        out = ox.export(folder)
-    return folder, out, root
-
-
-@pytest.fixture
-def cache_root(exported, monkeypatch):
-    monkeypatch.setenv("FASTDIFF_CACHE", str(exported[2]))
-    return exported[2]
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,8 @@ import math
 
 import diffusers
 import pytest
+
+from fastdiff import iospec
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -29,18 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 TOL = 2e-6
 
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+SD15 = iospec.SD15_SCHEDULER
 # v-prediction, leading spacing for every class (Euler's init_noise_sigma takes its other branch).
 VPRED = dict(SD15, prediction_type="v_prediction", timestep_spacing="leading")
 # Linear betas, trailing spacing, alpha_bar_prev = 1 at the end.

@@ -120,7 +120,7 @@ class TensorRTBackend:
         """Engines for `root`'s default size are already built on this GPU (no build step needed)."""
         try:
             from fastdiff.export.cache import find_export
-            from fastdiff.export.tensorrt import Profile, find_engines
+            from fastdiff.export.tensorrt import find_engines
         except ImportError:
             return False
         export_dir = find_export(root, "fp16", attention="plain")
