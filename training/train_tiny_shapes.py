@@ -317,6 +317,8 @@ def main() -> None:
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--steps", type=int, help="UNet steps (overrides the default bound)")
     ap.add_argument("--minutes", type=float, help="UNet wall-clock budget")
+    ap.add_argument("--high-t-min", type=int, help="lower bound of the high-noise half of the timesteps")
+    ap.add_argument("--x0-floor", type=float, help="floor of the implied x0-loss weight")
     ap.add_argument("--resume", type=Path, help="a .ckpt.pt of an earlier run: keep its VAE, continue text+UNet")
     ap.add_argument("--grid", type=Path, default=Path("/tmp/tiny_shapes_grid.png"))
     args = ap.parse_args()
@@ -332,6 +334,10 @@ def main() -> None:
         cfg = replace(cfg, steps=args.steps)
     if args.minutes is not None:
         cfg = replace(cfg, minutes=args.minutes)
+    if args.high_t_min is not None:
+        cfg = replace(cfg, high_t_min=args.high_t_min)
+    if args.x0_floor is not None:
+        cfg = replace(cfg, x0_weight_floor=args.x0_floor)
     print(cfg, flush=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
