@@ -131,6 +131,7 @@ def test_unknown_name_error(tmp_path, hub):
 
 
 def test_default_is_the_bundled_model(tmp_path, monkeypatch, hub):
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "empty-cache"))  # no export to prefer
     monkeypatch.setattr(W, "ASSETS", tmp_path / "assets")
     with pytest.raises(ModelNotFoundError, match="train_tiny_shapes") as e:
         resolve_model(None)
