@@ -202,3 +202,19 @@ def test_generate_caches_pipeline(model, monkeypatch):
     b = fastdiff.generate("x", model=folder, backend="torch", steps=2, height=H, width=W, seed=5, output_type="np")
     assert len(loads) == 1
     np.testing.assert_array_equal(a, b)
+
+
+def test_import_is_cheap():
+    """`import fastdiff` (and the pipeline module) builds no model and imports no diffusers/transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fastdiff\n"
+        "assert 'torch' not in sys.modules, 'import fastdiff pulled in torch'\n"
+        "import fastdiff.pipeline\n"
+        "bad = [m for m in ('diffusers', 'transformers', 'onnx', 'onnxruntime', 'triton') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
