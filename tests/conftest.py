@@ -9,6 +9,8 @@ import tempfile
 import pytest
 import torch
 
+from fastdiff import iospec
+
 # Tests never read or write the user's cache, nor follow their default-model setting.
 os.environ["FASTDIFF_CACHE"] = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
 os.environ.pop("FASTDIFF_MODEL", None)
@@ -74,37 +76,10 @@ CLIP_SMALL = {
     ),
 }
 
-SD15_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=[320, 640, 1280, 1280],
-    layers_per_block=2,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    attention_head_dim=8,
-    cross_attention_dim=768,
-    norm_num_groups=32,
-)
-
-SD15_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=[128, 256, 512, 512],
-    layers_per_block=2,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=512,
-    scaling_factor=0.18215,
-)
-
-SD15_CLIP = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768,
-    bos_token_id=0, eos_token_id=2, pad_token_id=1,
-)
+# SD1.5's configs live once, in fastdiff.iospec (as the files hold them); here as constructor kwargs.
+SD15_UNET = {k: v for k, v in iospec.SD15_UNET.items() if not k.startswith("_")}
+SD15_VAE = {k: v for k, v in iospec.SD15_VAE.items() if not k.startswith("_")}
+SD15_CLIP = {k: v for k, v in iospec.SD15_TEXT_ENCODER.items() if k not in ("architectures", "model_type")}
 
 
 @pytest.fixture(params=sorted(UNET_SMALL))
