@@ -149,34 +149,47 @@ def make_dataset(n: int, seed: int, triples: list[tuple[str, str, str]] | None =
 # Pixel classifier: reads the colour and the shape back from a picture, no model involved.
 
 FG_THRESHOLD = 60.0  # RGB distance from the background above which a pixel is foreground
+TRIANGLE_TAPER = 0.6  # top-third / bottom-third width below which a shape is a triangle
+SQUARE_FILL = 0.89  # bounding-box fill ratio above which a shape is a square (circle pi/4 ~ 0.785)
 
 
 def classify(image: np.ndarray) -> tuple[str | None, str | None]:
     """(foreground colour, shape kind) of a 64x64 RGB uint8 image; (None, None) if empty.
 
-    The background is the median of the 2-pixel border; foreground pixels differ from it by more
-    than FG_THRESHOLD. The colour is the majority nearest named foreground colour over those
-    pixels; the shape comes from the mask's fill ratio of its bounding box (circle pi/4 ~ 0.785,
-    square 1.0, triangle 0.5). The box uses the 1st..99th percentile of mask coordinates so a few
-    stray pixels do not stretch it.
+    The background is the median of the 2-pixel border; pixels differing from it by more than
+    FG_THRESHOLD are foreground, and their majority nearest named colour is the colour. The
+    outline is the iso-line half-way between the background and the shape's own colour (the
+    median of the most distinct quarter of the foreground): a fixed threshold would put a soft
+    edge's outline at a contrast-dependent place. Inside the outline's bounding box (1st..99th
+    percentile of its coordinates, so a few stray pixels do not stretch it) the kind is read from
+    two numbers a soft edge barely moves: an upright triangle's top third is much narrower than
+    its bottom third (width ratio 0.2; circle and square 1.0), and a square fills its corners
+    (fill ratio 1.0 vs a circle's pi/4).
     """
     img = image.astype(np.float32)
     border = np.concatenate([img[:2].reshape(-1, 3), img[-2:].reshape(-1, 3),
                              img[:, :2].reshape(-1, 3), img[:, -2:].reshape(-1, 3)])
     bg = np.median(border, axis=0)
-    mask = np.linalg.norm(img - bg, axis=-1) > FG_THRESHOLD  # [H, W]
-    if mask.sum() < 12:
+    dist = np.linalg.norm(img - bg, axis=-1)  # [H, W]
+    coarse = dist > FG_THRESHOLD
+    if coarse.sum() < 12:
         return None, None
-    pixels = img[mask]  # [n, 3]
+    pixels = img[coarse]  # [n, 3]
     palette = np.array([COLOURS[c] for c in FG_COLOURS], dtype=np.float32)  # [k, 3]
     nearest = np.linalg.norm(pixels[:, None] - palette[None], axis=-1).argmin(1)
     colour = FG_COLOURS[np.bincount(nearest, minlength=len(FG_COLOURS)).argmax()]
 
+    inner = dist >= np.percentile(dist[coarse], 75)
+    contrast = np.linalg.norm(np.median(img[inner], axis=0) - bg)
+    mask = dist > max(FG_THRESHOLD, 0.5 * contrast)
     ys, xs = np.nonzero(mask)
-    y0, y1 = np.percentile(ys, [1, 99])
-    x0, x1 = np.percentile(xs, [1, 99])
-    box = (y1 - y0 + 1) * (x1 - x0 + 1)
-    inside = mask[int(round(y0)):int(round(y1)) + 1, int(round(x0)):int(round(x1)) + 1].sum()
-    fill = inside / box
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
-    return colour, shape
+    if len(ys) < 12:
+        return colour, None
+    y0, y1 = np.round(np.percentile(ys, [1, 99])).astype(int)
+    x0, x1 = np.round(np.percentile(xs, [1, 99])).astype(int)
+    crop = mask[y0:y1 + 1, x0:x1 + 1]  # [h, w]
+    third = max(1, crop.shape[0] // 3)
+    taper = crop[:third].sum(1).mean() / max(crop[-third:].sum(1).mean(), 1)
+    if taper < TRIANGLE_TAPER:
+        return colour, "triangle"
+    return colour, "square" if crop.mean() > SQUARE_FILL else "circle"
