@@ -6,11 +6,13 @@ with the SD block types (cross-attention down/up blocks, plain resnet blocks, GE
 feed-forward), trained on the procedural shapes of training/shapes.py. The folder loads with
 diffusers' StableDiffusionPipeline.from_pretrained and with fastdiff's own loader.
 
-    python training/train_tiny_shapes.py                 # train + save (~35 min on 2 cores)
+    python training/train_tiny_shapes.py                 # stage 1: train + save (~35 min on 2 cores)
+    python training/train_tiny_shapes.py --resume X.ckpt.pt ...  # later stages (training/README.md)
     python training/train_tiny_shapes.py --quick         # a few-minute smoke version
     python training/train_tiny_shapes.py --eval-only     # measure prompt adherence of the saved model
 
-Phases: (1) the VAE on pixels (MSE + L1 + a tiny KL); (2) the scaling factor = 1 / std of the
+Phases: (1) the VAE on pixels (MSE + L1 + a tiny KL), optionally (--decoder-steps) its decoder
+alone on the frozen encoder's latents; (2) the scaling factor = 1 / std of the
 latents, as SD did; (3) text encoder + UNet jointly on epsilon prediction with min-SNR
 weighting (x0 weight floored at high noise), half of each batch at high noise, a 3x learning
 rate for the text encoder and cross-attention (the `probe` lines show whether the prompt moves
