@@ -14,9 +14,9 @@ diffusers' StableDiffusionPipeline.from_pretrained and with fastdiff's own loade
 Phases: (1) the VAE on pixels (MSE + L1 + a tiny KL), optionally (--decoder-steps) its decoder
 alone on the frozen encoder's latents; (2) the scaling factor = 1 / std of the
 latents, as SD did; (3) text encoder + UNet jointly on epsilon prediction with min-SNR
-weighting (x0 weight floored at high noise), half of each batch at high noise, a 3x learning
-rate for the text encoder and cross-attention (the `probe` lines show whether the prompt moves
-the prediction), 10% empty captions (for classifier-free guidance), AdamW with warm-up and cosine
+weighting (x0 weight floored at high noise), half of each batch from one timestep band, a 3x
+learning rate for the text encoder and cross-attention (the `probe` lines show whether the
+prompt moves the prediction), 10% empty captions (for classifier-free guidance), AdamW with warm-up and cosine
 decay, EMA weights (the EMA is what gets saved).
 """
 
@@ -79,9 +79,10 @@ class TrainConfig:
     ema_decay: float = 0.995
     min_snr_gamma: float = 5.0
     caption_dropout: float = 0.1
-    # Conditioning: colour, shape and layout are decided at high noise, and the text path starts
-    # from nothing, so skew the timesteps high and give the text encoder + cross-attention a
-    # larger learning rate (the uniform-t, single-LR run learnt an unconditional model).
+    # Conditioning: colour is decided at high noise, outlines at middle noise (t ~ 100-700), and the
+    # text path starts from nothing, so draw a share of each batch from the band that matters and
+    # give the text encoder + cross-attention a larger learning rate (the uniform-t, single-LR run
+    # learnt an unconditional model).
     high_t_frac: float = 0.5  # share of each batch drawn from t in [high_t_min, high_t_max)
     high_t_min: int = 500
     high_t_max: int = 1000
@@ -111,6 +112,8 @@ QUICK = TrainConfig(n_images=256, vae_steps=5, minutes=0.2, warmup=5, ema_decay=
 # a decoder fine-tune, and the middle-noise band from the start (outlines), with a mild x0 floor
 # (colour).
 ONE_RUN = TrainConfig(decoder_steps=600, minutes=47.0, high_t_min=100, high_t_max=700, x0_weight_floor=0.1)
+# TrainConfig fields a command-line option of the same name overrides when given.
+CLI_OVERRIDES = ("steps", "minutes", "high_t_min", "high_t_max", "decoder_steps", "x0_weight_floor")
 
 
 def build_models(cfg: TrainConfig):
@@ -354,10 +357,10 @@ def main() -> None:
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--steps", type=int, help="UNet steps (overrides the default bound)")
     ap.add_argument("--minutes", type=float, help="UNet wall-clock budget")
-    ap.add_argument("--high-t-min", type=int, help="lower bound of the high-noise half of the timesteps")
-    ap.add_argument("--high-t-max", type=int, help="upper bound (exclusive) of that share's timesteps")
+    ap.add_argument("--high-t-min", type=int, help="lower bound of the emphasised share's timesteps")
+    ap.add_argument("--high-t-max", type=int, help="upper bound (exclusive) of the emphasised share's timesteps")
     ap.add_argument("--decoder-steps", type=int, help="decoder-only fine-tune steps on the frozen encoder's latents")
-    ap.add_argument("--x0-floor", type=float, help="floor of the implied x0-loss weight")
+    ap.add_argument("--x0-floor", dest="x0_weight_floor", type=float, help="floor of the implied x0-loss weight")
     ap.add_argument("--resume", type=Path, help="a .ckpt.pt of an earlier run: keep its VAE, continue text+UNet")
     ap.add_argument("--grid", type=Path, default=Path("/tmp/tiny_shapes_grid.png"))
     args = ap.parse_args()
@@ -369,18 +372,8 @@ def main() -> None:
     from transformers import CLIPTokenizer
 
     cfg = QUICK if args.quick else ONE_RUN if args.one_run else TrainConfig()
-    if args.steps is not None:
-        cfg = replace(cfg, steps=args.steps)
-    if args.minutes is not None:
-        cfg = replace(cfg, minutes=args.minutes)
-    if args.high_t_min is not None:
-        cfg = replace(cfg, high_t_min=args.high_t_min)
-    if args.high_t_max is not None:
-        cfg = replace(cfg, high_t_max=args.high_t_max)
-    if args.decoder_steps is not None:
-        cfg = replace(cfg, decoder_steps=args.decoder_steps)
-    if args.x0_floor is not None:
-        cfg = replace(cfg, x0_weight_floor=args.x0_floor)
+    overrides = {k: getattr(args, k) for k in CLI_OVERRIDES if getattr(args, k) is not None}
+    cfg = replace(cfg, **overrides)
     print(cfg, flush=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
