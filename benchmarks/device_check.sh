@@ -7,9 +7,11 @@
 #       diffusers==0.42.1 importlib_metadata
 # Then run it there with the device tool: command `bash benchmarks/device_check.sh`, carry [".whl"].
 # Logs and JSON land in $OUT (or /tmp/device_check); the last thing printed is a short table.
+# STEPS="cuda_tests kernels" (a space-separated subset of the step names below) reruns only those.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_check}
+STEPS=${STEPS:-"cuda_tests kernels latency_sd15 latency_tiny"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -17,14 +19,15 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # fastdiff itself, without touching the machine's torch/triton.
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT/install.log" 2>&1 \
-  || { echo "install failed"; tail -20 "$OUT/install.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/install.log 2>&1 \
+  || { echo "install failed"; tail -20 /tmp/install.log; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 
 declare -a NAMES CODES SECS
-step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, remember exit code and seconds
+step() {  # step NAME TIMEOUT_S CMD...: run if NAME is in $STEPS, log to $OUT/NAME.log, keep exit code and seconds
   local name=$1 limit=$2; shift 2
+  [[ " $STEPS " == *" $name "* ]] || return 0
   local t0=$SECONDS
   echo "=== $name: $*"
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
@@ -32,16 +35,29 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, remember exit
   NAMES+=("$name"); CODES+=("$rc"); SECS+=($((SECONDS - t0)))
 }
 
-step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_gpu_path.py tests/test_tensorrt.py
-step kernels 90 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
-step latency_tiny 60 python3 benchmarks/latency.py --device cuda --repeats 5 --json "$OUT/latency_tiny.json" --quiet
-step latency_sd15 200 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
-  --height 512 --width 512 --steps 25 --repeats 3 --json "$OUT/latency_sd15.json" --quiet
+# Tests in parallel workers where pytest-xdist is installed: Triton's compiles (one per autotune
+# config and specialisation) are CPU-bound and dominate the wall time.
+PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE --tb=short)
+python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 8)
+python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 150)
+step cuda_tests 200 "${PYTEST[@]}" tests/test_kernels.py tests/test_gpu_path.py tests/test_tensorrt.py
+step kernels 110 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
+# SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff with graph + Triton, without the graph, and
+# without both, so each part's share of the speed-up is measured in the same interleaved run.
+step latency_sd15 170 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
+  --height 512 --width 512 --steps 25 --repeats 3 --backends torch,torch:nograph,torch:nograph:torchops \
+  --json "$OUT/latency_sd15.json" --quiet
+step latency_tiny 60 python3 benchmarks/latency.py --device cuda --dtype float16 --backends torch --repeats 5 \
+  --json "$OUT/latency_tiny.json" --quiet
 
 echo
 echo "---- summary (logs in $OUT) ----"
-grep -E "passed|failed|error" "$OUT/cuda_tests.log" | tail -1
-tail -n 25 "$OUT/kernels.log"
-tail -n 25 "$OUT/latency_sd15.log"
+cat "$OUT/gpu.txt"
+for f in cuda_tests; do [[ -f "$OUT/$f.log" ]] && grep -E "^(FAILED|ERROR)" "$OUT/$f.log" | cut -c1-160 | head -20; done
+for f in cuda_tests; do [[ -f "$OUT/$f.log" ]] && grep -E "passed|failed|error" "$OUT/$f.log" | tail -1; done
+[[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(kernel|attention|group_norm|geglu)" "$OUT/kernels.log" | cut -c1-140
+for f in latency_sd15 latency_tiny; do
+  [[ -f "$OUT/$f.log" ]] && grep -E "^(model|[0-9]+x[0-9]+|stage|text encoder|UNet per step|denoising|VAE|end-to-end|parity)" "$OUT/$f.log" | cut -c1-200
+done
 printf '%-14s %6s %6s\n' step rc seconds
 for i in "${!NAMES[@]}"; do printf '%-14s %6s %6s\n' "${NAMES[$i]}" "${CODES[$i]}" "${SECS[$i]}"; done

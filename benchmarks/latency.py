@@ -88,7 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default="a small red circle on the left on a blue background")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", default=None,
-                   help="comma list of fastdiff backends; default: every backend available here")
+                   help="comma list of fastdiff backends; default: every backend available here. "
+                        "Suffixes change one setting: torch:nograph (no CUDA graph), "
+                        "torch:nograph:torchops (and torch reference ops instead of Triton)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -219,14 +221,29 @@ class DiffusersRunner:
         return np.asarray(images, dtype=np.float32), times
 
 
+# Runner-name suffixes that change one Pipeline setting, to attribute a speed-up to its parts:
+# "torch:nograph" (no CUDA graph), "torch:nograph:torchops" (no graph, torch reference ops).
+VARIANTS = {"nograph": {"cuda_graph": False}, "torchops": {"kernels": "torch"}}
+
+
+def split_variant(name: str) -> tuple[str, dict]:
+    """'torch:nograph:torchops' -> ('torch', {'cuda_graph': False, 'kernels': 'torch'})."""
+    backend, *suffixes = name.split(":")
+    unknown = [s for s in suffixes if s not in VARIANTS]
+    if unknown:
+        raise ValueError(f"--backends {name!r}: unknown suffix {unknown[0]!r} (known: {', '.join(VARIANTS)})")
+    return backend, {k: v for s in suffixes for k, v in VARIANTS[s].items()}
+
+
 class FastdiffRunner:
     """fastdiff's Pipeline on one backend; stage times from its own synchronised timer."""
 
-    def __init__(self, backend: str, folder: Path, args, device: torch.device, dtype: torch.dtype):
+    def __init__(self, name: str, folder: Path, args, device: torch.device, dtype: torch.dtype):
         from fastdiff.pipeline import Pipeline
 
-        self.name, self.args, self.device = backend, args, device
-        self.pipe = Pipeline.from_pretrained(folder, backend=backend, device=device, dtype=dtype)
+        backend, options = split_variant(name)
+        self.name, self.args, self.device = name, args, device
+        self.pipe = Pipeline.from_pretrained(folder, backend=backend, device=device, dtype=dtype, **options)
 
     def __call__(self):
         a = self.args
@@ -257,7 +274,7 @@ def load_runners(folder: Path, args, device, dtype):
     explicit = args.backends is not None
     names = [b.strip() for b in args.backends.split(",") if b.strip()] if explicit else [b for b in BACKENDS if b != "auto"]
     for name in names:
-        if name not in BACKENDS:
+        if split_variant(name)[0] not in BACKENDS:
             raise ValueError(f"--backends: {name!r} is not a fastdiff backend ({', '.join(BACKENDS)})")
     runners, skipped = [DiffusersRunner(folder, args, device, dtype)], {}
     for name in names:

@@ -164,3 +164,11 @@ def test_unet_flops_match_diffusers(folder):
     with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=custom) as fc:
         unet(x, torch.tensor(500.0), context)
     assert latency.count_unet_flops(folder, args) == fc.get_total_flops() > 0
+
+
+def test_backend_variants_parse_and_reject_unknown_suffixes():
+    """'torch:nograph:torchops' is the torch backend with two settings changed; a typo is refused."""
+    assert latency.split_variant("torch") == ("torch", {})
+    assert latency.split_variant("torch:nograph:torchops") == ("torch", {"cuda_graph": False, "kernels": "torch"})
+    with pytest.raises(ValueError, match="nograf"):
+        latency.split_variant("torch:nograf")
