@@ -25,6 +25,7 @@ class GraphKey:
     steps: int
     cfg: bool
     dtype: torch.dtype
+    kernels: str  # ops mode in force at capture ("torch" / "triton" / "auto"): which ops were recorded
 
 
 class GraphedStep:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import schedulers
+from fastdiff import ops, schedulers
 from fastdiff.backends import BACKENDS, make_backend
 from fastdiff.tokenizer import CLIPTokenizer
 from fastdiff.weights import resolve_model
@@ -142,7 +142,8 @@ class Pipeline:
             return None
         from fastdiff.graphs import GraphedStep, GraphKey
 
-        key = GraphKey(tuple(latents.shape), tuple(context.shape), name, karras, steps, cfg, self.dtype)
+        kernels = getattr(self.backend, "kernels", None) or ops.get_kernels()
+        key = GraphKey(tuple(latents.shape), tuple(context.shape), name, karras, steps, cfg, self.dtype, kernels)
         with self._graphs_lock:
             graphed = self._graphs.get(key)
             if graphed is None:
@@ -153,6 +154,11 @@ class Pipeline:
 
     def _decode_fp32(self, latents):
         """fp16 VAE overflowed (NaN/inf): decode again in fp32, warning once per pipeline."""
+        if not hasattr(self.backend, "decode_fp32"):
+            raise RuntimeError(
+                f"the fp16 VAE decode gave NaN/inf and the {getattr(self.backend, 'name', 'current')!r} backend "
+                "has no fp32 VAE to decode again with; use backend='torch' or dtype=torch.float32 for this model"
+            )
         if not getattr(self, "_warned_fp32_decode", False):
             log.warning("fastdiff: fp16 VAE decode overflowed; decoding in fp32 (slower) from now on when needed")
             self._warned_fp32_decode = True

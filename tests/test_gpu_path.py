@@ -131,3 +131,40 @@ def test_cuda_graph_never_stale(folder):
         a = graphed.generate("a red circle", seed=2, output_type="np", **kw)
         b = eager.generate("a red circle", seed=2, output_type="np", **kw)
         assert np.abs(a - b).max() <= 1e-3, kw
+
+
+def test_fp16_vae_overflow_without_fp32_vae_says_so(folder):
+    """A backend with no fp32 VAE (onnxruntime, TensorRT engines) raises, naming the way out."""
+    pipe = Pipeline.from_pretrained(folder, backend="torch", device="cpu", dtype=torch.float32)
+    pipe.dtype = torch.float16
+    real = pipe.backend.decode
+
+    class NoFp32:  # the backend's interface minus decode_fp32
+        name = "stand-in"
+
+        def __getattr__(self, attr):
+            if attr == "decode_fp32":
+                raise AttributeError(attr)
+            return getattr(real.__self__, attr)
+
+        def decode(self, z):
+            return torch.full_like(real(z), float("nan"))
+
+    pipe.backend = NoFp32()
+    with pytest.raises(RuntimeError, match="no fp32 VAE"):
+        pipe.generate("x", steps=1, height=16, width=16, seed=0, output_type="np")
+
+
+@cuda
+def test_cuda_graph_rebuilt_when_kernel_mode_changes(folder):
+    """A graph recorded with the Triton ops is not replayed under kernels("torch"), and vice versa."""
+    from fastdiff import ops
+
+    graphed = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16)
+    kw = dict(height=32, width=32, steps=3, seed=5, output_type="np")
+    with ops.kernels("triton"):
+        a = graphed.generate("a", **kw)
+    with ops.kernels("torch"):
+        b = graphed.generate("a", **kw)
+    assert sorted(k.kernels for k in graphed._graphs) == ["torch", "triton"]
+    assert np.abs(a - b).max() <= 1e-2  # fp16 Triton vs fp16 torch ops: same function
