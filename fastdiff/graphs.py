@@ -29,7 +29,10 @@ class GraphKey:
 
 
 class GraphedStep:
-    """Static buffers + the captured step. Not thread-safe by itself: callers hold `lock`."""
+    """Static buffers + the captured step. Not thread-safe by itself: callers hold `lock`.
+
+    Off CUDA nothing is captured and `run` calls the body eagerly on the same static buffers and
+    device-tensor step index, so CPU tests check everything but the capture itself."""
 
     def __init__(self, key: GraphKey, sched, unet, device: torch.device):
         self.key, self.sched, self.unet = key, sched, unet
@@ -45,6 +48,9 @@ class GraphedStep:
         self.state = sched.init_state(self.latents)
         self._state0 = {k: v.clone() for k, v in self.state.items()}
 
+        self.graph = None
+        if device.type != "cuda":  # no capture: the same body runs eagerly (how CPU tests check it)
+            return
         # Warm up on a side stream (autotuning, allocator, library handles), then capture.
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -85,5 +91,8 @@ class GraphedStep:
             self.noise.copy_(noise)
         self._reset()
         for _ in range(len(self.sched.timesteps)):
-            self.graph.replay()
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self._step()
         return self.latents.clone()

@@ -136,9 +136,12 @@ class Pipeline:
         return cls(root, net, tokenizer, device=device, dtype=dtype, cuda_graph=cuda_graph)
 
     # ------------------------------------------------------------------------------------------
+    def _graphs_enabled(self) -> bool:
+        return self.cuda_graph and self.device.type == "cuda" and getattr(self.backend, "capturable", False)
+
     def _graphed_step(self, sched, name, karras, steps, cfg, latents, context):
         """The captured step for these settings (captured on first use), or None when not on CUDA."""
-        if not (self.cuda_graph and self.device.type == "cuda" and getattr(self.backend, "capturable", False)):
+        if not self._graphs_enabled():
             return None
         from fastdiff.graphs import GraphedStep, GraphKey
 

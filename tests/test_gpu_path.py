@@ -102,6 +102,55 @@ def test_fp16_vae_overflow_decodes_again_in_fp32(folder, caplog):
     assert sum("fp32" in r.getMessage() for r in caplog.records) == 1
 
 
+ALL_SCHEDULERS = ["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"]
+
+
+def _graph_body_on_cpu(pipe, monkeypatch):
+    """Route `pipe` through GraphedStep on the CPU: its static buffers and device-tensor step index,
+    the body run eagerly instead of replayed (everything the CUDA path does but the capture)."""
+    monkeypatch.setattr(pipe, "_graphs_enabled", lambda: True)
+    return pipe
+
+
+@pytest.mark.parametrize("scheduler", ALL_SCHEDULERS)
+def test_graph_body_equals_eager_loop_cpu(folder, scheduler, monkeypatch):
+    """The step as captured (tensor step index, tables indexed on device, state reset between
+    calls) computes what the plain loop computes, for every scheduler, twice in a row."""
+    graphed = _graph_body_on_cpu(Pipeline.from_pretrained(folder, backend="torch", device="cpu"), monkeypatch)
+    eager = Pipeline.from_pretrained(folder, backend="torch", device="cpu")
+    kw = dict(steps=5, height=16, width=24, seed=1, scheduler=scheduler, output_type="np")
+    want = eager.generate(["a red circle", "b"], **kw)
+    for _ in range(2):  # the second call reuses the buffers: any state left over would show
+        got = graphed.generate(["a red circle", "b"], **kw)
+        assert np.abs(got - want).max() <= 1e-5, scheduler
+    assert len(graphed._graphs) == 1
+
+
+def test_graph_body_never_stale_cpu(folder, monkeypatch):
+    """Size, steps, scheduler, guidance and batch changes between calls: each result equals the
+    eager loop's, and each new setting (but not guidance, a buffer) made a new GraphedStep."""
+    graphed = _graph_body_on_cpu(Pipeline.from_pretrained(folder, backend="torch", device="cpu"), monkeypatch)
+    eager = Pipeline.from_pretrained(folder, backend="torch", device="cpu")
+    settings = [
+        dict(prompt="x", height=16, width=16, steps=3, scheduler="ddim", guidance_scale=7.5),
+        dict(prompt="x", height=24, width=16, steps=3, scheduler="ddim", guidance_scale=7.5),
+        dict(prompt="x", height=24, width=16, steps=4, scheduler="ddim", guidance_scale=7.5),
+        dict(prompt="x", height=24, width=16, steps=4, scheduler="euler_a", guidance_scale=7.5),
+        dict(prompt="x", height=24, width=16, steps=4, scheduler="euler_a", guidance_scale=2.0),
+        dict(prompt="x", height=24, width=16, steps=4, scheduler="euler_a", guidance_scale=1.0),
+        dict(prompt=["x", "y"], height=24, width=16, steps=4, scheduler="euler_a", guidance_scale=2.0),
+        dict(prompt="x", height=16, width=16, steps=3, scheduler="ddim", guidance_scale=7.5),
+    ]
+    keys = set()
+    for kw in settings:
+        a = graphed.generate(seed=2, output_type="np", **kw)
+        b = eager.generate(seed=2, output_type="np", **kw)
+        assert np.abs(a - b).max() <= 1e-5, kw
+        keys |= set(graphed._graphs)
+    # 8 calls, 6 keys: guidance 7.5 -> 2.0 and the final repeat of the first setting share a key.
+    assert len(keys) == 6
+
+
 @cuda
 def test_cuda_graph_equals_eager_fp16(folder):
     graphed = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16)
