@@ -44,9 +44,9 @@ python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 150)
 step cuda_tests 180 "${PYTEST[@]}" -k "not sm90" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
 step kernels 90 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
 # SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff with graph + Triton, without the graph, and
-# without both, so each part's share of the speed-up is measured in the same interleaved run.
+# without both, and NHWC, so each part's share of the speed-up is measured in one interleaved run.
 step latency_sd15 150 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
-  --height 512 --width 512 --steps 25 --repeats 3 --backends torch,torch:nograph,torch:nograph:torchops \
+  --height 512 --width 512 --steps 25 --repeats 3 --backends torch,torch:nograph,torch:nograph:torchops,torch:channels_last \
   --json "$OUT/latency_sd15.json" --quiet
 step latency_tiny 80 python3 benchmarks/latency.py --device cuda --dtype float16 --backends torch --repeats 5 \
   --json "$OUT/latency_tiny.json" --quiet
@@ -58,7 +58,7 @@ for f in cuda_tests; do [[ -f "$OUT/$f.log" ]] && grep -E "^(FAILED|ERROR)" "$OU
 for f in cuda_tests; do [[ -f "$OUT/$f.log" ]] && grep -E "passed|failed|error" "$OUT/$f.log" | tail -1; done
 [[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(kernel|attention|group_norm|geglu)" "$OUT/kernels.log" | cut -c1-140
 for f in latency_sd15 latency_tiny; do
-  [[ -f "$OUT/$f.log" ]] && grep -E "^(model|[0-9]+x[0-9]+|stage|text encoder|UNet per step|denoising|VAE|end-to-end|parity)" "$OUT/$f.log" | cut -c1-200
+  [[ -f "$OUT/$f.log" ]] && grep -E "^(model|[0-9]+x[0-9]+|stage|text encoder|UNet per step|denoising|VAE|end-to-end|parity)" "$OUT/$f.log" | cut -c1-260
 done
 printf '%-14s %6s %6s\n' step rc seconds
 for i in "${!NAMES[@]}"; do printf '%-14s %6s %6s\n' "${NAMES[$i]}" "${CODES[$i]}" "${SECS[$i]}"; done

@@ -118,11 +118,14 @@ class Pipeline:
         dtype: torch.dtype | None = None,
         kernels: str | None = None,
         cuda_graph: bool = True,
+        channels_last: bool = False,
     ) -> "Pipeline":
         """Load `model` (a name or a diffusers-format folder) onto `backend`.
 
         kernels: "torch" | "triton" | "auto" | None (FASTDIFF_KERNELS) for the torch backend's ops.
         cuda_graph: capture each denoising step in one CUDA graph on GPU (False: eager, for debugging).
+        channels_last: the torch backend's UNet and VAE in NHWC memory order (same results; off by
+            default until measured faster on a GPU: `benchmarks/latency.py --backends torch,torch:channels_last`).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
@@ -130,7 +133,7 @@ class Pipeline:
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
-        net = make_backend(backend, root, device=device, dtype=dtype, kernels=kernels)
+        net = make_backend(backend, root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         log.info("fastdiff: loaded %s on %s (%s, backend %s)", root, device, dtype, net.name)
         return cls(root, net, tokenizer, device=device, dtype=dtype, cuda_graph=cuda_graph)

@@ -217,3 +217,41 @@ def test_cuda_graph_rebuilt_when_kernel_mode_changes(folder):
         b = graphed.generate("a", **kw)
     assert sorted(k.kernels for k in graphed._graphs) == ["torch", "triton"]
     assert np.abs(a - b).max() <= 1e-2  # fp16 Triton vs fp16 torch ops: same function
+
+
+def test_channels_last_same_images_and_nhwc_activations(folder, monkeypatch):
+    """channels_last=True: every 4-D GroupNorm input is NHWC in memory, and the images equal the
+    NCHW pipeline's (fp32, CPU: the same function, summed in another order)."""
+    import fastdiff.ops as ops
+
+    nchw = Pipeline.from_pretrained(folder, backend="torch", device="cpu")
+    nhwc = Pipeline.from_pretrained(folder, backend="torch", device="cpu", channels_last=True)
+    kw = dict(steps=3, height=16, width=24, seed=6, output_type="np")
+    want = nchw.generate(["a red circle", "b"], **kw)
+
+    layouts = []
+    real = ops.group_norm
+
+    def spy(x, *a, **k):
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(ops, "group_norm", spy)
+    got = nhwc.generate(["a red circle", "b"], **kw)
+    assert layouts and all(layouts), f"{layouts.count(False)} of {len(layouts)} GroupNorm inputs not NHWC"
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_channels_last_refused_for_other_backends(folder):
+    with pytest.raises(ValueError, match="torch-backend setting"):
+        Pipeline.from_pretrained(folder, backend="onnxruntime", device="cpu", channels_last=True)
+
+
+@cuda
+def test_cuda_channels_last_graph_matches_nchw_eager(folder):
+    """NHWC UNet/VAE through the Triton kernels inside the captured step vs NCHW eager, fp16."""
+    nhwc = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16, channels_last=True)
+    nchw = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16, cuda_graph=False)
+    kw = dict(steps=5, height=32, width=48, seed=3, output_type="np")
+    a, b = nhwc.generate(["a", "b"], **kw), nchw.generate(["a", "b"], **kw)
+    assert np.abs(a - b).max() <= 1e-2  # fp16: convolutions sum in another order

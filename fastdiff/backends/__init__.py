@@ -19,7 +19,15 @@ BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 log = logging.getLogger("fastdiff")
 
 
-def make_backend(name: str, root: Path, *, device: torch.device, dtype: torch.dtype, kernels: str | None = None):
+def make_backend(
+    name: str,
+    root: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    kernels: str | None = None,
+    channels_last: bool = False,
+):
     """Build the backend `name` for the diffusers-format model folder `root`.
 
     "onnxruntime" uses a matching export from the cache, exporting first when there is none.
@@ -30,14 +38,18 @@ def make_backend(name: str, root: Path, *, device: torch.device, dtype: torch.dt
     """
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: allowed values are {', '.join(BACKENDS)}")
+    if channels_last and name not in ("auto", "torch"):
+        raise ValueError(f"channels_last=True is a torch-backend setting; backend={name!r} picks its own layouts")
     device = torch.device(device)
     if name == "auto":
         name = _pick_auto(root, device, dtype)
         log.info("fastdiff: backend auto -> %s", name)
+        if channels_last and name != "torch":
+            log.info("fastdiff: channels_last applies to the torch backend only; %s picks its own layouts", name)
     if name == "torch":
         from fastdiff.backends.torch_backend import TorchBackend
 
-        return TorchBackend(root, device=device, dtype=dtype, kernels=kernels)
+        return TorchBackend(root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
     if name == "onnxruntime":
         from fastdiff.backends.ort_backend import OnnxRuntimeBackend
 
