@@ -323,23 +323,42 @@ def _sm90_cases() -> dict:
         meta = dict(HEAD_DIM=D, HEAD_DIM_P2=p2, DOT_PRECISION="tf32", STRIDE_ALIGN=8, EVEN_N=False, **config.kwargs)
         cases[f"attention_d{D}"] = (attn_mod._attention_kernel, args, meta, config.num_warps, config.num_stages)
 
-    B, C, HW, G = 2, 320, 64 * 64, 32
-    block_c, block_hw, hw_per_split, split = gn_mod._plan(B, C, HW, G, torch.device("cpu"))
-    for layout, strides in (("nchw", (C * HW, HW, 1)), ("nhwc", (C * HW, 1, C))):  # batch, channel, spatial
-        common = dict(HW=HW, num_groups=G, HW_PER_SPLIT=hw_per_split, SPLIT=split, Partials="*fp32")
-        common.update({f"stride_x{n}": s for n, s in zip(("b", "c", "hw"), strides)})
-        meta = dict(CHANNELS_PER_GROUP=C // G, BLOCK_C=block_c, BLOCK_HW=block_hw)
-        stats = dict(X="*fp16", **common)
-        cases[f"group_norm_stats_{layout}"] = (gn_mod._group_norm_stats_kernel, stats, meta, gn_mod._NUM_WARPS, 3)
-        apply = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **common)
-        apply.update({f"stride_y{n}": s for n, s in zip(("b", "c", "hw"), strides)})
-        meta = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(split), SILU=True)
-        cases[f"group_norm_apply_{layout}"] = (gn_mod._group_norm_apply_kernel, apply, meta, gn_mod._NUM_WARPS, 3)
+    # The embedded model's smallest head (D = 8, padded to 16) with strides that are not multiples
+    # of 8 (STRIDE_ALIGN = 1): the generic path the alignment hint skips.
+    B, S, H, D = 2, 64, 4, 8
+    config = attn_mod._configs()[-1]
+    args = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", num_heads=H, SEQ_Q=S, SEQ_K=77, qk_scale=0.1)
+    for t in "qkvo":
+        strides = (S * (H * D + 1), D, H * D + 1, 1)  # rows padded by one element
+        args.update({f"stride_{t}{n}": s for n, s in zip("bhmd" if t in "qo" else "bhnd", strides)})
+    meta = dict(HEAD_DIM=D, HEAD_DIM_P2=16, DOT_PRECISION="tf32", STRIDE_ALIGN=1, EVEN_N=False, **config.kwargs)
+    cases["attention_d8_unaligned"] = (attn_mod._attention_kernel, args, meta, config.num_warps, config.num_stages)
+
+    # GroupNorm at SD's UNet shape in both layouts, and one channel per group (BLOCK_C = 1).
+    for C, G, name in ((320, 32, ""), (32, 32, "_c1")):
+        B, HW = 2, 64 * 64
+        block_c, block_hw, hw_per_split, split = gn_mod._plan(B, C, HW, G, torch.device("cpu"))
+        layouts = (("nchw", (C * HW, HW, 1)), ("nhwc", (C * HW, 1, C))) if not name else (("nchw", (C * HW, HW, 1)),)
+        for layout, strides in layouts:  # batch, channel, spatial strides
+            _group_norm_build_cases(cases, gn_mod, f"{layout}{name}", strides, B, C, HW, G, block_c, block_hw, hw_per_split, split)
 
     block_m, block_n = geglu_mod._plan(1280)
     args = dict(H="*fp16", Out="*fp16", stride_hm=2560, M=8192, N=1280)
     cases["geglu"] = (geglu_mod._geglu_kernel, args, dict(BLOCK_M=block_m, BLOCK_N=block_n), geglu_mod._NUM_WARPS, 3)
     return cases
+
+
+def _group_norm_build_cases(cases, gn_mod, suffix, strides, B, C, HW, G, block_c, block_hw, hw_per_split, split):
+    """The stats and apply kernels' build cases for one layout (strides: batch, channel, spatial)."""
+    common = dict(HW=HW, num_groups=G, HW_PER_SPLIT=hw_per_split, SPLIT=split, Partials="*fp32")
+    common.update({f"stride_x{n}": s for n, s in zip(("b", "c", "hw"), strides)})
+    meta = dict(CHANNELS_PER_GROUP=C // G, BLOCK_C=block_c, BLOCK_HW=block_hw)
+    stats = dict(X="*fp16", **common)
+    cases[f"group_norm_stats_{suffix}"] = (gn_mod._group_norm_stats_kernel, stats, meta, gn_mod._NUM_WARPS, 3)
+    apply = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **common)
+    apply.update({f"stride_y{n}": s for n, s in zip(("b", "c", "hw"), strides)})
+    meta = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(split), SILU=True)
+    cases[f"group_norm_apply_{suffix}"] = (gn_mod._group_norm_apply_kernel, apply, meta, gn_mod._NUM_WARPS, 3)
 
 
 def _build_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> int:
@@ -396,8 +415,8 @@ def sm90_builds() -> dict:
 
 @pytest.mark.parametrize(
     "name",
-    ["attention_d40", "attention_d80", "attention_d160"]
-    + [f"group_norm_{k}_{l}" for k in ("stats", "apply") for l in ("nchw", "nhwc")]
+    ["attention_d40", "attention_d80", "attention_d160", "attention_d8_unaligned"]
+    + [f"group_norm_{k}_{l}" for k in ("stats", "apply") for l in ("nchw", "nhwc", "nchw_c1")]
     + ["geglu"],
 )
 def test_builds_for_sm90_without_spills(sm90_builds, name):
