@@ -63,8 +63,18 @@ def ceilings(dtype) -> dict:
     return {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": 2 * src.numel() / copy_ms / 1e6}
 
 
+def _chosen_config(autotuner) -> str:
+    """The tile config the autotuner picked on its last call, e.g. '128x64 w8 s3'."""
+    c = autotuner.best_config
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+
+
 def run_attention(dtype) -> list[dict]:
+    import importlib
+
     from fastdiff.kernels import attention
+
+    autotuner = importlib.import_module("fastdiff.kernels.attention")._attention_kernel
 
     rows = []
     for B, H, Sq, Sk, D in ATTENTION_SHAPES:
@@ -76,6 +86,7 @@ def run_attention(dtype) -> list[dict]:
             kv = torch.randn(B, Sk, 2, H, D, device=DEVICE, dtype=dtype)
             k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, Sk, D]
         ours, ref = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
+        config = _chosen_config(autotuner)
         flops = 4 * B * H * Sq * Sk * D
         t_ours = bench(lambda: attention(q, k, v))
         t_ref = bench(lambda: F.scaled_dot_product_attention(q, k, v))
@@ -83,7 +94,7 @@ def run_attention(dtype) -> list[dict]:
             dict(
                 kernel="attention", shape=f"B{B} H{H} Sq{Sq} Sk{Sk} D{D}", triton_ms=t_ours, torch_ms=t_ref,
                 unit="TFLOP/s", triton_rate=flops / t_ours / 1e9, torch_rate=flops / t_ref / 1e9,
-                max_abs_diff=(ours.float() - ref.float()).abs().max().item(),
+                max_abs_diff=(ours.float() - ref.float()).abs().max().item(), config=config,
             )  # fmt: skip
         )
     return rows
@@ -165,7 +176,7 @@ def main(argv=None) -> int:
 
     header = (
         f"{'kernel':16} {'shape':30} {'triton ms':>10} {'torch ms':>10} {'speed-up':>8} "
-        f"{'triton':>9} {'torch':>9} {'ceiling':>9}  unit     max|diff|"
+        f"{'triton':>9} {'torch':>9} {'ceiling':>9}  unit     max|diff|  config"
     )
     print(header)
     print("-" * len(header))
@@ -175,7 +186,8 @@ def main(argv=None) -> int:
         r["ceiling"] = c
         print(
             f"{r['kernel']:16} {r['shape']:30} {r['triton_ms']:10.4f} {r['torch_ms']:10.4f} {r['speedup']:7.2f}x "
-            f"{r['triton_rate']:9.1f} {r['torch_rate']:9.1f} {c:9.1f}  {r['unit']:8} {r['max_abs_diff']:.2g}"
+            f"{r['triton_rate']:9.1f} {r['torch_rate']:9.1f} {c:9.1f}  {r['unit']:8} {r['max_abs_diff']:<9.2g}  "
+            f"{r.get('config', '')}"
         )
 
     if args.json:
