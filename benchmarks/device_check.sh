@@ -41,14 +41,14 @@ PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE --tb=short)
 python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 8)
 python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 150)
 # The sm_90 compile-only builds are for CPU CI; here the kernels run for real.
-step cuda_tests 180 "${PYTEST[@]}" -k "not sm90" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
-step kernels 90 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
+step cuda_tests 170 "${PYTEST[@]}" -k "not sm90" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
+step kernels 80 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
 # SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff with graph + Triton, without the graph, and
 # without both, and NHWC, so each part's share of the speed-up is measured in one interleaved run.
-step latency_sd15 150 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
+step latency_sd15 140 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
   --height 512 --width 512 --steps 25 --repeats 3 --backends torch,torch:nograph,torch:nograph:torchops,torch:channels_last \
   --json "$OUT/latency_sd15.json" --quiet
-step latency_tiny 80 python3 benchmarks/latency.py --device cuda --dtype float16 --backends torch --repeats 5 \
+step latency_tiny 60 python3 benchmarks/latency.py --device cuda --dtype float16 --backends torch --repeats 5 \
   --json "$OUT/latency_tiny.json" --quiet
 
 echo

@@ -56,18 +56,22 @@ def _configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the tile sizes that fit the padded head dim on an H100/H200-class GPU: the fp32
-    accumulator within 64 registers per thread, Q plus the pipelined K/V tiles within 200 KiB of
-    shared memory. fp32 inputs run on CUDA cores (for checking more than for speed) and spill
+    """Keep the tile sizes that fit the sequences and the padded head dim on an H100/H200-class
+    GPU: the fp32 accumulator within 64 registers per thread, Q plus the pipelined K/V tiles
+    within 200 KiB of shared memory. fp32 inputs run on CUDA cores (for checking more than for speed) and spill
     registers at anything but the smallest tiles."""
     d = kwargs["HEAD_DIM_P2"]
     itemsize = named_args["Q"].element_size()
+    # Tiles longer than the sequence (down to 64 rows) only add masked work and compile time.
+    max_m = max(64, triton.next_power_of_2(named_args["SEQ_Q"]))
+    max_n = max(32, triton.next_power_of_2(named_args["SEQ_K"]))
 
     def fits(c):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
         registers = bm * d // (32 * c.num_warps)
         smem = itemsize * (bm * d + 2 * c.num_stages * bn * d)
-        return registers <= 64 and smem <= 200 * 1024 and (itemsize < 4 or bm * bn <= 64 * 32)
+        short = bm <= max_m and bn <= max_n
+        return short and registers <= 64 and smem <= 200 * 1024 and (itemsize < 4 or bm * bn <= 64 * 32)
 
     return [c for c in configs if fits(c)] or configs[-1:]  # the last config is the smallest
 

@@ -144,6 +144,25 @@ def test_attention_head_dim_512_falls_back():
     _check(out, _attention_ref(q, k, v))
 
 
+def test_attention_configs_pruned_to_sequence_and_registers():
+    """The GPU autotune list (built here without a GPU) keeps only tiles that fit: none longer than
+    the sequence (down to 64 x 32), none whose fp32 accumulator exceeds 64 registers per thread."""
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 8, 2)]
+    ]
+
+    def kept(sq, sk, d, dtype=torch.float16):
+        args = {"Q": torch.empty(0, dtype=dtype), "SEQ_Q": sq, "SEQ_K": sk}
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in attn_mod._prune_configs(configs, args, HEAD_DIM_P2=d)]
+
+    assert kept(4096, 4096, 64) == [(128, 64), (128, 128), (64, 64), (64, 32)]
+    assert kept(64, 77, 64) == [(64, 64), (64, 32)]  # 64 query rows: no 128-row tiles
+    assert kept(4096, 20, 64) == [(64, 32)]  # 20 keys: 32-key tiles only
+    assert kept(4096, 4096, 256) == [(64, 32)]  # D = 160 padded to 256: only 64 rows over 8 warps fit
+    assert kept(10, 10, 16) == [(64, 32)]
+
+
 def test_attention_bf16_cpu():
     _need("cpu")
     pytest.skip(
@@ -310,7 +329,7 @@ def _sm90_cases() -> dict:
     makes ints equal to 1 constants and hints multiples of 16 as such)."""
     gn_mod = importlib.import_module("fastdiff.kernels.group_norm")
     cases = {}
-    fp16 = {"Q": torch.empty(0, dtype=torch.float16)}
+    fp16 = {"Q": torch.empty(0, dtype=torch.float16), "SEQ_Q": 4096, "SEQ_K": 4096}
     for D in (40, 80, 160):  # self-attention over a packed [2, 4096, 3, 8, D] projection, key tail masked
         B, S, H = 2, 4096, 8
         p2 = attn_mod._head_dim_p2(D)
