@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -316,140 +315,52 @@ def test_geglu_cuda(shape, dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# sm_90 builds: the CUDA path compiled (not run) on any machine, with the specialisation the JIT
-# gives SD's shapes, so CPU-only CI still catches code the interpreter accepts but the compiler
-# rejects, and tile configs that spill registers. Triton picks interpreted vs compiled per
-# process (its own library functions included), so the builds run in a child process.
+# sm_90 builds (benchmarks/sm90_build.py): the CUDA path compiled, not run, on any machine, with the
+# specialisation the JIT gives SD's shapes, so CPU-only CI still catches code the interpreter
+# accepts but the compiler rejects, tile configs that spill registers, and a kernel that falls off
+# Hopper's fast paths. Triton picks interpreted vs compiled per process, so it runs as a child.
 
-
-def _sm90_cases() -> dict:
-    """name -> (kernel, args, constexprs, num_warps, num_stages) at SD1.5 shapes, fp16.
-
-    args: name -> pointer type ("*fp16", assumed 16-byte aligned), float, or int value (the JIT
-    makes ints equal to 1 constants and hints multiples of 16 as such)."""
-    gn_mod = importlib.import_module("fastdiff.kernels.group_norm")
-    cases = {}
-    fp16 = {"Q": torch.empty(0, dtype=torch.float16), "SEQ_Q": 4096, "SEQ_K": 4096}
-    for D in (40, 80, 160):  # self-attention over a packed [2, 4096, 3, 8, D] projection, key tail masked
-        B, S, H = 2, 4096, 8
-        p2 = attn_mod._head_dim_p2(D)
-        config = attn_mod._prune_configs(attn_mod._configs(), fp16, HEAD_DIM_P2=p2)[0]  # the largest tile kept
-        qkv = (S * 3 * H * D, D, 3 * H * D, 1)  # batch, head, token, dim strides of q, k and v
-        o = (S * H * D, D, H * D, 1)
-        args = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", num_heads=H, SEQ_Q=S, SEQ_K=S + 3, qk_scale=0.1)
-        for t, strides in (("q", qkv), ("k", qkv), ("v", qkv), ("o", o)):
-            args.update({f"stride_{t}{n}": s for n, s in zip("bhmd" if t in "qo" else "bhnd", strides)})
-        meta = dict(HEAD_DIM=D, HEAD_DIM_P2=p2, DOT_PRECISION="tf32", STRIDE_ALIGN=8, EVEN_N=False, **config.kwargs)
-        cases[f"attention_d{D}"] = (attn_mod._attention_kernel, args, meta, config.num_warps, config.num_stages)
-
-    # The embedded model's smallest head (D = 8, padded to 16) with strides that are not multiples
-    # of 8 (STRIDE_ALIGN = 1): the generic path the alignment hint skips.
-    B, S, H, D = 2, 64, 4, 8
-    config = attn_mod._configs()[-1]
-    args = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", num_heads=H, SEQ_Q=S, SEQ_K=77, qk_scale=0.1)
-    for t in "qkvo":
-        strides = (S * (H * D + 1), D, H * D + 1, 1)  # rows padded by one element
-        args.update({f"stride_{t}{n}": s for n, s in zip("bhmd" if t in "qo" else "bhnd", strides)})
-    meta = dict(HEAD_DIM=D, HEAD_DIM_P2=16, DOT_PRECISION="tf32", STRIDE_ALIGN=1, EVEN_N=False, **config.kwargs)
-    cases["attention_d8_unaligned"] = (attn_mod._attention_kernel, args, meta, config.num_warps, config.num_stages)
-
-    # GroupNorm at SD's UNet shape in both layouts, and one channel per group (BLOCK_C = 1).
-    for C, G, name in ((320, 32, ""), (32, 32, "_c1")):
-        B, HW = 2, 64 * 64
-        block_c, block_hw, hw_per_split, split = gn_mod._plan(B, C, HW, G, torch.device("cpu"))
-        layouts = (("nchw", (C * HW, HW, 1)), ("nhwc", (C * HW, 1, C))) if not name else (("nchw", (C * HW, HW, 1)),)
-        for layout, strides in layouts:  # batch, channel, spatial strides
-            _group_norm_build_cases(cases, gn_mod, f"{layout}{name}", strides, B, C, HW, G, block_c, block_hw, hw_per_split, split)
-
-    block_m, block_n = geglu_mod._plan(1280)
-    args = dict(H="*fp16", Out="*fp16", stride_hm=2560, M=8192, N=1280)
-    cases["geglu"] = (geglu_mod._geglu_kernel, args, dict(BLOCK_M=block_m, BLOCK_N=block_n), geglu_mod._NUM_WARPS, 3)
-    return cases
-
-
-def _group_norm_build_cases(cases, gn_mod, suffix, strides, B, C, HW, G, block_c, block_hw, hw_per_split, split):
-    """The stats and apply kernels' build cases for one layout (strides: batch, channel, spatial)."""
-    common = dict(HW=HW, num_groups=G, HW_PER_SPLIT=hw_per_split, SPLIT=split, Partials="*fp32")
-    common.update({f"stride_x{n}": s for n, s in zip(("b", "c", "hw"), strides)})
-    meta = dict(CHANNELS_PER_GROUP=C // G, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    stats = dict(X="*fp16", **common)
-    cases[f"group_norm_stats_{suffix}"] = (gn_mod._group_norm_stats_kernel, stats, meta, gn_mod._NUM_WARPS, 3)
-    apply = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **common)
-    apply.update({f"stride_y{n}": s for n, s in zip(("b", "c", "hw"), strides)})
-    meta = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(split), SILU=True)
-    cases[f"group_norm_apply_{suffix}"] = (gn_mod._group_norm_apply_kernel, apply, meta, gn_mod._NUM_WARPS, 3)
-
-
-def _build_sm90(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> int:
-    """Compile for sm_90; return the stack bytes per thread (register spills) ptxas reports."""
-    import re
-    import subprocess
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
-
-    while not isinstance(kernel, JITFunction):
-        kernel = kernel.fn  # through Autotuner and Heuristics
-    signature, constants, attrs = {}, dict(constexprs), {}
-    for i, name in enumerate(kernel.arg_names):
-        value = args.get(name)
-        if name in constexprs or value == 1:
-            constants.setdefault(name, value)
-            signature[name] = "constexpr"
-        elif isinstance(value, str):
-            signature[name] = value
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    options = dict(num_warps=num_warps, num_stages=num_stages)
-    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), GPUTarget("cuda", 90, 32), options)
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        cuobjdump = triton.knobs.nvidia.cuobjdump.path
-        usage = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True, check=True)
-    return int(re.search(r"STACK:(\d+)", usage.stdout).group(1))
+SM90_KERNELS = (
+    ["attention_d40", "attention_d80", "attention_d160", "attention_d8_unaligned"]
+    + [f"group_norm_{k}_{l}" for k in ("stats", "apply") for l in ("nchw", "nhwc", "nchw_c1")]
+    + ["geglu"]
+)
 
 
 @pytest.fixture(scope="module")
 def sm90_builds() -> dict:
     import json
     import subprocess
-    import sys
 
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sm90_build.py"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    child = subprocess.run(
-        [sys.executable, __file__, "--build-sm90"], env=env, capture_output=True, text=True, timeout=600
-    )
+    child = subprocess.run([sys.executable, str(script), "--json"], env=env, capture_output=True, text=True, timeout=600)
     if child.returncode == 3:
         pytest.skip(child.stdout.strip().splitlines()[-1])
     assert child.returncode == 0, child.stderr[-4000:]
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize(
-    "name",
-    ["attention_d40", "attention_d80", "attention_d160", "attention_d8_unaligned"]
-    + [f"group_norm_{k}_{l}" for k in ("stats", "apply") for l in ("nchw", "nhwc", "nchw_c1")]
-    + ["geglu"],
-)
+@pytest.mark.parametrize("name", SM90_KERNELS)
 def test_builds_for_sm90_without_spills(sm90_builds, name):
-    assert sm90_builds[name] == 0, f"{name}: {sm90_builds[name]} bytes of register spills per thread"
+    assert set(sm90_builds) == set(SM90_KERNELS)
+    assert sm90_builds[name]["stack"] == 0, f"{name}: {sm90_builds[name]['stack']} bytes of register spills per thread"
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--build-sm90"]:
-    import json
+@pytest.mark.parametrize("name", ["attention_d40", "attention_d80", "attention_d160"])
+def test_sm90_attention_uses_warpgroup_mma(sm90_builds, name):
+    """Both matmuls on Hopper's wgmma (HGMMA in SASS); the older HMMA path would cap the kernel
+    below what SDPA's own kernels reach."""
+    sass = sm90_builds[name]["sass"]
+    assert sass.get("HGMMA", 0) > 0 and sass.get("HMMA", 0) == 0, sass
 
-    try:
-        missing = not (Path(triton.knobs.nvidia.ptxas.path).exists() and Path(triton.knobs.nvidia.cuobjdump.path).exists())
-    except Exception:  # noqa: BLE001 - a triton build without the NVIDIA backend
-        missing = True
-    if missing:
-        print("this triton has no ptxas / cuobjdump to build sm_90 code with")
-        sys.exit(3)
-    print(json.dumps({name: _build_sm90(*case) for name, case in _sm90_cases().items()}))
+
+@pytest.mark.parametrize("name", ["geglu", "group_norm_stats_nchw", "group_norm_apply_nchw"])
+def test_sm90_memory_bound_kernels_move_16_byte_vectors(sm90_builds, name):
+    """The bulk of the bytes move as 16-byte loads (and, for geglu, stores): the memory-bound
+    kernels cannot approach copy bandwidth otherwise. (NHWC GroupNorm with 10 channels per group
+    cannot: a group's channels are 20 bytes, 4-byte aligned.)"""
+    sass = sm90_builds[name]["sass"]
+    assert sass.get("LDG.E.128", 0) > 0, sass
+    if name != "group_norm_stats_nchw":  # it stores three fp32 statistics per program
+        assert sass.get("STG.E.128", 0) > 0, sass

@@ -1,0 +1,166 @@
+"""The Triton kernels compiled (not run) for sm_90 at SD1.5's shapes, on any machine: resources and
+the instructions that decide speed, read from the cubin with the cuobjdump Triton ships.
+
+    python benchmarks/sm90_build.py            # table: registers, spills, wgmma, load/store widths
+    python benchmarks/sm90_build.py --json     # the same as one JSON line (tests/test_kernels.py)
+
+Each case is built with the specialisation the JIT gives the real call (ints equal to 1 become
+constants, multiples of 16 are hinted as such, pointers 16-byte aligned) and the tile config the
+autotuner would try first. What it shows without a GPU: register spills (stack bytes), whether
+the matmuls are Hopper's warpgroup MMA (HGMMA) rather than the older HMMA, and whether global
+loads and stores are 16-byte vectors (LDG.E.128). Triton decides interpreted vs compiled per
+process, so this must run without TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def cases() -> dict:
+    """name -> (kernel, args, constexprs, num_warps, num_stages) at SD1.5 shapes, fp16.
+
+    args: name -> pointer type ("*fp16", assumed 16-byte aligned), float, or int value."""
+    import torch
+    import triton
+
+    attn = importlib.import_module("fastdiff.kernels.attention")
+    gn = importlib.import_module("fastdiff.kernels.group_norm")
+    geglu = importlib.import_module("fastdiff.kernels.geglu")
+    out = {}
+
+    def attention_case(name, B, H, S, Sk, D, strides_qkv, strides_o, align, config):
+        args = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", num_heads=H, SEQ_Q=S, SEQ_K=Sk, qk_scale=0.1)
+        for t, strides in (("q", strides_qkv), ("k", strides_qkv), ("v", strides_qkv), ("o", strides_o)):
+            args.update({f"stride_{t}{n}": s for n, s in zip("bhmd" if t in "qo" else "bhnd", strides)})
+        p2 = attn._head_dim_p2(D)
+        meta = dict(HEAD_DIM=D, HEAD_DIM_P2=p2, DOT_PRECISION="tf32", STRIDE_ALIGN=align, EVEN_N=False, **config.kwargs)
+        out[name] = (attn._attention_kernel, args, meta, config.num_warps, config.num_stages)
+
+    for D in (40, 80, 160):  # self-attention over a packed [2, 4096, 3, 8, D] projection, key tail masked
+        B, S, H = 2, 4096, 8
+        named = {"Q": torch.empty(0, dtype=torch.float16), "SEQ_Q": S, "SEQ_K": S}
+        config = attn._prune_configs(attn._configs(), named, HEAD_DIM_P2=attn._head_dim_p2(D))[0]  # largest kept
+        qkv = (S * 3 * H * D, D, 3 * H * D, 1)  # batch, head, token, dim strides of q, k and v
+        attention_case(f"attention_d{D}", B, H, S, S + 3, D, qkv, (S * H * D, D, H * D, 1), 8, config)
+    # The embedded model's smallest head (D = 8, padded to 16) with rows padded by one element, so
+    # no stride is a multiple of 8 (STRIDE_ALIGN = 1): the generic path the alignment hint skips.
+    B, S, H, D = 2, 64, 4, 8
+    odd = (S * (H * D + 1), D, H * D + 1, 1)
+    attention_case("attention_d8_unaligned", B, H, S, 77, D, odd, odd, 1, attn._configs()[-1])
+
+    # GroupNorm at SD's first UNet level in both layouts, and one channel per group (BLOCK_C = 1).
+    for C, G, suffix, layouts in ((320, 32, "", ("nchw", "nhwc")), (32, 32, "_c1", ("nchw",))):
+        B, HW = 2, 64 * 64
+        block_c, block_hw, hw_per_split, split = gn._plan(B, C, HW, G, torch.device("cpu"))
+        for layout in layouts:
+            strides = (C * HW, HW, 1) if layout == "nchw" else (C * HW, 1, C)  # batch, channel, spatial
+            common = dict(HW=HW, num_groups=G, HW_PER_SPLIT=hw_per_split, SPLIT=split, Partials="*fp32")
+            common.update({f"stride_x{n}": s for n, s in zip(("b", "c", "hw"), strides)})
+            meta = dict(CHANNELS_PER_GROUP=C // G, BLOCK_C=block_c, BLOCK_HW=block_hw)
+            out[f"group_norm_stats_{layout}{suffix}"] = (
+                gn._group_norm_stats_kernel, dict(X="*fp16", **common), meta, gn._NUM_WARPS, 3,
+            )  # fmt: skip
+            apply = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **common)
+            apply.update({f"stride_y{n}": s for n, s in zip(("b", "c", "hw"), strides)})
+            meta = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(split), SILU=True)
+            out[f"group_norm_apply_{layout}{suffix}"] = (gn._group_norm_apply_kernel, apply, meta, gn._NUM_WARPS, 3)
+
+    block_m, block_n = geglu._plan(1280)
+    args = dict(H="*fp16", Out="*fp16", stride_hm=2560, M=8192, N=1280)
+    out["geglu"] = (geglu._geglu_kernel, args, dict(BLOCK_M=block_m, BLOCK_N=block_n), geglu._NUM_WARPS, 3)
+    return out
+
+
+def build(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> bytes:
+    """The sm_90 cubin of one case."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn  # through Autotuner and Heuristics
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(kernel.arg_names):
+        value = args.get(name)
+        if name in constexprs or value == 1:
+            constants.setdefault(name, value)
+            signature[name] = "constexpr"
+        elif isinstance(value, str):
+            signature[name] = value
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    return triton.compile(ASTSource(kernel, signature, constants, attrs), GPUTarget("cuda", 90, 32), options).asm["cubin"]
+
+
+def inspect(cubin: bytes) -> dict:
+    """Registers, stack (spill) and static shared bytes per thread/block, and SASS instruction
+    counts: HGMMA (warpgroup MMA), HMMA, and global loads/stores by width (LDG.E.128 = 16 bytes)."""
+    import triton
+
+    cuobjdump = triton.knobs.nvidia.cuobjdump.path
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        usage = subprocess.run([cuobjdump, "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    res = {k.lower(): int(re.search(rf"{k}:(\d+)", usage).group(1)) for k in ("REG", "STACK", "SHARED")}
+    counts: dict = {}
+    for op in re.findall(r"\b(HGMMA|HMMA|(?:LDG|STG)(?:\.[A-Z0-9]+)*)\b", sass):
+        counts[op] = counts.get(op, 0) + 1
+    res["sass"] = counts
+    return res
+
+
+def available() -> str | None:
+    """None when this triton can build sm_90 code here, else why not."""
+    try:
+        import triton
+
+        tools = (triton.knobs.nvidia.ptxas.path, triton.knobs.nvidia.cuobjdump.path)
+        if all(Path(p).exists() for p in tools):
+            return None
+    except Exception:  # noqa: BLE001 - no triton, or a build without the NVIDIA backend
+        pass
+    return "this triton has no ptxas / cuobjdump to build sm_90 code with"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="one JSON line: name -> inspect() result")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter cannot build cubins", file=sys.stderr)
+        return 2
+    why = available()
+    if why:
+        print(why)
+        return 3
+    report = {name: inspect(build(*case)) for name, case in cases().items()}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{'kernel':26} {'regs':>5} {'spill B':>7} {'smem B':>7}  SASS")
+    for name, r in report.items():
+        sass = " ".join(f"{k}:{v}" for k, v in sorted(r["sass"].items()))
+        print(f"{name:26} {r['reg']:5} {r['stack']:7} {r['shared']:7}  {sass}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
