@@ -56,7 +56,7 @@ echo "---- summary (logs in $OUT) ----"
 cat "$OUT/gpu.txt"
 for f in cuda_tests; do [[ -f "$OUT/$f.log" ]] && grep -E "^(FAILED|ERROR)" "$OUT/$f.log" | cut -c1-160 | head -20; done
 for f in cuda_tests; do [[ -f "$OUT/$f.log" ]] && grep -E "passed|failed|error" "$OUT/$f.log" | tail -1; done
-[[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(kernel|attention|group_norm|geglu)" "$OUT/kernels.log" | cut -c1-160
+[[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(SDPA|kernel|attention|group_norm|geglu)" "$OUT/kernels.log" | cut -c1-160
 for f in latency_sd15 latency_tiny; do
   [[ -f "$OUT/$f.log" ]] && grep -E "^(model|[0-9]+x[0-9]+|stage|text encoder|UNet per step|denoising|VAE|end-to-end|parity)" "$OUT/$f.log" | cut -c1-260
 done
