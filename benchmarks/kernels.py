@@ -73,10 +73,13 @@ def _gpu_kernel_names(fn) -> str:
     """The GPU kernels one call of `fn` launches (which SDPA backend torch picked, say)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    except Exception as e:  # noqa: BLE001 - a diagnostic line must not stop the benchmark
+        return f"? (profiler: {type(e).__name__}: {e})"
     return ", ".join(sorted(n[:60] for n in names)) or "?"
 
 
