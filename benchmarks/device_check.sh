@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_check}
-STEPS=${STEPS:-"cuda_tests kernels latency_sd15 latency_tiny"}
+STEPS=${STEPS:-"kernels latency_sd15 cuda_tests"}  # latency_tiny: on request
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -25,37 +25,50 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm 
 python3 -c "import torch, triton, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
 
 declare -a NAMES CODES SECS
+stamp() {  # prefix each line with the seconds since the step began
+  local t0=$SECONDS line
+  while IFS= read -r line; do echo "[$((SECONDS - t0))s] $line"; done
+}
 step() {  # step NAME TIMEOUT_S CMD...: run if NAME is in $STEPS, log to $OUT/NAME.log, keep exit code and seconds
   local name=$1 limit=$2; shift 2
   [[ " $STEPS " == *" $name "* ]] || return 0
   local t0=$SECONDS
   echo "=== $name: $*"
-  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  if [[ $name == *_tests ]]; then
+    timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -E "PytestBenchmarkWarning|warner\(" | stamp | tee "$OUT/$name.log"
+  else
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  fi
   local rc=${PIPESTATUS[0]}
   NAMES+=("$name"); CODES+=("$rc"); SECS+=($((SECONDS - t0)))
 }
 
-# Tests in parallel workers where pytest-xdist is installed: Triton's compiles (one per autotune
-# config and specialisation) are CPU-bound and dominate the wall time.
-PYTEST=(python3 -m pytest -q -p no:cacheprovider -rfE --tb=short)
-python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 8)
-python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 150)
-# The sm_90 compile-only builds are for CPU CI; here the kernels run for real.
-step cuda_tests 170 "${PYTEST[@]}" -k "not sm90" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
-step kernels 80 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
-# SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff with graph + Triton, without the graph, and
-# without both, and NHWC, so each part's share of the speed-up is measured in one interleaved run.
-step latency_sd15 140 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
-  --height 512 --width 512 --steps 25 --repeats 3 --backends torch,torch:nograph,torch:nograph:torchops,torch:channels_last \
+# Kernel and pipeline timings first (a minute or two), then the tests, which may use what is left.
+step kernels 90 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
+# SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff's default (graphs + Triton + NHWC on CUDA),
+# and with one part changed each, so every part's share is measured in one interleaved run.
+step latency_sd15 120 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
+  --height 512 --width 512 --steps 25 --repeats 3 --backends torch,torch:torchops,torch:nchw,torch:nograph \
   --json "$OUT/latency_sd15.json" --quiet
 step latency_tiny 60 python3 benchmarks/latency.py --device cuda --dtype float16 --backends torch --repeats 5 \
   --json "$OUT/latency_tiny.json" --quiet
 
+# Tests in parallel workers where pytest-xdist is installed (Triton's compiles, one per autotune
+# config and specialisation, are CPU-bound), each result printed as it lands with the seconds
+# since the start, and each failure's traceback appended to failures.txt at once, so a run cut
+# at its limit still says what failed and why. The sm_90 compile-only builds are for CPU CI.
+PYTEST=(python3 -m pytest -v -p no:cacheprovider -rfE --tb=short --durations=15)
+python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 12)
+python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
+export FASTDIFF_FAILURE_LOG="$OUT/failures.txt"
+step cuda_tests 230 "${PYTEST[@]}" -k "not sm90" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
+
 echo
 echo "---- summary (logs in $OUT) ----"
 cat "$OUT/gpu.txt"
-for f in cuda_tests; do [[ -f "$OUT/$f.log" ]] && grep -E "^(FAILED|ERROR)" "$OUT/$f.log" | cut -c1-160 | head -20; done
-for f in cuda_tests; do [[ -f "$OUT/$f.log" ]] && grep -E "passed|failed|error" "$OUT/$f.log" | tail -1; done
+[[ -f "$OUT/cuda_tests.log" ]] && grep -E "(FAILED|ERROR) " "$OUT/cuda_tests.log" | cut -c1-170 | head -20
+[[ -f "$OUT/cuda_tests.log" ]] && grep -E "[0-9]+ (passed|failed)" "$OUT/cuda_tests.log" | tail -1
+[[ -f "$OUT/failures.txt" ]] && grep -E "^(====|E )" "$OUT/failures.txt" | cut -c1-170 | head -30
 [[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(SDPA|kernel|attention|group_norm|geglu)" "$OUT/kernels.log" | cut -c1-160
 for f in latency_sd15 latency_tiny; do
   [[ -f "$OUT/$f.log" ]] && grep -E "^(model|[0-9]+x[0-9]+|stage|text encoder|UNet per step|denoising|VAE|end-to-end|parity)" "$OUT/$f.log" | cut -c1-260

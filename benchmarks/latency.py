@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", default=None,
                    help="comma list of fastdiff backends; default: every backend available here. "
                         "Suffixes change one setting: torch:nograph (no CUDA graph), "
-                        "torch:nograph:torchops (and torch reference ops instead of Triton), torch:channels_last")
+                        "torch:nograph:torchops (and torch reference ops instead of Triton), torch:nchw / torch:channels_last")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -223,8 +223,13 @@ class DiffusersRunner:
 
 # Runner-name suffixes that change one Pipeline setting, to attribute a speed-up to its parts:
 # "torch:nograph" (no CUDA graph), "torch:nograph:torchops" (no graph, torch reference ops),
-# "torch:channels_last" (NHWC UNet and VAE).
-VARIANTS = {"nograph": {"cuda_graph": False}, "torchops": {"kernels": "torch"}, "channels_last": {"channels_last": True}}
+# "torch:channels_last" / "torch:nchw" (NHWC / NCHW UNet and VAE; the default is NHWC on CUDA).
+VARIANTS = {
+    "nograph": {"cuda_graph": False},
+    "torchops": {"kernels": "torch"},
+    "channels_last": {"channels_last": True},
+    "nchw": {"channels_last": False},
+}
 
 
 def split_variant(name: str) -> tuple[str, dict]:

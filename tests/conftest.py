@@ -134,3 +134,15 @@ def cache_root(exported, monkeypatch):
     """The shared export's cache root, set for this test."""
     monkeypatch.setenv("FASTDIFF_CACHE", str(exported[2]))
     return exported[2]
+
+
+# benchmarks/device_check.sh sets FASTDIFF_FAILURE_LOG: each failure's report is appended there
+# the moment it arrives (with pytest-xdist, in the controller), so a run killed at its time limit
+# still leaves the tracebacks of what failed before.
+_FAILURE_LOG = os.environ.get("FASTDIFF_FAILURE_LOG")
+
+
+def pytest_runtest_logreport(report):
+    if _FAILURE_LOG and report.failed:
+        with open(_FAILURE_LOG, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n")

@@ -124,6 +124,7 @@ def test_graph_body_equals_eager_loop_cpu(folder, scheduler, monkeypatch):
         got = graphed.generate(["a red circle", "b"], **kw)
         assert np.abs(got - want).max() <= 1e-5, scheduler
     assert len(graphed._graphs) == 1
+    assert sorted(k[0] for k in graphed._calls) == ["text_encoder", "vae_decode"]  # through GraphedCall too
 
 
 def test_graph_body_never_stale_cpu(folder, monkeypatch):
@@ -160,6 +161,7 @@ def test_cuda_graph_equals_eager_fp16(folder):
         b = eager.generate(["a", "b"], steps=6, height=32, width=48, seed=1, scheduler=sched, output_type="np")
         assert np.abs(a - b).max() <= 1e-3, sched
     assert len(graphed._graphs) == 3
+    assert len(graphed._calls) == 2  # text encoder and VAE decode, one input shape each
 
 
 @cuda
@@ -249,9 +251,12 @@ def test_channels_last_refused_for_other_backends(folder):
 
 @cuda
 def test_cuda_channels_last_graph_matches_nchw_eager(folder):
-    """NHWC UNet/VAE through the Triton kernels inside the captured step vs NCHW eager, fp16."""
+    """NHWC UNet/VAE (the CUDA default) through the Triton kernels inside the captured step and
+    the captured text encoder / VAE decode vs NCHW eager, fp16."""
     nhwc = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16, channels_last=True)
-    nchw = Pipeline.from_pretrained(folder, backend="torch", device="cuda", dtype=torch.float16, cuda_graph=False)
+    nchw = Pipeline.from_pretrained(
+        folder, backend="torch", device="cuda", dtype=torch.float16, cuda_graph=False, channels_last=False
+    )
     kw = dict(steps=5, height=32, width=48, seed=3, output_type="np")
     a, b = nhwc.generate(["a", "b"], **kw), nchw.generate(["a", "b"], **kw)
     assert np.abs(a - b).max() <= 1e-2  # fp16: convolutions sum in another order

@@ -26,7 +26,7 @@ def make_backend(
     device: torch.device,
     dtype: torch.dtype,
     kernels: str | None = None,
-    channels_last: bool = False,
+    channels_last: bool | None = None,
 ):
     """Build the backend `name` for the diffusers-format model folder `root`.
 
@@ -38,6 +38,8 @@ def make_backend(
     """
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: allowed values are {', '.join(BACKENDS)}")
+    if channels_last is None:  # NHWC convolutions measured faster on CUDA; not on CPU
+        channels_last = torch.device(device).type == "cuda" and name in ("auto", "torch")
     if channels_last and name not in ("auto", "torch"):
         raise ValueError(f"channels_last=True is a torch-backend setting; backend={name!r} picks its own layouts")
     device = torch.device(device)
@@ -46,6 +48,7 @@ def make_backend(
         log.info("fastdiff: backend auto -> %s", name)
         if channels_last and name != "torch":
             log.info("fastdiff: channels_last applies to the torch backend only; %s picks its own layouts", name)
+            channels_last = False
     if name == "torch":
         from fastdiff.backends.torch_backend import TorchBackend
 
