@@ -143,6 +143,7 @@ _FAILURE_LOG = os.environ.get("FASTDIFF_FAILURE_LOG")
 
 
 def pytest_runtest_logreport(report):
-    if _FAILURE_LOG and report.failed:
+    # With pytest-xdist both the worker and the controller see each report: write from one.
+    if _FAILURE_LOG and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
         with open(_FAILURE_LOG, "a") as f:
             f.write(f"==== {report.nodeid} ({report.when}, {report.duration:.1f} s)\n{report.longreprtext}\n")
