@@ -62,16 +62,11 @@ def bench_graph(fn, calls: int, reps: int = 20) -> float:
     after an eager warm-up (autotuning, compilation), then replayed `reps` times between events."""
     import statistics
 
+    from fastdiff.graphs import capture
+
     fn()
     torch.cuda.synchronize()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph, _ = capture(fn, torch.device(DEVICE))
     for _ in range(3):
         graph.replay()
     times = []
@@ -160,7 +155,7 @@ def run_attention(dtype) -> list[dict]:
 
     rows = []
     for B, H, Sq, Sk, D in ATTENTION_SHAPES:
-        nbytes = 2 * B * H * (Sq + Sk) * D * torch.finfo(dtype).bits // 8  # q + out, k + v
+        nbytes = 2 * B * H * (Sq + Sk) * D * dtype.itemsize  # q + out, k + v
         sets = [make(B, H, Sq, Sk, D) for _ in range(n_sets(nbytes))]
         q, k, v = sets[0]
         ours, ref = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
@@ -192,7 +187,7 @@ def run_group_norm(dtype) -> list[dict]:
     for shape in GROUP_NORM_SHAPES:
         for layout in ("nchw", "nhwc"):
             fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
-            nbytes = 2 * torch.Size(shape).numel() * torch.finfo(dtype).bits // 8  # read x, write y
+            nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize  # read x, write y
             sets = [
                 (
                     torch.randn(shape, device=DEVICE, dtype=dtype).contiguous(memory_format=fmt),
@@ -221,7 +216,7 @@ def run_geglu(dtype) -> list[dict]:
 
     rows = []
     for shape in GEGLU_SHAPES:
-        nbytes = torch.Size(shape).numel() * torch.finfo(dtype).bits // 8 * 3 // 2  # read h, write half of it
+        nbytes = torch.Size(shape).numel() * dtype.itemsize * 3 // 2  # read h, write half of it
         sets = [(torch.randn(shape, device=DEVICE, dtype=dtype),) for _ in range(n_sets(nbytes))]
         t = timed_pair(geglu, ref, sets)
         h = sets[0][0]

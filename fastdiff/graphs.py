@@ -15,6 +15,24 @@ from dataclasses import dataclass
 import torch
 
 
+def capture(body, device: torch.device, before=lambda: None):
+    """Run `body` twice on a side stream (autotuning, library handles, allocator warm-up), then
+    record it in a CUDA graph; `before` runs ahead of each warm-up and of the capture, outside
+    the graph. Returns (graph, what `body` returned while being captured)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            before()
+            body()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    before()
+    with torch.cuda.graph(graph):
+        out = body()
+    return graph, out
+
+
 @dataclass(frozen=True)
 class GraphKey:
     """Everything the captured graph depends on; any change means a new capture."""
@@ -50,20 +68,8 @@ class GraphedStep:
         self._state0 = {k: v.clone() for k, v in self.state.items()}
 
         self.graph = None
-        if device.type != "cuda":  # no capture: the same body runs eagerly (how CPU tests check it)
-            return
-        # Warm up on a side stream (autotuning, allocator, library handles), then capture.
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._reset()
-                self._step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        self._reset()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        if device.type == "cuda":  # elsewhere the same body runs eagerly (how CPU tests check it)
+            self.graph, _ = capture(self._step, device, before=self._reset)
 
     def _reset(self) -> None:
         self.index.zero_()
@@ -108,21 +114,10 @@ class GraphedCall:
     def __init__(self, fn, example: torch.Tensor):
         self.fn = fn
         self.lock = threading.Lock()
-        self.input = torch.empty_like(example, memory_format=torch.contiguous_format)
-        self.input.copy_(example)
+        self.input = example.clone(memory_format=torch.contiguous_format)
         self.graph = None
-        if example.device.type != "cuda":
-            return
-        device = example.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm-up: autotuning, library handles, allocator
-            for _ in range(2):
-                fn(self.input)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.output = fn(self.input)
+        if example.device.type == "cuda":
+            self.graph, self.output = capture(lambda: fn(self.input), example.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.input.copy_(x)

@@ -150,14 +150,25 @@ class Pipeline:
             return None
         from fastdiff.graphs import GraphedStep, GraphKey
 
-        kernels = getattr(self.backend, "kernels", None) or ops.get_kernels()
-        key = GraphKey(tuple(latents.shape), tuple(context.shape), name, karras, steps, cfg, self.dtype, kernels)
+        key = GraphKey(
+            tuple(latents.shape), tuple(context.shape), name, karras, steps, cfg, self.dtype, self._kernel_mode()
+        )
+        return self._captured(
+            self._graphs, key, _MAX_GRAPHS, lambda: GraphedStep(key, sched, self.backend.unet, self.device)
+        )
+
+    def _kernel_mode(self) -> str:
+        """The ops mode the backend's calls run under now: part of every capture's key."""
+        return getattr(self.backend, "kernels", None) or ops.get_kernels()
+
+    def _captured(self, cache: dict, key, limit: int, make):
+        """cache[key], made by `make()` on first use; the oldest capture is dropped past `limit`."""
         with self._graphs_lock:
-            graphed = self._graphs.get(key)
+            graphed = cache.get(key)
             if graphed is None:
-                if len(self._graphs) >= _MAX_GRAPHS:  # bound memory: drop the oldest capture
-                    self._graphs.pop(next(iter(self._graphs)))
-                graphed = self._graphs[key] = GraphedStep(key, sched, self.backend.unet, self.device)
+                if len(cache) >= limit:  # bound memory: drop the oldest capture
+                    cache.pop(next(iter(cache)))
+                graphed = cache[key] = make()
         return graphed
 
     def _call(self, network: str, fn, x: torch.Tensor) -> torch.Tensor:
@@ -167,14 +178,8 @@ class Pipeline:
         from fastdiff.graphs import GraphedCall
 
         x = x.to(self.device)
-        kernels = getattr(self.backend, "kernels", None) or ops.get_kernels()
-        key = (network, tuple(x.shape), x.dtype, kernels)
-        with self._graphs_lock:
-            graphed = self._calls.get(key)
-            if graphed is None:
-                if len(self._calls) >= 2 * _MAX_GRAPHS:  # bound memory: drop the oldest capture
-                    self._calls.pop(next(iter(self._calls)))
-                graphed = self._calls[key] = GraphedCall(fn, x)
+        key = (network, tuple(x.shape), x.dtype, self._kernel_mode())
+        graphed = self._captured(self._calls, key, 2 * _MAX_GRAPHS, lambda: GraphedCall(fn, x))
         with graphed.lock:
             return graphed(x)
 

@@ -58,8 +58,8 @@ def _configs():
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the tile sizes that fit the sequences and the padded head dim on an H100/H200-class
     GPU: the fp32 accumulator within 64 registers per thread, Q plus the pipelined K/V tiles
-    within 200 KiB of shared memory. fp32 inputs run on CUDA cores (for checking more than for speed) and spill
-    registers at anything but the smallest tiles."""
+    within 200 KiB of shared memory. fp32 inputs run on CUDA cores (for checking more than for
+    speed) and spill registers at anything but the smallest tiles."""
     d = kwargs["HEAD_DIM_P2"]
     itemsize = named_args["Q"].element_size()
     # Tiles longer than the sequence (down to 64 rows) only add masked work and compile time.

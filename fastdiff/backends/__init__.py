@@ -38,11 +38,11 @@ def make_backend(
     """
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: allowed values are {', '.join(BACKENDS)}")
+    device = torch.device(device)
     if channels_last is None:  # NHWC convolutions measured faster on CUDA; not on CPU
-        channels_last = torch.device(device).type == "cuda" and name in ("auto", "torch")
+        channels_last = device.type == "cuda" and name in ("auto", "torch")
     if channels_last and name not in ("auto", "torch"):
         raise ValueError(f"channels_last=True is a torch-backend setting; backend={name!r} picks its own layouts")
-    device = torch.device(device)
     if name == "auto":
         name = _pick_auto(root, device, dtype)
         log.info("fastdiff: backend auto -> %s", name)
