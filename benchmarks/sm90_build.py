@@ -5,8 +5,8 @@ the instructions that decide speed, read from the cubin with the cuobjdump Trito
     python benchmarks/sm90_build.py --json     # the same as one JSON line (tests/test_kernels.py)
 
 Each case is built with the specialisation the JIT gives the real call (ints equal to 1 become
-constants, multiples of 16 are hinted as such, pointers 16-byte aligned) and the tile config the
-autotuner would try first. What it shows without a GPU: register spills (stack bytes), whether
+constants, multiples of 16 are hinted as such, pointers 16-byte aligned); attention once for every
+tile config the autotuner keeps at SD's self-attention shapes. What it shows without a GPU: register spills (stack bytes), whether
 the matmuls are Hopper's warpgroup MMA (HGMMA) rather than the older HMMA, and whether global
 loads and stores are 16-byte vectors (LDG.E.128). Triton decides interpreted vs compiled per
 process, so this must run without TRITON_INTERPRET=1.
@@ -41,38 +41,49 @@ def cases() -> dict:
         args = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", num_heads=H, SEQ_Q=S, SEQ_K=Sk, qk_scale=0.1)
         for t, strides in (("q", strides_qkv), ("k", strides_qkv), ("v", strides_qkv), ("o", strides_o)):
             args.update({f"stride_{t}{n}": s for n, s in zip("bhmd" if t in "qo" else "bhnd", strides)})
-        p2 = attn._head_dim_p2(D)
-        meta = dict(HEAD_DIM=D, HEAD_DIM_P2=p2, DOT_PRECISION="tf32", STRIDE_ALIGN=align, EVEN_N=False, **config.kwargs)
-        out[name] = (attn._attention_kernel, args, meta, config.num_warps, config.num_stages)
+        a, b = attn._head_dim_parts(D, config.kwargs["SPLIT_D"])
+        meta = dict(HEAD_DIM=D, DOT_PRECISION="tf32", STRIDE_ALIGN=align, EVEN_N=False, HEAD_DIM_A=a, HEAD_DIM_B=b)
+        out[name] = (attn._attention_kernel, args, dict(meta, **config.kwargs), config.num_warps, config.num_stages)
 
-    for D in (40, 80, 160):  # self-attention over a packed [2, 4096, 3, 8, D] projection, key tail masked
-        B, S, H = 2, 4096, 8
+    # Self-attention over a packed [2, S, 3, 8, D] projection at each head dim's sequence length,
+    # key tail masked: every config the autotuner may pick there, padded and split head dim.
+    for D, S in ((40, 4096), (80, 1024), (160, 256)):
+        B, H = 2, 8
         named = {"Q": torch.empty(0, dtype=torch.float16), "SEQ_Q": S, "SEQ_K": S}
-        config = attn._prune_configs(attn._configs(), named, HEAD_DIM_P2=attn._head_dim_p2(D))[0]  # largest kept
         qkv = (S * 3 * H * D, D, 3 * H * D, 1)  # batch, head, token, dim strides of q, k and v
-        attention_case(f"attention_d{D}", B, H, S, S + 3, D, qkv, (S * H * D, D, H * D, 1), 8, config)
+        for c in attn._prune_configs(attn._configs(), named, HEAD_DIM=D):
+            tile = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+            name = f"attention_d{D}_{tile}" + ("_split" if c.kwargs["SPLIT_D"] else "")
+            attention_case(name, B, H, S, S + 3, D, qkv, (S * H * D, D, H * D, 1), 8, c)
     # The embedded model's smallest head (D = 8, padded to 16) with rows padded by one element, so
     # no stride is a multiple of 8 (STRIDE_ALIGN = 1): the generic path the alignment hint skips.
     B, S, H, D = 2, 64, 4, 8
     odd = (S * (H * D + 1), D, H * D + 1, 1)
     attention_case("attention_d8_unaligned", B, H, S, 77, D, odd, odd, 1, attn._configs()[-1])
 
-    # GroupNorm at SD's first UNet level in both layouts, and one channel per group (BLOCK_C = 1).
+    # GroupNorm at SD's first UNet level in both layouts, and one channel per group (BLOCK_C = 1):
+    # the two-pass kernels at their finest split, and the one-program-per-group kernel.
     for C, G, suffix, layouts in ((320, 32, "", ("nchw", "nhwc")), (32, 32, "_c1", ("nchw",))):
         B, HW = 2, 64 * 64
-        block_c, block_hw, hw_per_split, split = gn._plan(B, C, HW, G, torch.device("cpu"))
+        plan = list(gn._plans(B, C, HW, G, torch.device("cpu")).values())[-1]  # split16: the most chunks
         for layout in layouts:
             strides = (C * HW, HW, 1) if layout == "nchw" else (C * HW, 1, C)  # batch, channel, spatial
-            common = dict(HW=HW, num_groups=G, HW_PER_SPLIT=hw_per_split, SPLIT=split, Partials="*fp32")
-            common.update({f"stride_x{n}": s for n, s in zip(("b", "c", "hw"), strides)})
-            meta = dict(CHANNELS_PER_GROUP=C // G, BLOCK_C=block_c, BLOCK_HW=block_hw)
+            x_strides = {f"stride_x{n}": s for n, s in zip(("b", "c", "hw"), strides)}
+            y_strides = {f"stride_y{n}": s for n, s in zip(("b", "c", "hw"), strides)}
+            meta = dict(CHANNELS_PER_GROUP=C // G, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
+            split = dict(HW=HW, num_groups=G, HW_PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, Partials="*fp32")
             out[f"group_norm_stats_{layout}{suffix}"] = (
-                gn._group_norm_stats_kernel, dict(X="*fp16", **common), meta, gn._NUM_WARPS, 3,
+                gn._group_norm_stats_kernel, dict(X="*fp16", **split, **x_strides), meta, gn._NUM_WARPS, 3,
             )  # fmt: skip
-            apply = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **common)
-            apply.update({f"stride_y{n}": s for n, s in zip(("b", "c", "hw"), strides)})
-            meta = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(split), SILU=True)
-            out[f"group_norm_apply_{layout}{suffix}"] = (gn._group_norm_apply_kernel, apply, meta, gn._NUM_WARPS, 3)
+            io = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **x_strides, **y_strides)
+            apply_meta = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(plan.split), SILU=True)
+            out[f"group_norm_apply_{layout}{suffix}"] = (
+                gn._group_norm_apply_kernel, dict(io, **split), apply_meta, gn._NUM_WARPS, 3,
+            )  # fmt: skip
+            fused = dict(io, HW=HW, num_groups=G)
+            out[f"group_norm_fused_{layout}{suffix}"] = (
+                gn._group_norm_kernel, fused, dict(meta, SILU=True), gn._NUM_WARPS, 3,
+            )  # fmt: skip
 
     block_m, block_n = geglu._plan(1280)
     args = dict(H="*fp16", Out="*fp16", stride_hm=2560, M=8192, N=1280)
@@ -151,14 +162,17 @@ def main(argv=None) -> int:
     if why:
         print(why)
         return 3
-    report = {name: inspect(build(*case)) for name, case in cases().items()}
+    report = {}
+    for name, (kernel, kargs, constexprs, num_warps, num_stages) in cases().items():
+        report[name] = inspect(build(kernel, kargs, constexprs, num_warps, num_stages))
+        report[name]["meta"] = {k: v for k, v in constexprs.items() if k.isupper()} | {"num_warps": num_warps}
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{'kernel':26} {'regs':>5} {'spill B':>7} {'smem B':>7}  SASS")
+    print(f"{'kernel':36} {'regs':>5} {'spill B':>7} {'smem B':>7}  SASS")
     for name, r in report.items():
         sass = " ".join(f"{k}:{v}" for k, v in sorted(r["sass"].items()))
-        print(f"{name:26} {r['reg']:5} {r['stack']:7} {r['shared']:7}  {sass}")
+        print(f"{name:36} {r['reg']:5} {r['stack']:7} {r['shared']:7}  {sass}")
     return 0
 
 

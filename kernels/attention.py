@@ -6,19 +6,21 @@ reaches memory. Scores, softmax statistics and the output accumulator are fp32; 
 are cast back to the input dtype for the second matmul, as in FlashAttention-2. exp2 replaces exp,
 with log2(e) folded into the softmax scale.
 
-SD1.5 head dims (40, 80, 160) are not powers of two: the head-dim axis of every tile is padded to
-the next power of two and the padding lanes are masked on load and store. A D = 40 row is 80 bytes,
+SD1.5 head dims (40, 80, 160) are not powers of two, and tl.dot needs power-of-two tiles. Two ways
+are autotuned per shape: pad the head-dim axis to the next power of two (D = 40 -> 64, masked on
+load and store), or split it into two power-of-two parts (SPLIT_D: 40 = 32 + 16 with 8 masked,
+80 = 64 + 16, 160 = 128 + 32), each matmul done as two, which cuts the padded work from 60% to 20%
+(D = 40) or 6% (80, 160) at the cost of smaller MMA shapes. A D = 40 row is 80 bytes,
 so the compiler cannot prove 16-byte alignment from the strides alone; the launcher checks that
 they are multiples of 8 elements and passes that on (STRIDE_ALIGN), which is what turns the loads
 into 16-byte asynchronous copies (and, measured in sm_90 builds, removes register spills).
 
-Tile sizes are autotuned on the first call for each (Sq, Sk, D, dtype); make that call before
-capturing a CUDA graph.
+Tile sizes and the head-dim split are autotuned on the first call for each (Sq, Sk, D, dtype), and
+the choice is kept in Triton's on-disk cache; make that call before capturing a CUDA graph.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -39,28 +41,47 @@ _DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: 
 def _configs():
     if triton.knobs.runtime.interpret:
         # The CPU interpreter (tests): one small config, so several K/V tiles and tails get exercised.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_D": False}, num_warps=4, num_stages=1)]
+    padded = [
+        (128, 64, 4, 3),
+        (128, 64, 8, 3),
+        (128, 128, 8, 2),
+        (128, 32, 8, 3),
+        (64, 64, 4, 3),
+        (64, 32, 4, 3),
+        (64, 64, 8, 2),
+        # 32-row tiles: twice the programs for short sequences (256 queries x 16 heads = 64 programs
+        # of 64 rows on 132 SMs); below wgmma's 64 rows, so these use the older mma, whose operands
+        # live in registers: 32 x 64 tiles spilled at D = 80 in sm_90 builds.
+        (32, 32, 4, 2),
+        (64, 32, 8, 2),  # last: the smallest, the fallback when nothing else fits
+    ]
+    # Split head dim: wgmma tiles only (a 32-row split tile spilled registers at D = 160).
+    split = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 4, 3),
-            (128, 64, 8, 3),
-            (128, 128, 8, 2),
-            (128, 32, 8, 3),
-            (64, 64, 4, 3),
-            (64, 32, 4, 3),
-            (64, 64, 8, 2),
-            (64, 32, 8, 2),
-        ]
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": sd}, num_warps=w, num_stages=s)
+        for sd, tiles in ((True, split), (False, padded))
+        for bm, bn, w, s in tiles
     ]
 
 
+def _head_dim_parts(head_dim: int, split: bool) -> tuple[int, int]:
+    """(A, B): the head dim as tiles of A + B lanes, both powers of two (B = 0: one tile of A).
+    Unsplit, A is D padded to a power of two (>= 16, tl.dot's minimum); split, A is the largest
+    power of two below D and B covers the rest, padded."""
+    padded = max(16, triton.next_power_of_2(head_dim))
+    if not split or padded == head_dim or head_dim <= 16:
+        return padded, 0
+    return padded // 2, max(16, triton.next_power_of_2(head_dim - padded // 2))
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the tile sizes that fit the sequences and the padded head dim on an H100/H200-class
-    GPU: the fp32 accumulator within 64 registers per thread, Q plus the pipelined K/V tiles
-    within 200 KiB of shared memory. fp32 inputs run on CUDA cores (for checking more than for
-    speed) and spill registers at anything but the smallest tiles."""
-    d = kwargs["HEAD_DIM_P2"]
+    """Keep the tile sizes that fit the sequences and the head dim on an H100/H200-class GPU: the
+    fp32 accumulator within 64 registers per thread, Q plus the pipelined K/V tiles within 200 KiB
+    of shared memory. A split head dim only where D is not a power of two. fp32 inputs run on CUDA
+    cores (for checking more than for speed) and spill registers at anything but the smallest
+    tiles, split or not."""
+    head_dim = kwargs["HEAD_DIM"]
     itemsize = named_args["Q"].element_size()
     # Tiles longer than the sequence (down to 64 rows) only add masked work and compile time.
     max_m = max(64, triton.next_power_of_2(named_args["SEQ_Q"]))
@@ -68,6 +89,10 @@ def _prune_configs(configs, named_args, **kwargs):
 
     def fits(c):
         bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        a, b = _head_dim_parts(head_dim, c.kwargs["SPLIT_D"])
+        if c.kwargs["SPLIT_D"] and (b == 0 or itemsize == 4):
+            return False
+        d = a + b
         registers = bm * d // (32 * c.num_warps)
         smem = itemsize * (bm * d + 2 * c.num_stages * bn * d)
         short = bm <= max_m and bn <= max_n
@@ -80,8 +105,15 @@ def _prune_configs(configs, named_args, **kwargs):
     configs=_configs(),
     key=["SEQ_Q", "SEQ_K", "HEAD_DIM"],
     prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
 )
-@triton.heuristics({"EVEN_N": lambda args: args["SEQ_K"] % args["BLOCK_N"] == 0})
+@triton.heuristics(
+    {
+        "EVEN_N": lambda args: args["SEQ_K"] % args["BLOCK_N"] == 0,
+        "HEAD_DIM_A": lambda args: _head_dim_parts(args["HEAD_DIM"], args["SPLIT_D"])[0],
+        "HEAD_DIM_B": lambda args: _head_dim_parts(args["HEAD_DIM"], args["SPLIT_D"])[1],
+    }
+)
 @triton.jit
 def _attention_kernel(
     Q,  # [B, H, SEQ_Q, HEAD_DIM] queries, any strides
@@ -97,12 +129,14 @@ def _attention_kernel(
     SEQ_K,  # key/value tokens
     qk_scale,  # softmax scale * log2(e): scores come out in the exp2 domain
     HEAD_DIM: tl.constexpr,  # true head dim D
-    HEAD_DIM_P2: tl.constexpr,  # D padded to a power of two (>= 16) for tl.arange / tl.dot
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); 16-bit inputs ignore it
     STRIDE_ALIGN: tl.constexpr,  # divides every batch, head and token stride (8, else 1)
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key/value rows per loop step
+    SPLIT_D: tl.constexpr,  # head dim as two power-of-two parts (see HEAD_DIM_A/B), not one padded
     EVEN_N: tl.constexpr,  # SEQ_K % BLOCK_N == 0: no key-tail masking needed
+    HEAD_DIM_A: tl.constexpr,  # lanes [0, A) of the head dim: a power of two >= 16 (D padded if B = 0)
+    HEAD_DIM_B: tl.constexpr,  # lanes [A, A + B) when SPLIT_D, a power of two >= 16; 0 otherwise
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -111,9 +145,9 @@ def _attention_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows
     offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows within a tile
-    offs_d = tl.arange(0, HEAD_DIM_P2)  # [HEAD_DIM_P2] padded head dim
+    offs_a = tl.arange(0, HEAD_DIM_A)  # [HEAD_DIM_A] first part of the head dim
     mask_m = offs_m < SEQ_Q
-    mask_d = offs_d < HEAD_DIM
+    mask_a = offs_a < HEAD_DIM
 
     # Element offsets of each (batch, head) slice and of each row. The launcher checked that
     # STRIDE_ALIGN divides the strides; saying so lets rows of D = 40 (80 bytes in fp16) load as
@@ -122,32 +156,41 @@ def _attention_kernel(
     k_off = tl.multiple_of(off_b * stride_kb + off_h * stride_kh, STRIDE_ALIGN)
     v_off = tl.multiple_of(off_b * stride_vb + off_h * stride_vh, STRIDE_ALIGN)
     o_off = tl.multiple_of(off_b * stride_ob + off_h * stride_oh, STRIDE_ALIGN)
-    q_rows = tl.multiple_of(offs_m * stride_qm, STRIDE_ALIGN)  # [BLOCK_M]
-    k_rows = tl.multiple_of(offs_n * stride_kn, STRIDE_ALIGN)  # [BLOCK_N]
-    v_rows = tl.multiple_of(offs_n * stride_vn, STRIDE_ALIGN)  # [BLOCK_N]
-    o_rows = tl.multiple_of(offs_m * stride_om, STRIDE_ALIGN)  # [BLOCK_M]
-
-    q_ptrs = Q + q_off + q_rows[:, None] + offs_d[None, :] * stride_qd  # [BLOCK_M, HEAD_DIM_P2]
-    k_ptrs = K + k_off + k_rows[:, None] + offs_d[None, :] * stride_kd  # [BLOCK_N, HEAD_DIM_P2]
-    v_ptrs = V + v_off + v_rows[:, None] + offs_d[None, :] * stride_vd  # [BLOCK_N, HEAD_DIM_P2]
+    q_rows = Q + q_off + tl.multiple_of(offs_m * stride_qm, STRIDE_ALIGN)[:, None]  # [BLOCK_M, 1]
+    k_rows = K + k_off + tl.multiple_of(offs_n * stride_kn, STRIDE_ALIGN)[:, None]  # [BLOCK_N, 1]
+    v_rows = V + v_off + tl.multiple_of(offs_n * stride_vn, STRIDE_ALIGN)[:, None]  # [BLOCK_N, 1]
+    o_rows = Out + o_off + tl.multiple_of(offs_m * stride_om, STRIDE_ALIGN)[:, None]  # [BLOCK_M, 1]
 
     # Rows past SEQ_Q load zeros; they compute harmless values and are never stored.
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, HEAD_DIM_P2]
+    q_a = tl.load(q_rows + offs_a[None, :] * stride_qd, mask=mask_m[:, None] & mask_a[None, :], other=0.0)
+    k_a_ptrs = k_rows + offs_a[None, :] * stride_kd  # [BLOCK_N, HEAD_DIM_A]
+    v_a_ptrs = v_rows + offs_a[None, :] * stride_vd  # [BLOCK_N, HEAD_DIM_A]
+    acc_a = tl.zeros([BLOCK_M, HEAD_DIM_A], dtype=tl.float32)  # running sum of p @ v, lanes [0, A)
+    if HEAD_DIM_B > 0:
+        offs_b = HEAD_DIM_A + tl.arange(0, HEAD_DIM_B)  # [HEAD_DIM_B] second part of the head dim
+        mask_b = offs_b < HEAD_DIM
+        q_b = tl.load(q_rows + offs_b[None, :] * stride_qd, mask=mask_m[:, None] & mask_b[None, :], other=0.0)
+        k_b_ptrs = k_rows + offs_b[None, :] * stride_kd  # [BLOCK_N, HEAD_DIM_B]
+        v_b_ptrs = v_rows + offs_b[None, :] * stride_vd  # [BLOCK_N, HEAD_DIM_B]
+        acc_b = tl.zeros([BLOCK_M, HEAD_DIM_B], dtype=tl.float32)  # lanes [A, A + B)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (exp2 domain)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(score - m_i)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)  # running sum of p @ v
 
     for start_n in range(0, SEQ_K, BLOCK_N):
         mask_n = (start_n + offs_n) < SEQ_K
-        if EVEN_N:
-            k = tl.load(k_ptrs, mask=mask_d[None, :], other=0.0)  # [BLOCK_N, HEAD_DIM_P2]
-            v = tl.load(v_ptrs, mask=mask_d[None, :], other=0.0)
-        else:
-            k = tl.load(k_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] fp32
+        mask_na = mask_a[None, :]  # [1, HEAD_DIM_A]; [BLOCK_N, HEAD_DIM_A] with the key tail
+        if not EVEN_N:
+            mask_na = mask_n[:, None] & mask_na
+        k_a = tl.load(k_a_ptrs, mask=mask_na, other=0.0)  # [BLOCK_N, HEAD_DIM_A]
+        qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        if HEAD_DIM_B > 0:
+            mask_nb = mask_b[None, :]
+            if not EVEN_N:
+                mask_nb = mask_n[:, None] & mask_nb
+            k_b = tl.load(k_b_ptrs, mask=mask_nb, other=0.0)  # [BLOCK_N, HEAD_DIM_B]
+            qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PRECISION)
+        qk = qk * qk_scale
         if not EVEN_N:
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
 
@@ -156,20 +199,24 @@ def _attention_kernel(
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v_a = tl.load(v_a_ptrs, mask=mask_na, other=0.0)  # [BLOCK_N, HEAD_DIM_A]
+        p = p.to(v_a.dtype)
+        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
+        k_a_ptrs += BLOCK_N * stride_kn
+        v_a_ptrs += BLOCK_N * stride_vn
+        if HEAD_DIM_B > 0:
+            v_b = tl.load(v_b_ptrs, mask=mask_nb, other=0.0)  # [BLOCK_N, HEAD_DIM_B]
+            acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
+            k_b_ptrs += BLOCK_N * stride_kn
+            v_b_ptrs += BLOCK_N * stride_vn
         m_i = m_new
 
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-
-    acc = acc / l_i[:, None]
-    o_ptrs = Out + o_off + o_rows[:, None] + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-
-
-@functools.lru_cache(maxsize=None)
-def _head_dim_p2(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    l_rcp = 1.0 / l_i
+    out_a = (acc_a * l_rcp[:, None]).to(Out.dtype.element_ty)
+    tl.store(o_rows + offs_a[None, :] * stride_od, out_a, mask=mask_m[:, None] & mask_a[None, :])
+    if HEAD_DIM_B > 0:
+        out_b = (acc_b * l_rcp[:, None]).to(Out.dtype.element_ty)
+        tl.store(o_rows + offs_b[None, :] * stride_od, out_b, mask=mask_m[:, None] & mask_b[None, :])
 
 
 def attention(q, k, v, scale: float | None = None, *, out=None):
@@ -201,6 +248,6 @@ def attention(q, k, v, scale: float | None = None, *, out=None):
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, Sq, Sk, scale * _LOG2E,
-        HEAD_DIM=D, HEAD_DIM_P2=_head_dim_p2(D), DOT_PRECISION=_DOT_PRECISION[q.dtype], STRIDE_ALIGN=align,
+        HEAD_DIM=D, DOT_PRECISION=_DOT_PRECISION[q.dtype], STRIDE_ALIGN=align,
     )  # fmt: skip
     return out

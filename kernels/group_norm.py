@@ -1,17 +1,22 @@
 """GroupNorm (+ optional SiLU) over [B, C, *] in NCHW or channels-last layout.
 
 A (batch, group) pair alone gives only B * 32 = 64 programs at SD's batch 2, under half of an H200's
-132 SMs, and the VAE decoder's full-resolution groups hold a million elements each. So each group's
+132 SMs, and the VAE decoder's full-resolution groups hold a million elements each. So a group's
 spatial axis is split into SPLIT chunks and the work runs as two launches over (chunk, batch * group):
 
-  1. `_group_norm_stats_kernel`: count, mean and M2 (sum of squared deviations) of each chunk,
-     merged tile by tile with Chan's parallel formula.
+  1. `_group_norm_stats_kernel`: count, mean and M2 (sum of squared deviations) of each chunk.
   2. `_group_norm_apply_kernel`: merges the chunks' partials into the group's mean and variance,
      then writes (x - mean) * rstd * weight + bias, optionally through SiLU.
 
-Large means (100 + randn) cost no precision: both kernels work on x - pivot, the pivot being the
-group's first element, so fp32 sums never hold the big common offset; and each tile's M2 is taken
-around the tile's own mean.
+Small groups (the 8x8 to 32x32 levels) are bound by launches rather than bytes, so there is also
+`_group_norm_kernel`: one program per group does both passes, the second read mostly from L2.
+Which of these plans runs for a shape is measured on the GPU at its first call (`_tuned_plan`).
+
+Statistics: every lane of a tile keeps its own Welford mean and M2 over the tiles it walks (no
+cross-thread traffic inside the loop, so loads issue back to back), and the lanes are merged once
+per chunk with the parallel-variance formula. Large means (100 + randn) cost no
+precision: everything works on x - pivot, the pivot being the group's first element, and Welford
+never forms E[x^2] - E[x]^2.
 
 Tiles are [BLOCK_HW, BLOCK_C] with the spatial and channel strides passed in, so one kernel serves
 both layouts: NCHW (spatial stride 1) and channels-last (channel stride 1). The output has the
@@ -21,6 +26,7 @@ input's memory format. Statistics are fp32 whatever the input dtype.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -28,7 +34,80 @@ import triton.language as tl
 
 _TILE = 2048  # elements per [BLOCK_HW, BLOCK_C] tile: 16 per thread at 4 warps
 _NUM_WARPS = 4
-_PROGRAMS_PER_SM = 4  # enough chunks to fill the GPU a few times over
+_DEFAULT_PROGRAMS_PER_SM = 4  # two-pass chunks per SM when nothing was measured
+_TUNE_PROGRAMS_PER_SM = (2, 4, 8, 16)  # two-pass candidates timed at a shape's first CUDA call
+_FUSED_MAX_TILES = 8  # default to one program per group up to this many tiles per group
+
+
+@triton.jit
+def _chunk_stats(
+    x_base,  # [1, BLOCK_C] pointers of the group's channels at spatial position 0
+    stride_xhw,  # spatial stride of X in elements
+    pivot,  # fp32 value subtracted from every element (the group's first element)
+    hw_start,  # first spatial position of the chunk
+    hw_end,  # one past its last spatial position
+    mask_c,  # [BLOCK_C] real channels of the group
+    BLOCK_HW: tl.constexpr,  # spatial positions per tile
+    BLOCK_C: tl.constexpr,  # channels per tile (the group padded to a power of two)
+):
+    """(mean - pivot, M2, count) of x over the chunk [hw_start, hw_end) x the group's channels."""
+    offs = tl.arange(0, BLOCK_HW)
+    mean = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)  # per-lane Welford mean of x - pivot
+    m2 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)  # per-lane sum of squared deviations
+    n_full = (hw_end - hw_start) // BLOCK_HW
+    seen = 0.0  # elements each real lane has seen so far
+    for i in range(0, n_full):  # full tiles: every real lane sees one more element
+        offs_hw = (hw_start + i * BLOCK_HW + offs).to(tl.int64)  # [BLOCK_HW]
+        x = tl.load(x_base + offs_hw[:, None] * stride_xhw, mask=mask_c[None, :], other=0.0).to(tl.float32)
+        x = tl.where(mask_c[None, :], x - pivot, 0.0)
+        seen += 1.0
+        delta = x - mean
+        mean += delta * (1.0 / seen)
+        m2 += delta * (x - mean)
+    # The partial last tile (empty unless this is the group's last chunk): per-lane counts differ.
+    offs_hw = hw_start + n_full * BLOCK_HW + offs  # [BLOCK_HW]
+    mask_hw = offs_hw < hw_end
+    mask = mask_hw[:, None] & mask_c[None, :]  # [BLOCK_HW, BLOCK_C]
+    x = tl.load(x_base + offs_hw[:, None].to(tl.int64) * stride_xhw, mask=mask, other=0.0).to(tl.float32)
+    x = tl.where(mask, x - pivot, 0.0)
+    w = mask_hw[:, None].to(tl.float32)  # [BLOCK_HW, 1]: 1 where the lane has a tail element
+    count = seen + w
+    delta = x - mean
+    mean += delta * w / tl.maximum(count, 1.0)
+    m2 += delta * (x - mean) * w
+    count = tl.where(mask_c[None, :], count, 0.0)  # [BLOCK_HW, BLOCK_C]: padding channels count 0
+
+    # Merge the lanes: n = sum(n_l), mean = sum(n_l mean_l) / n, M2 = sum(M2_l + n_l (mean_l - mean)^2).
+    n = tl.sum(tl.sum(count, 1), 0)
+    chunk_mean = tl.sum(tl.sum(count * mean, 1), 0) / tl.maximum(n, 1.0)
+    dev = mean - chunk_mean
+    return chunk_mean, tl.sum(tl.sum(m2 + count * dev * dev, 1), 0), n
+
+
+@triton.jit
+def _chunk_apply(
+    x_base,  # [1, BLOCK_C] pointers of the group's channels in X at spatial position 0
+    y_base,  # [1, BLOCK_C] the same in Y
+    stride_xhw,  # spatial stride of X in elements
+    stride_yhw,  # spatial stride of Y in elements
+    pivot,  # fp32 value the statistics were taken around
+    scale,  # [BLOCK_C] fp32 weight * rstd
+    shift,  # [BLOCK_C] fp32 bias - (mean - pivot) * scale
+    hw_start,  # first spatial position of the chunk
+    hw_end,  # one past its last spatial position
+    mask_c,  # [BLOCK_C] real channels of the group
+    BLOCK_HW: tl.constexpr,  # spatial positions per tile
+    SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
+):
+    """y = (x - pivot) * scale + shift over the chunk, through SiLU if asked."""
+    for hw0 in range(hw_start, hw_end, BLOCK_HW):
+        offs_hw = (hw0 + tl.arange(0, BLOCK_HW)).to(tl.int64)  # [BLOCK_HW]
+        mask = (offs_hw[:, None] < hw_end) & mask_c[None, :]  # [BLOCK_HW, BLOCK_C]
+        x = tl.load(x_base + offs_hw[:, None] * stride_xhw, mask=mask, other=0.0).to(tl.float32)
+        y = (x - pivot) * scale[None, :] + shift[None, :]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(y_base + offs_hw[:, None] * stride_yhw, y.to(y_base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -47,36 +126,16 @@ def _group_norm_stats_kernel(
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
     off_b = (pid_bg // num_groups).to(tl.int64)
-    off_g = pid_bg % num_groups
+    c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # first channel of the group
 
-    offs_c = off_g * CHANNELS_PER_GROUP + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels of the group
+    offs_c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels of the group
     mask_c = tl.arange(0, BLOCK_C) < CHANNELS_PER_GROUP
-    x_base = X + off_b * stride_xb + offs_c[None, :].to(tl.int64) * stride_xc
-    pivot = tl.load(X + off_b * stride_xb + (off_g * CHANNELS_PER_GROUP).to(tl.int64) * stride_xc).to(tl.float32)
+    x_base = X + off_b * stride_xb + offs_c[None, :].to(tl.int64) * stride_xc  # [1, BLOCK_C]
+    pivot = tl.load(X + off_b * stride_xb + c0.to(tl.int64) * stride_xc).to(tl.float32)
 
     hw_start = pid_s * HW_PER_SPLIT
     hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for hw0 in range(hw_start, hw_end, BLOCK_HW):
-        offs_hw = hw0 + tl.arange(0, BLOCK_HW)  # [BLOCK_HW]
-        mask = (offs_hw[:, None] < HW) & mask_c[None, :]  # [BLOCK_HW, BLOCK_C]
-        x = tl.load(x_base + offs_hw[:, None].to(tl.int64) * stride_xhw, mask=mask, other=0.0).to(tl.float32)
-        x = tl.where(mask, x - pivot, 0.0)
-
-        # Tile statistics centred on the tile's own mean, then merged into the running ones.
-        tile_count = (tl.minimum(hw_end - hw0, BLOCK_HW) * CHANNELS_PER_GROUP).to(tl.float32)
-        tile_mean = tl.sum(tl.sum(x, 1), 0) / tile_count
-        dev = tl.where(mask, x - tile_mean, 0.0)
-        tile_m2 = tl.sum(tl.sum(dev * dev, 1), 0)
-
-        new_count = count + tile_count
-        delta = tile_mean - mean
-        mean += delta * (tile_count / new_count)
-        m2 += tile_m2 + delta * delta * (count * tile_count / new_count)
-        count = new_count
-
+    mean, m2, count = _chunk_stats(x_base, stride_xhw, pivot, hw_start, hw_end, mask_c, BLOCK_HW, BLOCK_C)
     out = Partials + (pid_bg * SPLIT + pid_s) * 3
     tl.store(out + 0, count)
     tl.store(out + 1, mean)
@@ -106,7 +165,7 @@ def _group_norm_apply_kernel(
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
     off_b = (pid_bg // num_groups).to(tl.int64)
-    off_g = pid_bg % num_groups
+    c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # first channel of the group
 
     # Merge the chunks: mean = sum(n_s mean_s) / n, M2 = sum(M2_s + n_s (mean_s - mean)^2).
     offs_s = tl.arange(0, BLOCK_SPLIT)
@@ -121,26 +180,61 @@ def _group_norm_apply_kernel(
     m2 = tl.sum(m2_s + n_s * dmean * dmean, 0)
     rstd = tl.rsqrt(m2 / n + eps)
 
-    offs_c = off_g * CHANNELS_PER_GROUP + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels of the group
+    offs_c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels of the group
     mask_c = tl.arange(0, BLOCK_C) < CHANNELS_PER_GROUP
-    w = tl.load(Weight + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    b = tl.load(Bias + offs_c, mask=mask_c, other=0.0).to(tl.float32)
-    scale = w * rstd  # y = (x - pivot) * scale + shift
-    shift = b - mean * scale
+    scale = tl.load(Weight + offs_c, mask=mask_c, other=0.0).to(tl.float32) * rstd
+    shift = tl.load(Bias + offs_c, mask=mask_c, other=0.0).to(tl.float32) - mean * scale
 
-    x_base = X + off_b * stride_xb + offs_c[None, :].to(tl.int64) * stride_xc
-    pivot = tl.load(X + off_b * stride_xb + (off_g * CHANNELS_PER_GROUP).to(tl.int64) * stride_xc).to(tl.float32)
-    y_base = Y + off_b * stride_yb + offs_c[None, :].to(tl.int64) * stride_yc
+    x_base = X + off_b * stride_xb + offs_c[None, :].to(tl.int64) * stride_xc  # [1, BLOCK_C]
+    y_base = Y + off_b * stride_yb + offs_c[None, :].to(tl.int64) * stride_yc  # [1, BLOCK_C]
+    pivot = tl.load(X + off_b * stride_xb + c0.to(tl.int64) * stride_xc).to(tl.float32)
     hw_start = pid_s * HW_PER_SPLIT
     hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
-    for hw0 in range(hw_start, hw_end, BLOCK_HW):
-        offs_hw = (hw0 + tl.arange(0, BLOCK_HW)).to(tl.int64)  # [BLOCK_HW]
-        mask = (offs_hw[:, None] < HW) & mask_c[None, :]  # [BLOCK_HW, BLOCK_C]
-        x = tl.load(x_base + offs_hw[:, None] * stride_xhw, mask=mask, other=0.0).to(tl.float32)
-        y = (x - pivot) * scale[None, :] + shift[None, :]
-        if SILU:
-            y = y * tl.sigmoid(y)
-        tl.store(y_base + offs_hw[:, None] * stride_yhw, y.to(Y.dtype.element_ty), mask=mask)
+    _chunk_apply(x_base, y_base, stride_xhw, stride_yhw, pivot, scale, shift, hw_start, hw_end, mask_c, BLOCK_HW, SILU)
+
+
+@triton.jit
+def _group_norm_kernel(
+    X,  # [B, C, HW] input, element strides below
+    Y,  # [B, C, HW] output, element strides below, dtype of X
+    Weight,  # [C] affine scale
+    Bias,  # [C] affine shift
+    stride_xb, stride_xc, stride_xhw,  # X strides in elements: batch, channel, flattened spatial
+    stride_yb, stride_yc, stride_yhw,  # Y strides
+    HW,  # spatial size H * W
+    num_groups,  # G: splits program_id(0) into (batch, group)
+    eps,  # added to the variance
+    CHANNELS_PER_GROUP: tl.constexpr,  # C // G
+    BLOCK_C: tl.constexpr,  # CHANNELS_PER_GROUP padded to a power of two
+    BLOCK_HW: tl.constexpr,  # spatial positions per tile
+    SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
+):
+    """One program per (batch, group): statistics over the whole group, then the affine."""
+    pid_bg = tl.program_id(0)
+    off_b = (pid_bg // num_groups).to(tl.int64)
+    c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # first channel of the group
+
+    offs_c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels of the group
+    mask_c = tl.arange(0, BLOCK_C) < CHANNELS_PER_GROUP
+    x_base = X + off_b * stride_xb + offs_c[None, :].to(tl.int64) * stride_xc  # [1, BLOCK_C]
+    y_base = Y + off_b * stride_yb + offs_c[None, :].to(tl.int64) * stride_yc  # [1, BLOCK_C]
+    pivot = tl.load(X + off_b * stride_xb + c0.to(tl.int64) * stride_xc).to(tl.float32)
+
+    mean, m2, n = _chunk_stats(x_base, stride_xhw, pivot, 0, HW, mask_c, BLOCK_HW, BLOCK_C)
+    rstd = tl.rsqrt(m2 / n + eps)
+    scale = tl.load(Weight + offs_c, mask=mask_c, other=0.0).to(tl.float32) * rstd
+    shift = tl.load(Bias + offs_c, mask=mask_c, other=0.0).to(tl.float32) - mean * scale
+    _chunk_apply(x_base, y_base, stride_xhw, stride_yhw, pivot, scale, shift, 0, HW, mask_c, BLOCK_HW, SILU)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one shape is launched: tile sizes and how many chunks split each group."""
+
+    block_c: int  # channels per tile: C // G padded to a power of two
+    block_hw: int  # spatial positions per tile
+    hw_per_split: int  # spatial positions per chunk, a multiple of block_hw
+    split: int  # chunks per group; 1 means the one-launch `_group_norm_kernel`
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,16 +244,82 @@ def _num_sms(device: torch.device) -> int:
     return 16  # the CPU interpreter: any value works, this one gives several chunks on test shapes
 
 
-@functools.lru_cache(maxsize=None)
-def _plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device):
-    """Tile and split sizes for one shape: (BLOCK_C, BLOCK_HW, HW_PER_SPLIT, SPLIT)."""
+def _split_plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device, per_sm: int) -> Plan:
+    """Chunks sized so the two-pass grid has about `per_sm` programs per SM (split may come out 1)."""
     block_c = triton.next_power_of_2(channels // num_groups)
     block_hw = max(1, min(_TILE // block_c, triton.next_power_of_2(hw)))
     tiles = triton.cdiv(hw, block_hw)
-    split = min(tiles, max(1, triton.cdiv(_PROGRAMS_PER_SM * _num_sms(device), batch * num_groups)))
+    split = min(tiles, max(1, triton.cdiv(per_sm * _num_sms(device), batch * num_groups)))
     hw_per_split = triton.cdiv(tiles, split) * block_hw
-    split = triton.cdiv(hw, hw_per_split)  # no empty chunks
-    return block_c, block_hw, hw_per_split, split
+    return Plan(block_c, block_hw, hw_per_split, triton.cdiv(hw, hw_per_split))  # no empty chunks
+
+
+def _plans(batch: int, channels: int, hw: int, num_groups: int, device: torch.device) -> dict[str, Plan]:
+    """The candidate plans for one shape, by name: "fused" (one program per group) and
+    "split<programs per SM>" for each distinct two-pass split."""
+    plans = {"fused": _split_plan(batch, channels, hw, num_groups, device, 0)}  # per_sm 0: split 1
+    for per_sm in _TUNE_PROGRAMS_PER_SM:
+        plan = _split_plan(batch, channels, hw, num_groups, device, per_sm)
+        if plan.split > 1 and plan not in plans.values():
+            plans[f"split{per_sm}"] = plan
+    return plans
+
+
+@functools.lru_cache(maxsize=None)
+def _default_plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device) -> Plan:
+    """The plan used when none was measured: one program per group for groups of a few tiles."""
+    fused = _split_plan(batch, channels, hw, num_groups, device, 0)
+    split = _split_plan(batch, channels, hw, num_groups, device, _DEFAULT_PROGRAMS_PER_SM)
+    return fused if fused.hw_per_split <= _FUSED_MAX_TILES * fused.block_hw else split
+
+
+# (B, C, HW, G, x strides, y strides, dtype, silu, device) -> (chosen Plan, {name: ms}); filled once
+# per shape by _tuned_plan. Read by benchmarks/kernels.py to print what was chosen and why.
+TUNED: dict = {}
+
+
+def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> None:
+    B, C, HW = x3.shape
+    meta = dict(CHANNELS_PER_GROUP=C // num_groups, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
+    if plan.split == 1:
+        _group_norm_kernel[(B * num_groups,)](
+            x3, y3, weight, bias, *x3.stride(), *y3.stride(), HW, num_groups, eps, SILU=silu, **meta,
+        )  # fmt: skip
+        return
+    partials = torch.empty((B * num_groups, plan.split, 3), device=x3.device, dtype=torch.float32)
+    grid = (plan.split, B * num_groups)
+    _group_norm_stats_kernel[grid](
+        x3, partials, *x3.stride(), HW, num_groups, plan.hw_per_split, plan.split, **meta,
+    )  # fmt: skip
+    _group_norm_apply_kernel[grid](
+        x3, y3, weight, bias, partials, *x3.stride(), *y3.stride(), HW, num_groups, plan.hw_per_split, plan.split,
+        eps, BLOCK_SPLIT=triton.next_power_of_2(plan.split), SILU=silu, **meta,
+    )  # fmt: skip
+
+
+def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> Plan:
+    """The fastest candidate plan for this call's shape, layout and dtype, timed once in a CUDA
+    graph (no launch gaps, as in the pipeline's captured step). Off CUDA, under the interpreter, or
+    while a graph is being captured (timing is impossible there), the untimed default."""
+    B, C, HW = x3.shape
+    key = (B, C, HW, num_groups, x3.stride(), y3.stride(), x3.dtype, silu, x3.device)
+    if key in TUNED:
+        return TUNED[key][0]
+    default = _default_plan(B, C, HW, num_groups, x3.device)
+    if x3.device.type != "cuda" or triton.knobs.runtime.interpret or torch.cuda.is_current_stream_capturing():
+        return default
+    import triton.testing
+
+    torch.cuda.current_stream().synchronize()  # the timing runs on its own stream: x3 must be ready
+    plans = _plans(B, C, HW, num_groups, x3.device)
+    times = {}
+    for name, plan in plans.items():
+        times[name] = triton.testing.do_bench_cudagraph(
+            lambda plan=plan: _launch(plan, x3, y3, weight, bias, num_groups, eps, silu), rep=5, return_mode="median"
+        )
+    best = min(times, key=times.get)
+    TUNED[key] = (plans[best], times)
+    return plans[best]
 
 
 def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False, *, out=None):
@@ -167,7 +327,8 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False,
 
     NCHW-contiguous and channels-last inputs are read in place and the result keeps the input's
     memory format; other layouts are made contiguous first. `out` (optional, x's shape) receives the
-    result instead. weight/bias None mean 1/0.
+    result instead. weight/bias None mean 1/0. On CUDA the first call for each shape times the
+    candidate launch plans (a few ms); make it before capturing a CUDA graph.
     """
     B, C = x.shape[:2]
     assert C % num_groups == 0, f"GroupNorm: {C} channels do not split into {num_groups} groups"
@@ -183,17 +344,6 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False,
         weight = torch.ones(C, device=x.device, dtype=x.dtype)
     if bias is None:
         bias = torch.zeros(C, device=x.device, dtype=x.dtype)
-
-    HW = x3.shape[2]
-    block_c, block_hw, hw_per_split, split = _plan(B, C, HW, num_groups, x.device)
-    partials = torch.empty((B * num_groups, split, 3), device=x.device, dtype=torch.float32)
-    grid = (split, B * num_groups)
-    meta = dict(CHANNELS_PER_GROUP=C // num_groups, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=_NUM_WARPS)
-    _group_norm_stats_kernel[grid](
-        x3, partials, *x3.stride(), HW, num_groups, hw_per_split, split, **meta,
-    )  # fmt: skip
-    _group_norm_apply_kernel[grid](
-        x3, y3, weight, bias, partials, *x3.stride(), *y3.stride(), HW, num_groups, hw_per_split, split, eps,
-        BLOCK_SPLIT=triton.next_power_of_2(split), SILU=silu, **meta,
-    )  # fmt: skip
+    plan = _tuned_plan(x3, y3, weight, bias, num_groups, eps, silu)
+    _launch(plan, x3, y3, weight, bias, num_groups, eps, silu)
     return out

@@ -115,9 +115,18 @@ CPU_ATTENTION_CASES = [
 ]
 
 
+def _force_config(monkeypatch, split_d: bool, block_m: int = 32, block_n: int = 32) -> None:
+    """Run the attention kernel with this one config (the autotuner does not time a single one)."""
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_D": split_d}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(attn_mod._attention_kernel, "configs", [config])
+
+
+@pytest.mark.parametrize("split_d", [False, True], ids=["padded", "split"])
 @pytest.mark.parametrize("D,Sq,Sk,dtype,layout", CPU_ATTENTION_CASES)
-def test_attention_cpu(D, Sq, Sk, dtype, layout):
+def test_attention_cpu(D, Sq, Sk, dtype, layout, split_d, monkeypatch):
+    """Both ways of tiling the head dim: padded to a power of two, and split into two parts."""
     _need("cpu")
+    _force_config(monkeypatch, split_d)
     B, H = 1, 2
     q, k, v = _qkv(B, H, Sq, Sk, D, dtype, "cpu", layout)
     out = _poisoned((B, H, Sq, D), dtype, "cpu", transpose12=(layout == "packed"))
@@ -145,21 +154,34 @@ def test_attention_head_dim_512_falls_back():
 
 def test_attention_configs_pruned_to_sequence_and_registers():
     """The GPU autotune list (built here without a GPU) keeps only tiles that fit: none longer than
-    the sequence (down to 64 x 32), none whose fp32 accumulator exceeds 64 registers per thread."""
+    the sequence (down to 64 x 32), none whose fp32 accumulator exceeds 64 registers per thread
+    (the split head dim counts A + B lanes), a split head dim only where D is not a power of two."""
     configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 32, 8, 2)]
-    ]
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": sd}, num_warps=w, num_stages=s)
+        for bm, bn, w, s, sd in [
+            (128, 64, 4, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False), (128, 64, 8, 3, True),
+            (64, 64, 8, 2, True), (64, 32, 8, 2, False),
+        ]
+    ]  # fmt: skip
 
     def kept(sq, sk, d, dtype=torch.float16):
         args = {"Q": torch.empty(0, dtype=dtype), "SEQ_Q": sq, "SEQ_K": sk}
-        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in attn_mod._prune_configs(configs, args, HEAD_DIM_P2=d)]
+        pruned = attn_mod._prune_configs(configs, args, HEAD_DIM=d)
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT_D"]) for c in pruned]
 
-    assert kept(4096, 4096, 64) == [(128, 64), (128, 128), (64, 64), (64, 32)]
-    assert kept(64, 77, 64) == [(64, 64), (64, 32)]  # 64 query rows: no 128-row tiles
-    assert kept(4096, 20, 64) == [(64, 32)]  # 20 keys: 32-key tiles only
-    assert kept(4096, 4096, 256) == [(64, 32)]  # D = 160 padded to 256: only 64 rows over 8 warps fit
-    assert kept(10, 10, 16) == [(64, 32)]
+    pad = [(128, 64, False), (128, 128, False), (64, 64, False)]
+    assert kept(4096, 4096, 64) == [*pad, (64, 32, False)]  # a power of two: nothing to split
+    assert kept(4096, 4096, 40) == [*pad, (128, 64, True), (64, 64, True), (64, 32, False)]  # 32 + 16
+    assert kept(64, 77, 64) == [(64, 64, False), (64, 32, False)]  # 64 query rows: no 128-row tiles
+    assert kept(4096, 20, 64) == [(64, 32, False)]  # 20 keys: 32-key tiles only
+    # D = 160: padded to 256 only 64 rows over 8 warps fit; split 128 + 32 also fits 64 x 64 over 8.
+    assert kept(4096, 4096, 160) == [(64, 64, True), (64, 32, False)]
+    assert kept(10, 10, 16) == [(64, 32, False)]
+    assert kept(4096, 4096, 40, torch.float32) == [(64, 32, False)]  # fp32: small tiles, never split
+    assert [attn_mod._head_dim_parts(d, True) for d in (40, 80, 160, 64, 8, 72)] == [
+        (32, 16), (64, 16), (128, 32), (64, 0), (16, 0), (64, 16),
+    ]  # fmt: skip
+    assert attn_mod._head_dim_parts(40, False) == (64, 0)
 
 
 def test_attention_bf16_cpu():
@@ -195,6 +217,25 @@ def test_attention_cuda(B, H, Sq, Sk, D, dtype):
     _check(out, _attention_ref(q, k, v))
 
 
+@pytest.mark.parametrize("B,H,Sq,Sk,D", [(2, 8, 4096, 4096, 40), (2, 8, 1024, 77, 80), (2, 8, 256, 256, 160)])
+def test_attention_cuda_every_config(B, H, Sq, Sk, D, monkeypatch):
+    """Each tile config the autotuner may pick at this shape (padded and split head dim, 32- to
+    128-row tiles), forced one at a time, whichever wins the timing on this GPU."""
+    _need("cuda")
+    q, k, v = _qkv(B, H, Sq, Sk, D, torch.float16, "cuda", "packed")
+    ref = _attention_ref(q, k, v)
+    kept = attn_mod._prune_configs(attn_mod._configs(), {"Q": q, "SEQ_Q": Sq, "SEQ_K": Sk}, HEAD_DIM=D)
+    assert {c.kwargs["SPLIT_D"] for c in kept} == {False, True}
+    for config in kept:
+        monkeypatch.setattr(attn_mod._attention_kernel, "configs", [config])
+        out = _poisoned((B, H, Sq, D), torch.float16, "cuda", transpose12=True)
+        K.attention(q, k, v, out=out)
+        try:
+            _check(out, ref)
+        except AssertionError as e:
+            raise AssertionError(f"{config}: {e}") from None
+
+
 def test_attention_cuda_fp32_odd_lengths():
     _need("cuda")
     q, k, v = _qkv(2, 8, 999, 77, 40, torch.float32, "cuda", "dim-strided")
@@ -207,7 +248,12 @@ def test_attention_cuda_fp32_odd_lengths():
 # GroupNorm (+ SiLU)
 
 
-def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=1e-5, silu=True):
+gn_mod = importlib.import_module("fastdiff.kernels.group_norm")
+
+
+def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=1e-5, silu=True, plan=None):
+    """One launch against float64 torch; `plan` (a name from _plans) forces that launch plan,
+    else the launcher picks as in use."""
     x = (torch.randn(shape, device=device) + mean).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -215,7 +261,12 @@ def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=
     weight = (0.5 + 0.1 * torch.randn(C, device=device)).to(dtype)  # keeps |y| < 4 for bf16
     bias = (0.1 * torch.randn(C, device=device)).to(dtype)
     out = torch.full_like(x, float("nan"))  # same memory format as x
-    K.group_norm(x, groups, weight, bias, eps, silu=silu, out=out)
+    if plan is None:
+        K.group_norm(x, groups, weight, bias, eps, silu=silu, out=out)
+    else:
+        B, HW = shape[0], x[0, 0].numel()
+        chosen = gn_mod._plans(B, C, HW, groups, x.device)[plan]
+        gn_mod._launch(chosen, x.view(B, C, -1), out.view(B, C, -1), weight, bias, groups, eps, silu)
     y = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
     _check(out, F.silu(y) if silu else y)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -246,16 +297,28 @@ def test_group_norm_cpu_large_mean(channels_last, dtype):
     _group_norm_case((2, 64, 6, 6), 8, dtype, "cpu", channels_last, mean=100.0, eps=1e-6, silu=False)
 
 
+@pytest.mark.parametrize("plan", ["fused", "split4", "split8"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_group_norm_cpu_split_chunks(channels_last):
-    """Several tiles per chunk, several chunks per group, a partial last tile: both merge paths."""
+def test_group_norm_cpu_plans(channels_last, plan):
+    """Launch plans on one shape: one program per group (the whole group in a loop of tiles),
+    and two-pass splits into 2 and 4 chunks per group; a partial last tile in all."""
     _need("cpu")
-    gn_mod = importlib.import_module("fastdiff.kernels.group_norm")
-    shape, groups = (1, 64, 60, 60), 32
+    shape, groups = (1, 64, 90, 90), 32
     hw = shape[2] * shape[3]
-    _, block_hw, hw_per_split, split = gn_mod._plan(shape[0], shape[1], hw, groups, torch.device("cpu"))
-    assert split > 1 and hw_per_split > block_hw and hw % block_hw != 0
-    _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, mean=3.0, eps=1e-5, silu=True)
+    plans = gn_mod._plans(shape[0], shape[1], hw, groups, torch.device("cpu"))
+    block_hw = plans["fused"].block_hw
+    assert (plans["split4"].split, plans["split8"].split) == (2, 4) and hw % block_hw != 0
+    assert plans[plan].hw_per_split > block_hw  # several tiles per chunk
+    _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, mean=3.0, eps=1e-5, silu=True, plan=plan)
+
+
+def test_group_norm_default_plan():
+    """Untimed (CPU, or during graph capture): one program per group for groups of a few tiles,
+    two-pass chunks for large groups."""
+    cpu = torch.device("cpu")
+    assert gn_mod._default_plan(2, 1280, 8 * 8, 32, cpu).split == 1
+    big = gn_mod._default_plan(1, 128, 512 * 512, 32, cpu)
+    assert big.split > 1 and big == gn_mod._plans(1, 128, 512 * 512, 32, cpu)["split4"]
 
 
 def test_group_norm_cpu_other_layout_and_no_affine():
@@ -275,8 +338,18 @@ CUDA_GROUP_NORM_SHAPES = [(2, c, s, s) for c, s in [(320, 64), (640, 32), (1280,
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", CUDA_GROUP_NORM_SHAPES, ids=str)
 def test_group_norm_cuda(shape, dtype, channels_last):
+    """As the launcher picks (timed on the first call), at SD1.5's shapes."""
     _need("cuda")
     _group_norm_case(shape, 32, dtype, "cuda", channels_last, mean=100.0 if dtype == torch.float32 else 0.0)
+
+
+@pytest.mark.parametrize("plan", ["fused", "split2", "split16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 16, 16)], ids=str)
+def test_group_norm_cuda_plans(shape, channels_last, plan):
+    """Each launch plan the tuner may pick, whichever it does pick on this GPU."""
+    _need("cuda")
+    _group_norm_case(shape, 32, torch.float16, "cuda", channels_last, plan=plan)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,9 +393,9 @@ def test_geglu_cuda(shape, dtype):
 # accepts but the compiler rejects, tile configs that spill registers, and a kernel that falls off
 # Hopper's fast paths. Triton picks interpreted vs compiled per process, so it runs as a child.
 
-SM90_KERNELS = (
-    ["attention_d40", "attention_d80", "attention_d160", "attention_d8_unaligned"]
-    + [f"group_norm_{k}_{l}" for k in ("stats", "apply") for l in ("nchw", "nhwc", "nchw_c1")]
+SM90_OTHER_KERNELS = (
+    ["attention_d8_unaligned"]
+    + [f"group_norm_{k}_{l}" for k in ("stats", "apply", "fused") for l in ("nchw", "nhwc", "nchw_c1")]
     + ["geglu"]
 )
 
@@ -341,21 +414,27 @@ def sm90_builds() -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", SM90_KERNELS)
-def test_builds_for_sm90_without_spills(sm90_builds, name):
-    assert set(sm90_builds) == set(SM90_KERNELS)
-    assert sm90_builds[name]["stack"] == 0, f"{name}: {sm90_builds[name]['stack']} bytes of register spills per thread"
+def test_builds_for_sm90_without_spills(sm90_builds):
+    """Every kernel, and attention in every tile config the autotuner keeps at SD's shapes."""
+    attention = [n for n in sm90_builds if n.startswith("attention_d") and n != "attention_d8_unaligned"]
+    for D in (40, 80, 160):  # padded and split head dim both built
+        kinds = {n.endswith("_split") for n in attention if n.startswith(f"attention_d{D}_")}
+        assert kinds == {False, True}, f"D={D}: {kinds}"
+    assert set(SM90_OTHER_KERNELS) <= set(sm90_builds)
+    spills = {n: r["stack"] for n, r in sm90_builds.items() if r["stack"]}
+    assert not spills, f"bytes of register spills per thread: {spills}"
 
 
-@pytest.mark.parametrize("name", ["attention_d40", "attention_d80", "attention_d160"])
-def test_sm90_attention_uses_warpgroup_mma(sm90_builds, name):
-    """Both matmuls on Hopper's wgmma (HGMMA in SASS); the older HMMA path would cap the kernel
-    below what SDPA's own kernels reach."""
-    sass = sm90_builds[name]["sass"]
-    assert sass.get("HGMMA", 0) > 0 and sass.get("HMMA", 0) == 0, sass
+def test_sm90_attention_uses_warpgroup_mma(sm90_builds):
+    """Both matmuls on Hopper's wgmma (HGMMA in SASS) wherever the tile has the 64 rows it needs;
+    the older HMMA path would cap the kernel below what SDPA's own kernels reach."""
+    wide = {n: r["sass"] for n, r in sm90_builds.items() if n.startswith("attention") and r["meta"]["BLOCK_M"] >= 64}
+    assert len(wide) >= 10
+    bad = {n: sass for n, sass in wide.items() if sass.get("HGMMA", 0) == 0 or sass.get("HMMA", 0)}
+    assert not bad, bad
 
 
-@pytest.mark.parametrize("name", ["geglu", "group_norm_stats_nchw", "group_norm_apply_nchw"])
+@pytest.mark.parametrize("name", ["geglu", "group_norm_stats_nchw", "group_norm_apply_nchw", "group_norm_fused_nchw"])
 def test_sm90_memory_bound_kernels_move_16_byte_vectors(sm90_builds, name):
     """The bulk of the bytes move as 16-byte loads (and, for geglu, stores): the memory-bound
     kernels cannot approach copy bandwidth otherwise. (NHWC GroupNorm with 10 channels per group
@@ -364,3 +443,49 @@ def test_sm90_memory_bound_kernels_move_16_byte_vectors(sm90_builds, name):
     assert sass.get("LDG.E.128", 0) > 0, sass
     if name != "group_norm_stats_nchw":  # it stores three fp32 statistics per program
         assert sass.get("STG.E.128", 0) > 0, sass
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/kernels.py's table code, on the CPU: interpreted kernels, wall-clock timers in place
+# of the CUDA-graph ones, tiny shapes. A GPU run costs minutes of a scarce loan; a typo in the
+# row code must not be found there.
+
+
+def test_kernels_benchmark_rows_on_cpu(monkeypatch):
+    _need("cpu")
+    import importlib.util
+    import time
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("kernels_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def wall_ms(fn, calls=1, reps=1):
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1000 / calls
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "bench_graph", wall_ms)
+    monkeypatch.setattr(bench, "bench", wall_ms)
+    monkeypatch.setattr(bench, "_gpu_kernel_names", lambda fn: "cpu")
+    monkeypatch.setattr(bench, "n_sets", lambda nbytes: 2)
+    monkeypatch.setattr(bench, "ATTENTION_SHAPES", [(1, 2, 40, 40, 40), (1, 2, 33, 77, 80)])
+    monkeypatch.setattr(bench, "GROUP_NORM_SHAPES", [(1, 64, 5, 7)])
+    monkeypatch.setattr(bench, "GEGLU_SHAPES", [(1, 5, 96)])
+    monkeypatch.setattr(bench, "LAYER_NORM_SHAPES", [(1, 9, 64)])
+    dtype = torch.float16
+    rows = bench.run_attention(dtype) + bench.run_group_norm(dtype) + bench.run_geglu(dtype)
+    rows += bench.run_layer_norm(dtype)
+    assert [r["kernel"] for r in rows] == ["attention"] * 2 + ["group_norm+silu"] * 2 + ["geglu", "layer_norm"]
+    for r in rows:
+        assert r["torch_ms"] > 0 and r["torch_rate"] > 0, r
+        if r["kernel"] != "layer_norm":  # the others compare the kernel with torch on the same inputs
+            assert r["triton_ms"] > 0 and r["max_abs_diff"] < 2e-2, r
+        if r["unit"] == "GB/s":
+            assert r["ceiling"] > 0, r
+    assert rows[0]["config"].startswith("32x32 w4 s1")  # the interpreter's one config
+    bench.print_table(rows, {"matmul_tflops": 1.0, "copy_gbps": 1.0})
+    assert all(r["of_ceiling"] > 0 for r in rows)
