@@ -7,15 +7,19 @@ Pairs timed, same inputs for both sides:
   attention   fastdiff.kernels.attention  vs F.scaled_dot_product_attention   (TFLOP/s: 4 B H Sq Sk D)
   group_norm  fastdiff.kernels.group_norm(silu=True) vs F.silu(F.group_norm)  (GB/s: read x + write y)
   geglu       fastdiff.kernels.geglu      vs chunk + x * F.gelu(gate)         (GB/s: read h + write out)
-q/k/v are slices of a packed projection, as the UNet makes them.
+  layer_norm  torch's F.layer_norm alone, against its ceiling: is a kernel worth writing?
+q/k/v are slices of a packed projection, as the UNet makes them. The config column says what the
+autotuner (attention) or the launch-plan tuner (GroupNorm) chose, with the fastest candidates' times.
 
 Two times per side. "graph": the op on each of several input sets (together >= 256 MiB, 5x the
 L2, so every call reads HBM) captured in one CUDA graph and replayed, median per call: what the
 pipeline's captured step sees, with no launch gaps. "eager": triton.testing.do_bench on one input
 set (L2 flushed), median: includes Python launch cost when that exceeds the GPU time.
 Rates and speed-up (torch time / triton time) are from the graph times. Ceilings measured in the
-same run: an 8192^3 matmul in the benchmark dtype (TFLOP/s) and a device-to-device copy of 1 GiB
-(GB/s, read + write). Needs CUDA; on CPU it says so and exits 0.
+same run: an 8192^3 matmul in the benchmark dtype (TFLOP/s) and, for the memory-bound ops, a
+device-to-device copy moving the same bytes over the same number of input sets, graph-timed the
+same way (GB/s, read + write: small shapes cannot reach the 1 GiB copy rate, whose launch costs
+vanish). Needs CUDA; on CPU it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ ATTENTION_SHAPES = [
 GROUP_NORM_SHAPES = [(2, c, s, s) for c in (320, 640, 1280) for s in (64, 32, 16, 8)]
 # GEGLU input [B, tokens, 2 * inner] with inner = 4 * channels: 320 @ 64x64, 640 @ 32, 1280 @ 16 and 8.
 GEGLU_SHAPES = [(2, 4096, 2560), (2, 1024, 5120), (2, 256, 10240), (2, 64, 10240)]
+# LayerNorm input [B, tokens, channels] in the transformer blocks: 320 @ 64x64 ... 1280 @ 8x8.
+LAYER_NORM_SHAPES = [(2, 4096, 320), (2, 1024, 640), (2, 256, 1280), (2, 64, 1280)]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEVICE = "cuda"
@@ -79,6 +85,15 @@ def bench_graph(fn, calls: int, reps: int = 20) -> float:
         times.append(start.elapsed_time(end) / calls)
     del graph
     return statistics.median(times)
+
+
+def copy_ms(nbytes: int, n: int) -> float:
+    """Graph-timed ms of a device copy moving `nbytes` (read + write) per call, over n buffer pairs."""
+    def buf():
+        return torch.empty(nbytes // 2, device=DEVICE, dtype=torch.uint8)
+
+    pairs = [(buf(), buf()) for _ in range(n)]  # (dst, src)
+    return bench_graph(lambda: [dst.copy_(src) for dst, src in pairs], n)
 
 
 def timed_pair(ours, ref, sets: list) -> dict:
@@ -118,10 +133,21 @@ def ceilings(dtype) -> dict:
     return {"matmul_tflops": 2 * n**3 / ms / 1e9, "copy_gbps": 2 * src.numel() / copy_ms / 1e6}
 
 
+def _config_name(c) -> str:
+    split = " split" if c.kwargs.get("SPLIT_D") else ""
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{split}"
+
+
 def _chosen_config(autotuner) -> str:
-    """The tile config the autotuner picked on its last call, e.g. '128x64 w8 s3'."""
-    c = autotuner.best_config
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+    """The tile config the autotuner picked on its last call and, when that call timed the
+    candidates (not read from Triton's disk cache), the next fastest: '128x64 w8 s3 (0.15 ms; ...)'."""
+    chosen = _config_name(autotuner.best_config)
+    timings = getattr(autotuner, "configs_timings", None)
+    if not timings:
+        return chosen
+    ranked = sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], (list, tuple)) else kv[1])
+    ms = [(t[0] if isinstance(t, (list, tuple)) else t) for _, t in ranked]
+    return chosen + " (" + "; ".join(f"{_config_name(c)} {m * 1000:.1f}us" for (c, _), m in zip(ranked[:3], ms)) + ")"
 
 
 def _gpu_kernel_names(fn) -> str:
@@ -158,6 +184,7 @@ def run_attention(dtype) -> list[dict]:
         nbytes = 2 * B * H * (Sq + Sk) * D * dtype.itemsize  # q + out, k + v
         sets = [make(B, H, Sq, Sk, D) for _ in range(n_sets(nbytes))]
         q, k, v = sets[0]
+        autotuner.configs_timings = None  # set again only if this first call times the candidates
         ours, ref = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
         config = _chosen_config(autotuner)
         if not rows:
@@ -175,7 +202,11 @@ def run_attention(dtype) -> list[dict]:
 
 
 def run_group_norm(dtype) -> list[dict]:
+    import importlib
+
     from fastdiff.kernels import group_norm
+
+    tuned = importlib.import_module("fastdiff.kernels.group_norm").TUNED
 
     def ours(x, w, b):
         return group_norm(x, 32, w, b, 1e-5, silu=True)
@@ -197,13 +228,44 @@ def run_group_norm(dtype) -> list[dict]:
                 for _ in range(n_sets(nbytes))
             ]
             t = timed_pair(ours, ref, sets)
+            x3 = sets[0][0].view(shape[0], shape[1], -1)  # [B, C, HW], as the launcher keys its plans
+            plan = [v for k, v in tuned.items() if k[:5] == (*x3.shape, 32, x3.stride()) and k[6] == dtype]
+            config = ""
+            if plan:
+                chosen, times = plan[0]
+                best = min(times, key=times.get)
+                config = best + " (" + "; ".join(f"{n} {ms * 1000:.1f}us" for n, ms in sorted(times.items())) + ")"
             rows.append(
                 dict(
                     kernel="group_norm+silu", shape=f"{list(shape)} {layout}", **t, unit="GB/s",
                     triton_rate=nbytes / t["triton_ms"] / 1e6, torch_rate=nbytes / t["torch_ms"] / 1e6,
+                    ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6, config=config,
                     max_abs_diff=(ours(*sets[0]).float() - ref(*sets[0]).float()).abs().max().item(),
                 )  # fmt: skip
             )
+    return rows
+
+
+def run_layer_norm(dtype) -> list[dict]:
+    """torch's own LayerNorm only: whether a fused kernel could gain is its distance from copy."""
+    rows = []
+    for shape in LAYER_NORM_SHAPES:
+        nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize  # read x, write y
+        c = shape[-1]
+        sets = [
+            (torch.randn(shape, device=DEVICE, dtype=dtype), torch.randn(c, device=DEVICE, dtype=dtype),
+             torch.randn(c, device=DEVICE, dtype=dtype))
+            for _ in range(n_sets(nbytes))
+        ]  # fmt: skip
+        ms = bench_graph(lambda: [F.layer_norm(x, (c,), w, b, 1e-5) for x, w, b in sets], len(sets))
+        rows.append(
+            dict(
+                kernel="layer_norm", shape=str(list(shape)), triton_ms=float("nan"), torch_ms=ms,
+                triton_eager_ms=float("nan"), torch_eager_ms=bench(lambda: F.layer_norm(sets[0][0], (c,), sets[0][1], sets[0][2], 1e-5)),
+                unit="GB/s", triton_rate=float("nan"), torch_rate=nbytes / ms / 1e6,
+                ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6, max_abs_diff=float("nan"), config="torch only",
+            )  # fmt: skip
+        )
     return rows
 
 
@@ -224,16 +286,39 @@ def run_geglu(dtype) -> list[dict]:
             dict(
                 kernel="geglu", shape=str(list(shape)), **t, unit="GB/s",
                 triton_rate=nbytes / t["triton_ms"] / 1e6, torch_rate=nbytes / t["torch_ms"] / 1e6,
+                ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6,
                 max_abs_diff=(geglu(h).float() - ref(h).float()).abs().max().item(),
             )  # fmt: skip
         )
     return rows
 
 
+def print_table(rows: list[dict], ceil: dict) -> None:
+    """The table; adds speedup, ceiling and of_ceiling to each row."""
+    header = (
+        f"{'kernel':16} {'shape':30} {'triton ms':>10} {'torch ms':>10} {'speed-up':>8} "
+        f"{'triton':>9} {'torch':>9} {'ceiling':>9} {'of ceil':>7}  unit     max|diff|  eager ms (triton/torch)  config"
+    )
+    print("triton / torch ms: median per call, graph-replayed over input sets of >= 256 MiB in all (HBM, no launch gaps)")
+    print("ceiling: the 8192^3 matmul (TFLOP/s), or a copy of the same bytes timed the same way (GB/s)")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        c = r.setdefault("ceiling", ceil["matmul_tflops"])
+        r["speedup"] = r["torch_ms"] / r["triton_ms"]
+        rate = r["torch_rate"] if r["kernel"] == "layer_norm" else r["triton_rate"]
+        r["of_ceiling"] = rate / c
+        print(
+            f"{r['kernel']:16} {r['shape']:30} {r['triton_ms']:10.4f} {r['torch_ms']:10.4f} {r['speedup']:7.2f}x "
+            f"{r['triton_rate']:9.1f} {r['torch_rate']:9.1f} {c:9.1f} {r['of_ceiling']:7.0%}  {r['unit']:8} {r['max_abs_diff']:<9.2g}  "
+            f"{r['triton_eager_ms']:10.4f} / {r['torch_eager_ms']:<10.4f} {r.get('config', '')}"
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    parser.add_argument("--only", choices=["attention", "group_norm", "geglu"], action="append")
+    parser.add_argument("--only", choices=["attention", "group_norm", "geglu", "layer_norm"], action="append")
     parser.add_argument("--json", type=Path, help="save the results (and the environment) here")
     args = parser.parse_args(argv)
 
@@ -247,27 +332,12 @@ def main(argv=None) -> int:
     ceil = ceilings(dtype)
     print(f"{torch.cuda.get_device_name()}  {args.dtype}  ceilings: matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
           f"copy {ceil['copy_gbps']:.0f} GB/s")  # fmt: skip
-    runners = {"attention": run_attention, "group_norm": run_group_norm, "geglu": run_geglu}
+    runners = {"attention": run_attention, "group_norm": run_group_norm, "geglu": run_geglu, "layer_norm": run_layer_norm}
     rows = []
     for name in args.only or list(runners):
         rows += runners[name](dtype)
 
-    header = (
-        f"{'kernel':16} {'shape':30} {'triton ms':>10} {'torch ms':>10} {'speed-up':>8} "
-        f"{'triton':>9} {'torch':>9} {'ceiling':>9}  unit     max|diff|  eager ms (triton/torch)  config"
-    )
-    print("triton / torch ms: median per call, graph-replayed over input sets of >= 256 MiB in all (HBM, no launch gaps)")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        c = ceil["matmul_tflops"] if r["unit"] == "TFLOP/s" else ceil["copy_gbps"]
-        r["speedup"] = r["torch_ms"] / r["triton_ms"]
-        r["ceiling"] = c
-        print(
-            f"{r['kernel']:16} {r['shape']:30} {r['triton_ms']:10.4f} {r['torch_ms']:10.4f} {r['speedup']:7.2f}x "
-            f"{r['triton_rate']:9.1f} {r['torch_rate']:9.1f} {c:9.1f}  {r['unit']:8} {r['max_abs_diff']:<9.2g}  "
-            f"{r['triton_eager_ms']:10.4f} / {r['torch_eager_ms']:<10.4f} {r.get('config', '')}"
-        )
+    print_table(rows, ceil)
 
     if args.json:
         env = _common.environment(torch.device(DEVICE))
