@@ -190,14 +190,15 @@ def _attention_kernel(
                 mask_nb = mask_n[:, None] & mask_nb
             k_b = tl.load(k_b_ptrs, mask=mask_nb, other=0.0)  # [BLOCK_N, HEAD_DIM_B]
             qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PRECISION)
-        qk = qk * qk_scale
         if not EVEN_N:
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
 
-        # Every tile holds at least one real key, so m_new is finite and alpha is well defined.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # Scores in the exp2 domain are qk * qk_scale (> 0, so the row max commutes with it); the
+        # scaling rides in one FMA per score. Every tile holds at least one real key, so m_new is
+        # finite and alpha is well defined.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.exp2(qk - m_new[:, None])
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_a = tl.load(v_a_ptrs, mask=mask_na, other=0.0)  # [BLOCK_N, HEAD_DIM_A]
         p = p.to(v_a.dtype)
@@ -232,6 +233,8 @@ def attention(q, k, v, scale: float | None = None, *, out=None):
     Sk = k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
+    if not scale > 0:
+        raise ValueError(f"attention: scale must be positive (the kernel's running max assumes it), got {scale}")
     if D > MAX_HEAD_DIM:
         ref = F.scaled_dot_product_attention(q, k, v, scale=scale)
         return ref if out is None else out.copy_(ref)

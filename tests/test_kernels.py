@@ -141,6 +141,8 @@ def test_attention_default_output_and_scale():
     out = K.attention(q, k, v, scale=0.3)
     assert out.shape == (2, 3, 33, 40) and out.transpose(1, 2).is_contiguous()
     _check(out, _attention_ref(q, k, v, scale=0.3))
+    with pytest.raises(ValueError, match="positive"):
+        K.attention(q, k, v, scale=-0.3)
 
 
 def test_attention_head_dim_512_falls_back():
