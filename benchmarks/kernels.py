@@ -164,7 +164,7 @@ def _gpu_kernel_names(fn) -> str:
     return ", ".join(sorted(n[:60] for n in names)) or "?"
 
 
-def run_attention(dtype) -> list[dict]:
+def run_attention(dtype):
     import importlib
 
     from fastdiff.kernels import attention
@@ -179,7 +179,6 @@ def run_attention(dtype) -> list[dict]:
         kv = torch.randn(B, Sk, 2, H, D, device=DEVICE, dtype=dtype)
         return (q, *kv.permute(2, 0, 3, 1, 4).unbind(0))  # k, v each [B, H, Sk, D]
 
-    rows = []
     for B, H, Sq, Sk, D in ATTENTION_SHAPES:
         nbytes = 2 * B * H * (Sq + Sk) * D * dtype.itemsize  # q + out, k + v
         sets = [make(B, H, Sq, Sk, D) for _ in range(n_sets(nbytes))]
@@ -187,21 +186,18 @@ def run_attention(dtype) -> list[dict]:
         autotuner.configs_timings = None  # set again only if this first call times the candidates
         ours, ref = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
         config = _chosen_config(autotuner)
-        if not rows:
+        if (B, H, Sq, Sk, D) == ATTENTION_SHAPES[0]:
             print(f"SDPA at {B, H, Sq, Sk, D} runs: {_gpu_kernel_names(lambda: F.scaled_dot_product_attention(q, k, v))}")
         flops = 4 * B * H * Sq * Sk * D
         t = timed_pair(attention, F.scaled_dot_product_attention, sets)
-        rows.append(
-            dict(
-                kernel="attention", shape=f"B{B} H{H} Sq{Sq} Sk{Sk} D{D}", **t, unit="TFLOP/s",
-                triton_rate=flops / t["triton_ms"] / 1e9, torch_rate=flops / t["torch_ms"] / 1e9,
-                max_abs_diff=(ours.float() - ref.float()).abs().max().item(), config=config,
-            )  # fmt: skip
-        )
-    return rows
+        yield dict(
+            kernel="attention", shape=f"B{B} H{H} Sq{Sq} Sk{Sk} D{D}", **t, unit="TFLOP/s",
+            triton_rate=flops / t["triton_ms"] / 1e9, torch_rate=flops / t["torch_ms"] / 1e9,
+            max_abs_diff=(ours.float() - ref.float()).abs().max().item(), config=config,
+        )  # fmt: skip
 
 
-def run_group_norm(dtype) -> list[dict]:
+def run_group_norm(dtype):
     import importlib
 
     from fastdiff.kernels import group_norm
@@ -214,7 +210,6 @@ def run_group_norm(dtype) -> list[dict]:
     def ref(x, w, b):
         return F.silu(F.group_norm(x, 32, w, b, 1e-5))
 
-    rows = []
     for shape in GROUP_NORM_SHAPES:
         for layout in ("nchw", "nhwc"):
             fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
@@ -235,20 +230,16 @@ def run_group_norm(dtype) -> list[dict]:
                 chosen, times = plan[0]
                 best = min(times, key=times.get)
                 config = best + " (" + "; ".join(f"{n} {ms * 1000:.1f}us" for n, ms in sorted(times.items())) + ")"
-            rows.append(
-                dict(
-                    kernel="group_norm+silu", shape=f"{list(shape)} {layout}", **t, unit="GB/s",
-                    triton_rate=nbytes / t["triton_ms"] / 1e6, torch_rate=nbytes / t["torch_ms"] / 1e6,
-                    ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6, config=config,
-                    max_abs_diff=(ours(*sets[0]).float() - ref(*sets[0]).float()).abs().max().item(),
-                )  # fmt: skip
-            )
-    return rows
+            yield dict(
+                kernel="group_norm+silu", shape=f"{list(shape)} {layout}", **t, unit="GB/s",
+                triton_rate=nbytes / t["triton_ms"] / 1e6, torch_rate=nbytes / t["torch_ms"] / 1e6,
+                ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6, config=config,
+                max_abs_diff=(ours(*sets[0]).float() - ref(*sets[0]).float()).abs().max().item(),
+            )  # fmt: skip
 
 
-def run_layer_norm(dtype) -> list[dict]:
+def run_layer_norm(dtype):
     """torch's own LayerNorm only: whether a fused kernel could gain is its distance from copy."""
-    rows = []
     for shape in LAYER_NORM_SHAPES:
         nbytes = 2 * torch.Size(shape).numel() * dtype.itemsize  # read x, write y
         c = shape[-1]
@@ -258,61 +249,59 @@ def run_layer_norm(dtype) -> list[dict]:
             for _ in range(n_sets(nbytes))
         ]  # fmt: skip
         ms = bench_graph(lambda: [F.layer_norm(x, (c,), w, b, 1e-5) for x, w, b in sets], len(sets))
-        rows.append(
-            dict(
-                kernel="layer_norm", shape=str(list(shape)), triton_ms=float("nan"), torch_ms=ms,
-                triton_eager_ms=float("nan"), torch_eager_ms=bench(lambda: F.layer_norm(sets[0][0], (c,), sets[0][1], sets[0][2], 1e-5)),
-                unit="GB/s", triton_rate=float("nan"), torch_rate=nbytes / ms / 1e6,
-                ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6, max_abs_diff=float("nan"), config="torch only",
-            )  # fmt: skip
-        )
-    return rows
+        yield dict(
+            kernel="layer_norm", shape=str(list(shape)), triton_ms=float("nan"), torch_ms=ms,
+            triton_eager_ms=float("nan"), torch_eager_ms=bench(lambda: F.layer_norm(sets[0][0], (c,), sets[0][1], sets[0][2], 1e-5)),
+            unit="GB/s", triton_rate=float("nan"), torch_rate=nbytes / ms / 1e6,
+            ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6, max_abs_diff=float("nan"), config="torch only",
+        )  # fmt: skip
 
 
-def run_geglu(dtype) -> list[dict]:
+def run_geglu(dtype):
     from fastdiff.kernels import geglu
 
     def ref(h):
         x, gate = h.chunk(2, dim=-1)
         return x * F.gelu(gate)
 
-    rows = []
     for shape in GEGLU_SHAPES:
         nbytes = torch.Size(shape).numel() * dtype.itemsize * 3 // 2  # read h, write half of it
         sets = [(torch.randn(shape, device=DEVICE, dtype=dtype),) for _ in range(n_sets(nbytes))]
         t = timed_pair(geglu, ref, sets)
         h = sets[0][0]
-        rows.append(
-            dict(
-                kernel="geglu", shape=str(list(shape)), **t, unit="GB/s",
-                triton_rate=nbytes / t["triton_ms"] / 1e6, torch_rate=nbytes / t["torch_ms"] / 1e6,
-                ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6,
-                max_abs_diff=(geglu(h).float() - ref(h).float()).abs().max().item(),
-            )  # fmt: skip
-        )
-    return rows
+        yield dict(
+            kernel="geglu", shape=str(list(shape)), **t, unit="GB/s",
+            triton_rate=nbytes / t["triton_ms"] / 1e6, torch_rate=nbytes / t["torch_ms"] / 1e6,
+            ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6,
+            max_abs_diff=(geglu(h).float() - ref(h).float()).abs().max().item(),
+        )  # fmt: skip
 
 
-def print_table(rows: list[dict], ceil: dict) -> None:
-    """The table; adds speedup, ceiling and of_ceiling to each row."""
-    header = (
-        f"{'kernel':16} {'shape':30} {'triton ms':>10} {'torch ms':>10} {'speed-up':>8} "
-        f"{'triton':>9} {'torch':>9} {'ceiling':>9} {'of ceil':>7}  unit     max|diff|  eager ms (triton/torch)  config"
-    )
+HEADER = (
+    f"{'kernel':16} {'shape':30} {'triton ms':>10} {'torch ms':>10} {'speed-up':>8} "
+    f"{'triton':>9} {'torch':>9} {'ceiling':>9} {'of ceil':>7}  unit     max|diff|  eager ms (triton/torch)  config"
+)
+
+
+def print_header() -> None:
     print("triton / torch ms: median per call, graph-replayed over input sets of >= 256 MiB in all (HBM, no launch gaps)")
     print("ceiling: the 8192^3 matmul (TFLOP/s), or a copy of the same bytes timed the same way (GB/s)")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        c = r.setdefault("ceiling", ceil["matmul_tflops"])
-        r["speedup"] = r["torch_ms"] / r["triton_ms"]
-        rate = r["torch_rate"] if r["kernel"] == "layer_norm" else r["triton_rate"]
-        r["of_ceiling"] = rate / c
-        print(
-            f"{r['kernel']:16} {r['shape']:30} {r['triton_ms']:10.4f} {r['torch_ms']:10.4f} {r['speedup']:7.2f}x "
-            f"{r['triton_rate']:9.1f} {r['torch_rate']:9.1f} {c:9.1f} {r['of_ceiling']:7.0%}  {r['unit']:8} {r['max_abs_diff']:<9.2g}  "
-            f"{r['triton_eager_ms']:10.4f} / {r['torch_eager_ms']:<10.4f} {r.get('config', '')}"
-        )
+    print(HEADER)
+    print("-" * len(HEADER))
+
+
+def finish_row(r: dict, ceil: dict) -> None:
+    """Adds speedup, ceiling and of_ceiling to a row and prints it."""
+    c = r.setdefault("ceiling", ceil["matmul_tflops"])
+    r["speedup"] = r["torch_ms"] / r["triton_ms"]
+    rate = r["torch_rate"] if r["kernel"] == "layer_norm" else r["triton_rate"]
+    r["of_ceiling"] = rate / c
+    print(
+        f"{r['kernel']:16} {r['shape']:30} {r['triton_ms']:10.4f} {r['torch_ms']:10.4f} {r['speedup']:7.2f}x "
+        f"{r['triton_rate']:9.1f} {r['torch_rate']:9.1f} {c:9.1f} {r['of_ceiling']:7.0%}  {r['unit']:8} {r['max_abs_diff']:<9.2g}  "
+        f"{r['triton_eager_ms']:10.4f} / {r['torch_eager_ms']:<10.4f} {r.get('config', '')}",
+        flush=True,
+    )
 
 
 def main(argv=None) -> int:
@@ -333,16 +322,17 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name()}  {args.dtype}  ceilings: matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
           f"copy {ceil['copy_gbps']:.0f} GB/s")  # fmt: skip
     runners = {"attention": run_attention, "group_norm": run_group_norm, "geglu": run_geglu, "layer_norm": run_layer_norm}
+    print_header()
+    env = _common.environment(torch.device(DEVICE)) if args.json else None
     rows = []
     for name in args.only or list(runners):
-        rows += runners[name](dtype)
-
-    print_table(rows, ceil)
-
+        for r in runners[name](dtype):  # each row printed and saved as it lands: a cut run keeps them
+            finish_row(r, ceil)
+            rows.append(r)
+            if args.json:
+                result = {"dtype": args.dtype, "ceilings": ceil, "rows": rows, "environment": env}
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
     if args.json:
-        env = _common.environment(torch.device(DEVICE))
-        result = {"dtype": args.dtype, "ceilings": ceil, "rows": rows, "environment": env}
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"saved {args.json}")
     return 0
 

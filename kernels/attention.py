@@ -42,11 +42,10 @@ def _configs():
     if triton.knobs.runtime.interpret:
         # The CPU interpreter (tests): one small config, so several K/V tiles and tails get exercised.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_D": False}, num_warps=4, num_stages=1)]
+    # Run 2 on an H200 chose among these at SD's shapes; 128 x 64 w4 and 128 x 32 w8 never won.
     padded = [
-        (128, 64, 4, 3),
         (128, 64, 8, 3),
         (128, 128, 8, 2),
-        (128, 32, 8, 3),
         (64, 64, 4, 3),
         (64, 32, 4, 3),
         (64, 64, 8, 2),
@@ -57,7 +56,7 @@ def _configs():
         (64, 32, 8, 2),  # last: the smallest, the fallback when nothing else fits
     ]
     # Split head dim: wgmma tiles only (a 32-row split tile spilled registers at D = 160).
-    split = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2)]
+    split = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": sd}, num_warps=w, num_stages=s)
         for sd, tiles in ((True, split), (False, padded))

@@ -297,26 +297,32 @@ def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu:
     )  # fmt: skip
 
 
+def _can_time(device: torch.device) -> bool:
+    """Plans are timed on a CUDA device running compiled kernels, and never inside a graph capture."""
+    return device.type == "cuda" and not triton.knobs.runtime.interpret and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_ms(fn) -> float:
+    """Median ms of fn() replayed in a CUDA graph: no launch gaps, as in the pipeline's captured step."""
+    from triton.testing import do_bench_cudagraph
+
+    torch.cuda.current_stream().synchronize()  # the timing runs on its own stream: inputs must be ready
+    return do_bench_cudagraph(fn, rep=5, return_mode="median")
+
+
 def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> Plan:
-    """The fastest candidate plan for this call's shape, layout and dtype, timed once in a CUDA
-    graph (no launch gaps, as in the pipeline's captured step). Off CUDA, under the interpreter, or
-    while a graph is being captured (timing is impossible there), the untimed default."""
+    """The fastest candidate plan for this call's shape, layout and dtype, timed once. Where
+    timing is impossible (see _can_time), the untimed default, not remembered."""
     B, C, HW = x3.shape
     key = (B, C, HW, num_groups, x3.stride(), y3.stride(), x3.dtype, silu, x3.device)
     if key in TUNED:
         return TUNED[key][0]
-    default = _default_plan(B, C, HW, num_groups, x3.device)
-    if x3.device.type != "cuda" or triton.knobs.runtime.interpret or torch.cuda.is_current_stream_capturing():
-        return default
-    import triton.testing
-
-    torch.cuda.current_stream().synchronize()  # the timing runs on its own stream: x3 must be ready
+    if not _can_time(x3.device):
+        return _default_plan(B, C, HW, num_groups, x3.device)
     plans = _plans(B, C, HW, num_groups, x3.device)
     times = {}
     for name, plan in plans.items():
-        times[name] = triton.testing.do_bench_cudagraph(
-            lambda plan=plan: _launch(plan, x3, y3, weight, bias, num_groups, eps, silu), rep=5, return_mode="median"
-        )
+        times[name] = _time_ms(lambda plan=plan: _launch(plan, x3, y3, weight, bias, num_groups, eps, silu))
     best = min(times, key=times.get)
     TUNED[key] = (plans[best], times)
     return plans[best]

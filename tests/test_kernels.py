@@ -345,13 +345,39 @@ def test_group_norm_cuda(shape, dtype, channels_last):
     _group_norm_case(shape, 32, dtype, "cuda", channels_last, mean=100.0 if dtype == torch.float32 else 0.0)
 
 
-@pytest.mark.parametrize("plan", ["fused", "split2", "split16"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 16, 16)], ids=str)
-def test_group_norm_cuda_plans(shape, channels_last, plan):
-    """Each launch plan the tuner may pick, whichever it does pick on this GPU."""
+@pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 16, 16), (1, 128, 512, 512)], ids=str)
+def test_group_norm_cuda_plans(shape, channels_last):
+    """Every launch plan the tuner may pick at this shape, whichever it does pick on this GPU."""
     _need("cuda")
-    _group_norm_case(shape, 32, torch.float16, "cuda", channels_last, plan=plan)
+    names = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], 32, torch.device("cuda"))
+    assert len(names) >= 3, names
+    for plan in names:
+        _group_norm_case(shape, 32, torch.float16, "cuda", channels_last, plan=plan)
+
+
+def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch):
+    """The tuning path (CUDA-only in use) with a stand-in timer: each candidate timed once, the
+    fastest chosen and remembered, the result still right."""
+    _need("cpu")
+    fake_ms = {}
+
+    def fake_time(fn):
+        fn()
+        fake_ms[len(fake_ms)] = 1.0 / (1 + len(fake_ms))  # later candidates "faster": picks the last
+        return fake_ms[len(fake_ms) - 1]
+
+    monkeypatch.setattr(gn_mod, "_can_time", lambda device: True)
+    monkeypatch.setattr(gn_mod, "_time_ms", fake_time)
+    monkeypatch.setattr(gn_mod, "TUNED", {})
+    shape = (1, 64, 90, 90)
+    plans = gn_mod._plans(1, 64, 90 * 90, 32, torch.device("cpu"))
+    _group_norm_case(shape, 32, torch.float32, "cpu", False)
+    assert len(fake_ms) == len(plans) >= 3
+    ((chosen, times),) = gn_mod.TUNED.values()
+    assert chosen == list(plans.values())[-1] and list(times) == list(plans)
+    _group_norm_case(shape, 32, torch.float32, "cpu", False)  # remembered: not timed again
+    assert len(fake_ms) == len(plans)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +505,7 @@ def test_kernels_benchmark_rows_on_cpu(monkeypatch):
     monkeypatch.setattr(bench, "GEGLU_SHAPES", [(1, 5, 96)])
     monkeypatch.setattr(bench, "LAYER_NORM_SHAPES", [(1, 9, 64)])
     dtype = torch.float16
-    rows = bench.run_attention(dtype) + bench.run_group_norm(dtype) + bench.run_geglu(dtype)
+    rows = [*bench.run_attention(dtype), *bench.run_group_norm(dtype), *bench.run_geglu(dtype)]
     rows += bench.run_layer_norm(dtype)
     assert [r["kernel"] for r in rows] == ["attention"] * 2 + ["group_norm+silu"] * 2 + ["geglu", "layer_norm"]
     for r in rows:
@@ -489,5 +515,7 @@ def test_kernels_benchmark_rows_on_cpu(monkeypatch):
         if r["unit"] == "GB/s":
             assert r["ceiling"] > 0, r
     assert rows[0]["config"].startswith("32x32 w4 s1")  # the interpreter's one config
-    bench.print_table(rows, {"matmul_tflops": 1.0, "copy_gbps": 1.0})
+    bench.print_header()
+    for r in rows:
+        bench.finish_row(r, {"matmul_tflops": 1.0, "copy_gbps": 1.0})
     assert all(r["of_ceiling"] > 0 for r in rows)
