@@ -54,6 +54,7 @@ def cases() -> dict:
         for c in attn._prune_configs(attn._configs(), named, HEAD_DIM=D):
             tile = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
             name = f"attention_d{D}_{tile}" + ("_split" if c.kwargs["SPLIT_D"] else "")
+            name += "_overlap" if c.kwargs["OVERLAP_QK"] else ""
             attention_case(name, B, H, S, S + 3, D, qkv, (S * H * D, D, H * D, 1), 8, c)
     # The embedded model's smallest head (D = 8, padded to 16) with rows padded by one element, so
     # no stride is a multiple of 8 (STRIDE_ALIGN = 1): the generic path the alignment hint skips.

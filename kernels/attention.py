@@ -9,14 +9,20 @@ with log2(e) folded into the softmax scale.
 SD1.5 head dims (40, 80, 160) are not powers of two, and tl.dot needs power-of-two tiles. Two ways
 are autotuned per shape: pad the head-dim axis to the next power of two (D = 40 -> 64, masked on
 load and store), or split it into two power-of-two parts (SPLIT_D: 40 = 32 + 16 with 8 masked,
-80 = 64 + 16, 160 = 128 + 32), each matmul done as two, which cuts the padded work from 60% to 20%
-(D = 40) or 6% (80, 160) at the cost of smaller MMA shapes. A D = 40 row is 80 bytes,
-so the compiler cannot prove 16-byte alignment from the strides alone; the launcher checks that
-they are multiples of 8 elements and passes that on (STRIDE_ALIGN), which is what turns the loads
-into 16-byte asynchronous copies (and, measured in sm_90 builds, removes register spills).
+80 = 64 + 16, 160 = 128 + 32), each matmul done as two, which cuts the padded lanes from 60% of D
+to 20% (D = 40) or none (80, 160) at the cost of smaller MMA shapes. A D = 40 row is 80 bytes, so
+the compiler cannot prove 16-byte alignment from the strides alone; the launcher checks that they
+are multiples of 8 elements and passes that on (STRIDE_ALIGN), which is what turns the loads into
+16-byte asynchronous copies (and, measured in sm_90 builds, removes register spills).
 
-Tile sizes and the head-dim split are autotuned on the first call for each (Sq, Sk, D, dtype), and
-the choice is kept in Triton's on-disk cache; make that call before capturing a CUDA graph.
+OVERLAP_QK (also autotuned) software-pipelines the key loop by hand: each step issues the next
+tile's q k^T before this tile's softmax, so on Hopper the asynchronous wgmma runs while the exp2
+units work (sm_90 SASS shows the HGMMAs interleaved with MUFU.EX2 and the wait after them), the
+overlap FlashAttention-3 gets within a warpgroup; it costs a second tile of scores in registers.
+
+Tile sizes, the head-dim split and the overlap are autotuned on the first call for each
+(Sq, Sk, D, dtype), and the choice is kept in Triton's on-disk cache; make that call before
+capturing a CUDA graph.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ _DOT_PRECISION = {torch.float32: "ieee", torch.float16: "tf32", torch.bfloat16: 
 def _configs():
     if triton.knobs.runtime.interpret:
         # The CPU interpreter (tests): one small config, so several K/V tiles and tails get exercised.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_D": False}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_D": False, "OVERLAP_QK": False}, num_warps=4, num_stages=1)]
     # Run 2 on an H200 chose among these at SD's shapes; 128 x 64 w4 and 128 x 32 w8 never won.
     padded = [
         (128, 64, 8, 3),
@@ -57,9 +63,12 @@ def _configs():
     ]
     # Split head dim: wgmma tiles only (a 32-row split tile spilled registers at D = 160).
     split = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 2)]
+    # Next tile's q k^T in flight during this tile's softmax (long key sequences only, see the
+    # prune). Padded head dim only: with the split one, the sm_90 build waits after every wgmma.
+    overlap = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": sd}, num_warps=w, num_stages=s)
-        for sd, tiles in ((True, split), (False, padded))
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": sd, "OVERLAP_QK": ov}, num_warps=w, num_stages=s)
+        for sd, ov, tiles in ((False, True, overlap), (True, False, split), (False, False, padded))
         for bm, bn, w, s in tiles
     ]
 
@@ -77,9 +86,9 @@ def _head_dim_parts(head_dim: int, split: bool) -> tuple[int, int]:
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the tile sizes that fit the sequences and the head dim on an H100/H200-class GPU: the
     fp32 accumulator within 64 registers per thread, Q plus the pipelined K/V tiles within 200 KiB
-    of shared memory. A split head dim only where D is not a power of two. fp32 inputs run on CUDA
-    cores (for checking more than for speed) and spill registers at anything but the smallest
-    tiles, split or not."""
+    of shared memory. A split head dim only where D is not a power of two, scores a tile ahead only
+    over at least 4 key tiles. fp32 inputs run on CUDA cores (for checking more than for speed) and
+    spill registers at anything but the smallest tiles: neither variant for them."""
     head_dim = kwargs["HEAD_DIM"]
     itemsize = named_args["Q"].element_size()
     # Tiles longer than the sequence (down to 64 rows) only add masked work and compile time.
@@ -91,6 +100,8 @@ def _prune_configs(configs, named_args, **kwargs):
         a, b = _head_dim_parts(head_dim, c.kwargs["SPLIT_D"])
         if c.kwargs["SPLIT_D"] and (b == 0 or itemsize == 4):
             return False
+        if c.kwargs["OVERLAP_QK"] and (named_args["SEQ_K"] < 4 * bn or itemsize == 4):
+            return False  # a tile of scores ahead pays only over many key tiles
         d = a + b
         registers = bm * d // (32 * c.num_warps)
         smem = itemsize * (bm * d + 2 * c.num_stages * bn * d)
@@ -98,6 +109,34 @@ def _prune_configs(configs, named_args, **kwargs):
         return short and registers <= 64 and smem <= 200 * 1024 and (itemsize < 4 or bm * bn <= 64 * 32)
 
     return [c for c in configs if fits(c)] or configs[-1:]  # the last config is the smallest
+
+
+@triton.jit
+def _scores(
+    q_a,  # [BLOCK_M, HEAD_DIM_A] queries, head-dim lanes [0, A)
+    q_b,  # [BLOCK_M, HEAD_DIM_B] lanes [A, A + B); unused when HEAD_DIM_B = 0
+    k_a_ptrs,  # [BLOCK_N, HEAD_DIM_A] pointers of one key tile
+    k_b_ptrs,  # [BLOCK_N, HEAD_DIM_B] the same for lanes [A, A + B); unused when HEAD_DIM_B = 0
+    rows_ok,  # [BLOCK_N] key rows that exist (the others load as zeros); used when MASK_ROWS
+    mask_a,  # [HEAD_DIM_A] real head-dim lanes
+    mask_b,  # [HEAD_DIM_B] real head-dim lanes; unused when HEAD_DIM_B = 0
+    MASK_ROWS: tl.constexpr,  # the tile may run past the last key
+    HEAD_DIM_B: tl.constexpr,  # second head-dim part, 0 for none
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs; 16-bit inputs ignore it
+):
+    """q k^T for one key tile: [BLOCK_M, BLOCK_N] fp32, unscaled."""
+    mask_ka = mask_a[None, :]
+    if MASK_ROWS:
+        mask_ka = rows_ok[:, None] & mask_ka
+    k_a = tl.load(k_a_ptrs, mask=mask_ka, other=0.0)  # [BLOCK_N, HEAD_DIM_A]
+    qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+    if HEAD_DIM_B > 0:
+        mask_kb = mask_b[None, :]
+        if MASK_ROWS:
+            mask_kb = rows_ok[:, None] & mask_kb
+        k_b = tl.load(k_b_ptrs, mask=mask_kb, other=0.0)  # [BLOCK_N, HEAD_DIM_B]
+        qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PRECISION)
+    return qk
 
 
 @triton.autotune(
@@ -133,6 +172,7 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,  # query rows per program
     BLOCK_N: tl.constexpr,  # key/value rows per loop step
     SPLIT_D: tl.constexpr,  # head dim as two power-of-two parts (see HEAD_DIM_A/B), not one padded
+    OVERLAP_QK: tl.constexpr,  # issue the next key tile's q k^T before this tile's softmax
     EVEN_N: tl.constexpr,  # SEQ_K % BLOCK_N == 0: no key-tail masking needed
     HEAD_DIM_A: tl.constexpr,  # lanes [0, A) of the head dim: a power of two >= 16 (D padded if B = 0)
     HEAD_DIM_B: tl.constexpr,  # lanes [A, A + B) when SPLIT_D, a power of two >= 16; 0 otherwise
@@ -172,23 +212,32 @@ def _attention_kernel(
         k_b_ptrs = k_rows + offs_b[None, :] * stride_kd  # [BLOCK_N, HEAD_DIM_B]
         v_b_ptrs = v_rows + offs_b[None, :] * stride_vd  # [BLOCK_N, HEAD_DIM_B]
         acc_b = tl.zeros([BLOCK_M, HEAD_DIM_B], dtype=tl.float32)  # lanes [A, A + B)
+    else:  # placeholders for _scores' unused arguments
+        mask_b = mask_a
+        q_b = q_a
+        k_b_ptrs = k_a_ptrs
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (exp2 domain)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(score - m_i)
 
+    if OVERLAP_QK:  # scores of the first key tile; each step then starts the next tile's
+        qk_next = _scores(q_a, q_b, k_a_ptrs, k_b_ptrs, offs_n < SEQ_K, mask_a, mask_b, True, HEAD_DIM_B, DOT_PRECISION)
     for start_n in range(0, SEQ_K, BLOCK_N):
         mask_n = (start_n + offs_n) < SEQ_K
-        mask_na = mask_a[None, :]  # [1, HEAD_DIM_A]; [BLOCK_N, HEAD_DIM_A] with the key tail
-        if not EVEN_N:
-            mask_na = mask_n[:, None] & mask_na
-        k_a = tl.load(k_a_ptrs, mask=mask_na, other=0.0)  # [BLOCK_N, HEAD_DIM_A]
-        qk = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        k_a_ptrs += BLOCK_N * stride_kn
         if HEAD_DIM_B > 0:
-            mask_nb = mask_b[None, :]
-            if not EVEN_N:
-                mask_nb = mask_n[:, None] & mask_nb
-            k_b = tl.load(k_b_ptrs, mask=mask_nb, other=0.0)  # [BLOCK_N, HEAD_DIM_B]
-            qk = tl.dot(q_b, tl.trans(k_b), qk, input_precision=DOT_PRECISION)
+            k_b_ptrs += BLOCK_N * stride_kn
+        if OVERLAP_QK:
+            # The next tile's q k^T (all-masked past the last key) goes to the tensor cores now,
+            # so they work while this tile's exp2s run; qk is this tile's, started one step ago.
+            qk = qk_next
+            next_ok = (start_n + BLOCK_N + offs_n) < SEQ_K
+            qk_next = _scores(q_a, q_b, k_a_ptrs, k_b_ptrs, next_ok, mask_a, mask_b, True, HEAD_DIM_B, DOT_PRECISION)
+        else:
+            qk = _scores(
+                q_a, q_b, k_a_ptrs - BLOCK_N * stride_kn, k_b_ptrs - BLOCK_N * stride_kn, mask_n, mask_a, mask_b,
+                not EVEN_N, HEAD_DIM_B, DOT_PRECISION,
+            )  # fmt: skip
         if not EVEN_N:
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
 
@@ -199,15 +248,19 @@ def _attention_kernel(
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_a = tl.load(v_a_ptrs, mask=mask_na, other=0.0)  # [BLOCK_N, HEAD_DIM_A]
+        mask_va = mask_a[None, :]  # [1, HEAD_DIM_A]; [BLOCK_N, HEAD_DIM_A] with the key tail
+        if not EVEN_N:
+            mask_va = mask_n[:, None] & mask_va
+        v_a = tl.load(v_a_ptrs, mask=mask_va, other=0.0)  # [BLOCK_N, HEAD_DIM_A]
         p = p.to(v_a.dtype)
         acc_a = tl.dot(p, v_a, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
-        k_a_ptrs += BLOCK_N * stride_kn
         v_a_ptrs += BLOCK_N * stride_vn
         if HEAD_DIM_B > 0:
-            v_b = tl.load(v_b_ptrs, mask=mask_nb, other=0.0)  # [BLOCK_N, HEAD_DIM_B]
+            mask_vb = mask_b[None, :]
+            if not EVEN_N:
+                mask_vb = mask_n[:, None] & mask_vb
+            v_b = tl.load(v_b_ptrs, mask=mask_vb, other=0.0)  # [BLOCK_N, HEAD_DIM_B]
             acc_b = tl.dot(p, v_b, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
-            k_b_ptrs += BLOCK_N * stride_kn
             v_b_ptrs += BLOCK_N * stride_vn
         m_i = m_new
 

@@ -112,21 +112,29 @@ CPU_ATTENTION_CASES = [
     (160, 100, 100, torch.float32, "packed"),
     (160, 1, 77, torch.float16, "dim-strided"),
     (160, 77, 77, torch.float32, "contiguous"),
+    (80, 33, 32, torch.float32, "contiguous"),  # exactly one key tile: the tile ahead is all padding
+    (40, 3, 1, torch.float16, "packed"),  # one key: the output is v
 ]
 
 
-def _force_config(monkeypatch, split_d: bool, block_m: int = 32, block_n: int = 32) -> None:
+def _force_config(monkeypatch, split_d: bool, overlap_qk: bool) -> None:
     """Run the attention kernel with this one config (the autotuner does not time a single one)."""
-    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "SPLIT_D": split_d}, num_warps=4, num_stages=1)
+    config = triton.Config(
+        {"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_D": split_d, "OVERLAP_QK": overlap_qk}, num_warps=4, num_stages=1
+    )
     monkeypatch.setattr(attn_mod._attention_kernel, "configs", [config])
 
 
-@pytest.mark.parametrize("split_d", [False, True], ids=["padded", "split"])
+@pytest.mark.parametrize(
+    "split_d,overlap_qk", [(False, False), (True, False), (False, True), (True, True)],
+    ids=["padded", "split", "padded-overlap", "split-overlap"],
+)  # fmt: skip
 @pytest.mark.parametrize("D,Sq,Sk,dtype,layout", CPU_ATTENTION_CASES)
-def test_attention_cpu(D, Sq, Sk, dtype, layout, split_d, monkeypatch):
-    """Both ways of tiling the head dim: padded to a power of two, and split into two parts."""
+def test_attention_cpu(D, Sq, Sk, dtype, layout, split_d, overlap_qk, monkeypatch):
+    """Both ways of tiling the head dim (padded to a power of two, split into two parts), each with
+    and without the next key tile's scores computed a step ahead."""
     _need("cpu")
-    _force_config(monkeypatch, split_d)
+    _force_config(monkeypatch, split_d, overlap_qk)
     B, H = 1, 2
     q, k, v = _qkv(B, H, Sq, Sk, D, dtype, "cpu", layout)
     out = _poisoned((B, H, Sq, D), dtype, "cpu", transpose12=(layout == "packed"))
@@ -159,7 +167,7 @@ def test_attention_configs_pruned_to_sequence_and_registers():
     the sequence (down to 64 x 32), none whose fp32 accumulator exceeds 64 registers per thread
     (the split head dim counts A + B lanes), a split head dim only where D is not a power of two."""
     configs = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": sd}, num_warps=w, num_stages=s)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_D": sd, "OVERLAP_QK": False}, num_warps=w, num_stages=s)
         for bm, bn, w, s, sd in [
             (128, 64, 4, 3, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False), (128, 64, 8, 3, True),
             (64, 64, 8, 2, True), (64, 32, 8, 2, False),
@@ -184,6 +192,14 @@ def test_attention_configs_pruned_to_sequence_and_registers():
         (32, 16), (64, 16), (128, 32), (64, 0), (16, 0), (64, 16),
     ]  # fmt: skip
     assert attn_mod._head_dim_parts(40, False) == (64, 0)
+
+    # Scores a tile ahead: only where there are at least 4 key tiles, never for fp32.
+    ahead = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_D": False, "OVERLAP_QK": True}, num_warps=4)]
+
+    def kept_ahead(sk, dtype=torch.float16):
+        return len(attn_mod._prune_configs(ahead + configs[-1:], {"Q": torch.empty(0, dtype=dtype), "SEQ_Q": 4096, "SEQ_K": sk}, HEAD_DIM=64))
+
+    assert (kept_ahead(256), kept_ahead(255), kept_ahead(77), kept_ahead(4096, torch.float32)) == (2, 1, 1, 1)
 
 
 def test_attention_bf16_cpu():
@@ -445,9 +461,9 @@ def sm90_builds() -> dict:
 def test_builds_for_sm90_without_spills(sm90_builds):
     """Every kernel, and attention in every tile config the autotuner keeps at SD's shapes."""
     attention = [n for n in sm90_builds if n.startswith("attention_d") and n != "attention_d8_unaligned"]
-    for D in (40, 80, 160):  # padded and split head dim both built
-        kinds = {n.endswith("_split") for n in attention if n.startswith(f"attention_d{D}_")}
-        assert kinds == {False, True}, f"D={D}: {kinds}"
+    for D in (40, 80, 160):  # padded, split, and padded with scores a tile ahead: all built
+        kinds = {("_split" in n, "_overlap" in n) for n in attention if n.startswith(f"attention_d{D}_")}
+        assert kinds == {(False, False), (True, False), (False, True)}, f"D={D}: {kinds}"
     assert set(SM90_OTHER_KERNELS) <= set(sm90_builds)
     spills = {n: r["stack"] for n, r in sm90_builds.items() if r["stack"]}
     assert not spills, f"bytes of register spills per thread: {spills}"
