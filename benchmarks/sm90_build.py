@@ -37,16 +37,17 @@ def cases() -> dict:
     geglu = importlib.import_module("fastdiff.kernels.geglu")
     out = {}
 
-    def attention_case(name, B, H, S, Sk, D, strides_qkv, strides_o, align, config):
+    def attention_case(name, B, H, S, Sk, D, strides_qkv, strides_o, align, config, even_n=False):
         args = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", num_heads=H, SEQ_Q=S, SEQ_K=Sk, qk_scale=0.1)
         for t, strides in (("q", strides_qkv), ("k", strides_qkv), ("v", strides_qkv), ("o", strides_o)):
             args.update({f"stride_{t}{n}": s for n, s in zip("bhmd" if t in "qo" else "bhnd", strides)})
         a, b = attn._head_dim_parts(D, config.kwargs["SPLIT_D"])
-        meta = dict(HEAD_DIM=D, DOT_PRECISION="tf32", STRIDE_ALIGN=align, EVEN_N=False, HEAD_DIM_A=a, HEAD_DIM_B=b)
+        meta = dict(HEAD_DIM=D, DOT_PRECISION="tf32", STRIDE_ALIGN=align, EVEN_N=even_n, HEAD_DIM_A=a, HEAD_DIM_B=b)
         out[name] = (attn._attention_kernel, args, dict(meta, **config.kwargs), config.num_warps, config.num_stages)
 
     # Self-attention over a packed [2, S, 3, 8, D] projection at each head dim's sequence length,
-    # key tail masked: every config the autotuner may pick there, padded and split head dim.
+    # key tail masked (S + 3 keys): every config the autotuner may pick there, padded and split
+    # head dim; the OVERLAP_QK ones also as SD runs them, S keys with no tail ("_even").
     for D, S in ((40, 4096), (80, 1024), (160, 256)):
         B, H = 2, 8
         named = {"Q": torch.empty(0, dtype=torch.float16), "SEQ_Q": S, "SEQ_K": S}
@@ -56,6 +57,8 @@ def cases() -> dict:
             name = f"attention_d{D}_{tile}" + ("_split" if c.kwargs["SPLIT_D"] else "")
             name += "_overlap" if c.kwargs["OVERLAP_QK"] else ""
             attention_case(name, B, H, S, S + 3, D, qkv, (S * H * D, D, H * D, 1), 8, c)
+            if c.kwargs["OVERLAP_QK"]:
+                attention_case(name + "_even", B, H, S, S, D, qkv, (S * H * D, D, H * D, 1), 8, c, even_n=True)
     # The embedded model's smallest head (D = 8, padded to 16) with rows padded by one element, so
     # no stride is a multiple of 8 (STRIDE_ALIGN = 1): the generic path the alignment hint skips.
     B, S, H, D = 2, 64, 4, 8
@@ -122,7 +125,9 @@ def build(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int)
 
 def inspect(cubin: bytes) -> dict:
     """Registers, stack (spill) and static shared bytes per thread/block, and SASS instruction
-    counts: HGMMA (warpgroup MMA), HMMA, and global loads/stores by width (LDG.E.128 = 16 bytes)."""
+    counts: HGMMA (warpgroup MMA), HMMA, and global loads/stores by width (LDG.E.128 = 16 bytes).
+    "ex2_under_wgmma": exp2s (MUFU.EX2) placed, in program order, after a wgmma is issued and
+    before the next wgmma wait (WARPGROUP.DEPBAR): softmax work overlapping the tensor cores."""
     import triton
 
     cuobjdump = triton.knobs.nvidia.cuobjdump.path
@@ -136,6 +141,15 @@ def inspect(cubin: bytes) -> dict:
     for op in re.findall(r"\b(HGMMA|HMMA|(?:LDG|STG)(?:\.[A-Z0-9]+)*)\b", sass):
         counts[op] = counts.get(op, 0) + 1
     res["sass"] = counts
+    in_flight, overlapped = False, 0
+    for op in re.findall(r"\b(HGMMA|WARPGROUP\.DEPBAR|MUFU\.EX2)\b", sass):
+        if op == "HGMMA":
+            in_flight = True
+        elif op == "WARPGROUP.DEPBAR":
+            in_flight = False
+        else:
+            overlapped += in_flight
+    res["ex2_under_wgmma"] = overlapped
     return res
 
 
@@ -170,10 +184,10 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{'kernel':36} {'regs':>5} {'spill B':>7} {'smem B':>7}  SASS")
+    print(f"{'kernel':36} {'regs':>5} {'spill B':>7} {'smem B':>7} {'ex2||mma':>8}  SASS")
     for name, r in report.items():
         sass = " ".join(f"{k}:{v}" for k, v in sorted(r["sass"].items()))
-        print(f"{name:36} {r['reg']:5} {r['stack']:7} {r['shared']:7}  {sass}")
+        print(f"{name:36} {r['reg']:5} {r['stack']:7} {r['shared']:7} {r['ex2_under_wgmma']:8}  {sass}")
     return 0
 
 
