@@ -44,8 +44,8 @@ step() {  # step NAME TIMEOUT_S CMD...: run if NAME is in $STEPS, log to $OUT/NA
 }
 
 # Kernel and pipeline timings first (a minute or two), then the tests, which may use what is left.
-# The kernels step includes the first-call tuning: attention's autotuner compiles and times up to 11
-# tile configs per shape (60 over the 8 shapes), GroupNorm's tuner up to 5 launch plans per shape.
+# The kernels step includes the first-call tuning: attention's autotuner compiles and times up to 15
+# configs per shape (64 over the 8 shapes), GroupNorm's tuner up to 5 launch plans per shape.
 # Rows are printed and saved as they land, so a step cut at its limit keeps what it measured.
 step kernels 200 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
 # SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff's default (graphs + Triton + NHWC on CUDA),

@@ -235,10 +235,12 @@ def test_attention_cuda(B, H, Sq, Sk, D, dtype):
     _check(out, _attention_ref(q, k, v))
 
 
-@pytest.mark.parametrize("B,H,Sq,Sk,D", [(2, 8, 4096, 4096, 40), (2, 8, 1024, 77, 80), (2, 8, 256, 256, 160)])
+@pytest.mark.parametrize(
+    "B,H,Sq,Sk,D", [(2, 8, 4096, 4096, 40), (2, 8, 1024, 1024, 80), (2, 8, 1024, 77, 80), (2, 8, 256, 256, 160)]
+)
 def test_attention_cuda_every_config(B, H, Sq, Sk, D, monkeypatch):
-    """Each tile config the autotuner may pick at this shape (padded and split head dim, 32- to
-    128-row tiles), forced one at a time, whichever wins the timing on this GPU."""
+    """Each tile config the autotuner may pick at this shape (padded and split head dim, scores a
+    tile ahead, 32- to 128-row tiles), forced one at a time, whichever wins the timing here."""
     _need("cuda")
     q, k, v = _qkv(B, H, Sq, Sk, D, torch.float16, "cuda", "packed")
     ref = _attention_ref(q, k, v)
