@@ -11,7 +11,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device_check}
-STEPS=${STEPS:-"kernels latency_sd15 cuda_tests"}  # latency_tiny: on request
+STEPS=${STEPS:-"kernels latency_sd15 profile cuda_tests"}  # latency_tiny: on request
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -47,15 +47,17 @@ step() {  # step NAME TIMEOUT_S CMD...: run if NAME is in $STEPS, log to $OUT/NA
 # The kernels step includes the first-call tuning: attention's autotuner compiles and times up to 15
 # configs per shape (64 over the 8 shapes), GroupNorm's tuner up to 5 launch plans per shape.
 # Rows are printed and saved as they land, so a step cut at its limit keeps what it measured.
-step kernels 200 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
+step kernels 180 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
 # SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff's default (graphs + Triton + NHWC on CUDA),
 # and with torch's ops in place of the Triton kernels, interleaved in one run. The NCHW and
 # no-graph variants (torch:nchw, torch:nograph) were measured in run 2 (NOTES-gpu.md); add them to
 # LATENCY_BACKENDS to measure them again.
 LATENCY_BACKENDS=${LATENCY_BACKENDS:-torch,torch:torchops}
-step latency_sd15 90 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
+step latency_sd15 80 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
   --height 512 --width 512 --steps 25 --repeats 3 --backends "$LATENCY_BACKENDS" \
   --json "$OUT/latency_sd15.json" --quiet
+# Where the UNet step's GPU time goes, by kernel category, Triton kernels vs torch's ops.
+step profile 50 python3 benchmarks/profile_step.py  # the table is in profile.log: $OUT brings back 8 files at most
 step latency_tiny 60 python3 benchmarks/latency.py --device cuda --dtype float16 --backends torch --repeats 5 \
   --json "$OUT/latency_tiny.json" --quiet
 
@@ -69,7 +71,7 @@ PYTEST=(python3 -m pytest -v -p no:cacheprovider -rfE --tb=short --durations=15)
 python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 12)
 python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
 export FASTDIFF_FAILURE_LOG="$OUT/failures.txt"
-OMP_NUM_THREADS=1 step cuda_tests 170 "${PYTEST[@]}" -k "not sm90 and not cpu" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
+OMP_NUM_THREADS=1 step cuda_tests 150 "${PYTEST[@]}" -k "not sm90 and not cpu" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
 
 echo
 echo "---- summary (logs in $OUT) ----"
@@ -78,6 +80,7 @@ cat "$OUT/gpu.txt"
 [[ -f "$OUT/cuda_tests.log" ]] && grep -E "[0-9]+ (passed|failed)" "$OUT/cuda_tests.log" | tail -1
 [[ -f "$OUT/failures.txt" ]] && grep -E "^(====|E )" "$OUT/failures.txt" | cut -c1-170 | head -30
 [[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(SDPA|kernel|attention|group_norm|geglu|layer_norm)" "$OUT/kernels.log" | cut -c1-175
+[[ -f "$OUT/profile.log" ]] && sed -n '/^category/,/^costliest/p' "$OUT/profile.log" | head -12
 for f in latency_sd15 latency_tiny; do
   [[ -f "$OUT/$f.log" ]] && grep -E "^(model|[0-9]+x[0-9]+|stage|text encoder|UNet per step|denoising|VAE|end-to-end|parity)" "$OUT/$f.log" | cut -c1-260
 done

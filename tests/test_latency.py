@@ -172,3 +172,43 @@ def test_backend_variants_parse_and_reject_unknown_suffixes():
     assert latency.split_variant("torch:nograph:torchops") == ("torch", {"cuda_graph": False, "kernels": "torch"})
     with pytest.raises(ValueError, match="nograf"):
         latency.split_variant("torch:nograf")
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/profile_step.py: kernel names into categories, and its CPU path end to end.
+
+profile_step = _load("profile_step")
+
+
+def test_profile_categories_of_real_kernel_names():
+    """Names as the CUDA profiler reports them (cuDNN, cuBLAS, torch, Triton): each in its bucket,
+    first match winning where two patterns apply (cuDNN's flash kernel says 'fprop' too)."""
+    names = {
+        "_attention_kernel": "attention (triton)",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention (sdpa)",
+        "_group_norm_stats_kernel": "group_norm (triton)",
+        "_group_norm_kernel": "group_norm (triton)",
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::Half, float>": "group_norm (torch)",
+        "aten::native_group_norm": "group_norm (torch)",
+        "_geglu_kernel": "geglu (triton)",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half>": "layer_norm",
+        "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128": "convolution",
+        "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN": "matmul",
+        "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64": "matmul",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>": "other",
+    }
+    assert {n: profile_step.categorize(n) for n in names} == names
+    agg = profile_step.aggregate([("_attention_kernel", 300.0, 1), ("nvjet_x", 100.0, 1), ("_attention_kernel", 300.0, 1)], 2)
+    assert agg["total_ms"] == pytest.approx(0.35)
+    assert agg["categories"]["attention (triton)"] == {"ms": pytest.approx(0.3), "launches": 1}
+    assert agg["top"][0] == {"name": "_attention_kernel", "ms": pytest.approx(0.3)}
+
+
+def test_profile_step_runs_on_cpu(tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    assert profile_step.main(["--device", "cpu", "--arch", "tiny", "--size", "64", "--calls", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())["results"]["torch"]
+    cats = result["categories"]
+    assert {"convolution", "matmul", "attention (sdpa)", "group_norm (torch)"} <= set(cats)
+    assert result["total_ms"] == pytest.approx(sum(c["ms"] for c in cats.values()))
+    assert "convolution" in capsys.readouterr().out
