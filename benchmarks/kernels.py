@@ -169,7 +169,8 @@ def run_attention(dtype):
 
     from fastdiff.kernels import attention
 
-    autotuner = importlib.import_module("fastdiff.kernels.attention")._attention_kernel
+    attn_mod = importlib.import_module("fastdiff.kernels.attention")
+    autotuner = attn_mod._attention_kernel
 
     def make(B, H, Sq, Sk, D):
         if Sq == Sk:
@@ -186,6 +187,10 @@ def run_attention(dtype):
         autotuner.configs_timings = None  # set again only if this first call times the candidates
         ours, ref = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
         config = _chosen_config(autotuner)
+        splits = [v for key, v in attn_mod.TUNED_SPLITS.items() if key[:6] == (B, H, Sq, Sk, D, dtype)]
+        if splits and splits[0][1]:  # the key-split tuner ran: its choice and each candidate's time
+            n, times = splits[0]
+            config = f"keys/{n} ({'; '.join(f'/{k} {ms * 1000:.1f}us' for k, ms in times.items())}) " + config
         if (B, H, Sq, Sk, D) == ATTENTION_SHAPES[0]:
             print(f"SDPA at {B, H, Sq, Sk, D} runs: {_gpu_kernel_names(lambda: F.scaled_dot_product_attention(q, k, v))}")
         flops = 4 * B * H * Sq * Sk * D

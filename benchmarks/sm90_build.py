@@ -37,12 +37,14 @@ def cases() -> dict:
     geglu = importlib.import_module("fastdiff.kernels.geglu")
     out = {}
 
-    def attention_case(name, B, H, S, Sk, D, strides_qkv, strides_o, align, config, even_n=False):
+    def attention_case(name, B, H, S, Sk, D, strides_qkv, strides_o, align, config, even_n=False, splits=1):
         args = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", num_heads=H, SEQ_Q=S, SEQ_K=Sk, qk_scale=0.1)
+        args.update(Partials="*fp32" if splits > 1 else "*fp16", NUM_SPLITS=splits)
         for t, strides in (("q", strides_qkv), ("k", strides_qkv), ("v", strides_qkv), ("o", strides_o)):
             args.update({f"stride_{t}{n}": s for n, s in zip("bhmd" if t in "qo" else "bhnd", strides)})
         a, b = attn._head_dim_parts(D, config.kwargs["SPLIT_D"])
         meta = dict(HEAD_DIM=D, DOT_PRECISION="tf32", STRIDE_ALIGN=align, EVEN_N=even_n, HEAD_DIM_A=a, HEAD_DIM_B=b)
+        meta["SPLIT_K"] = splits > 1
         out[name] = (attn._attention_kernel, args, dict(meta, **config.kwargs), config.num_warps, config.num_stages)
 
     # Self-attention over a packed [2, S, 3, 8, D] projection at each head dim's sequence length,
@@ -59,6 +61,14 @@ def cases() -> dict:
             attention_case(name, B, H, S, S + 3, D, qkv, (S * H * D, D, H * D, 1), 8, c)
             if c.kwargs["OVERLAP_QK"]:
                 attention_case(name + "_even", B, H, S, S, D, qkv, (S * H * D, D, H * D, 1), 8, c, even_n=True)
+            if S == 256:  # short queries: also the key-split variant that writes partial results
+                attention_case(name + "_keysplit", B, H, S, S, D, qkv, (S * H * D, D, H * D, 1), 8, c, even_n=True, splits=2)
+    # The merge of the key-split partial results at D = 160 (padded to 256, 16 rows per program).
+    combine = dict(Partials="*fp32", Out="*fp16", num_heads=8, SEQ_Q=256, NUM_SPLITS=2)
+    combine.update({f"stride_o{n}": s for n, s in zip("bhmd", (256 * 8 * 160, 160, 8 * 160, 1))})
+    out["attention_combine_d160"] = (
+        attn._attention_combine_kernel, combine, dict(HEAD_DIM=160, HEAD_DIM_P2=256, BLOCK_M=16), 4, 3,
+    )  # fmt: skip
     # The embedded model's smallest head (D = 8, padded to 16) with rows padded by one element, so
     # no stride is a multiple of 8 (STRIDE_ALIGN = 1): the generic path the alignment hint skips.
     B, S, H, D = 2, 64, 4, 8

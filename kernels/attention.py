@@ -20,6 +20,12 @@ tile's q k^T before this tile's softmax, so on Hopper the asynchronous wgmma run
 units work (sm_90 SASS shows the HGMMAs interleaved with MUFU.EX2 and the wait after them), the
 overlap FlashAttention-3 gets within a warpgroup; it costs a second tile of scores in registers.
 
+Short query sequences leave SMs idle (256 queries x 16 heads make 64 programs of 64 rows for an
+H200's 132 SMs): the launcher can split the key axis into chunks, one per program_id(2), whose
+programs write unnormalised partial results that `_attention_combine_kernel` merges, as
+FlashDecoding does. Whether to split, and into how many chunks, is timed per shape at the first
+CUDA call (`_tuned_splits`).
+
 Tile sizes, the head-dim split and the overlap are autotuned on the first call for each
 (Sq, Sk, D, dtype), and the choice is kept in Triton's on-disk cache; make that call before
 capturing a CUDA graph.
@@ -33,6 +39,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from . import _tuning
 
 # Head dims above this run through torch's SDPA instead: the only such case in SD1.5 is the VAE
 # mid-block (one head of 512 channels, once per decode), whose [BLOCK_M, 512] fp32 accumulator does
@@ -142,13 +150,14 @@ def _scores(
 
 @triton.autotune(
     configs=_configs(),
-    key=["SEQ_Q", "SEQ_K", "HEAD_DIM"],
+    key=["SEQ_Q", "SEQ_K", "HEAD_DIM", "NUM_SPLITS"],
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,
 )
 @triton.heuristics(
     {
         "EVEN_N": lambda args: args["SEQ_K"] % args["BLOCK_N"] == 0,
+        "SPLIT_K": lambda args: args["NUM_SPLITS"] > 1,
         "HEAD_DIM_A": lambda args: _head_dim_parts(args["HEAD_DIM"], args["SPLIT_D"])[0],
         "HEAD_DIM_B": lambda args: _head_dim_parts(args["HEAD_DIM"], args["SPLIT_D"])[1],
     }
@@ -159,6 +168,7 @@ def _attention_kernel(
     K,  # [B, H, SEQ_K, HEAD_DIM] keys, any strides
     V,  # [B, H, SEQ_K, HEAD_DIM] values, any strides
     Out,  # [B, H, SEQ_Q, HEAD_DIM] output, any strides, dtype of Q
+    Partials,  # [NUM_SPLITS, B * H, SEQ_Q, HEAD_DIM + 2] fp32 when SPLIT_K: unnormalised o, then m, l
     stride_qb, stride_qh, stride_qm, stride_qd,  # Q strides in elements: batch, head, token, dim
     stride_kb, stride_kh, stride_kn, stride_kd,  # K strides
     stride_vb, stride_vh, stride_vn, stride_vd,  # V strides
@@ -166,6 +176,7 @@ def _attention_kernel(
     num_heads,  # H: splits program_id(1) into (batch, head)
     SEQ_Q,  # query tokens
     SEQ_K,  # key/value tokens
+    NUM_SPLITS,  # key-axis chunks, one per program_id(2); 1 = the whole key axis per program
     qk_scale,  # softmax scale * log2(e): scores come out in the exp2 domain
     HEAD_DIM: tl.constexpr,  # true head dim D
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (no TF32); 16-bit inputs ignore it
@@ -175,16 +186,27 @@ def _attention_kernel(
     SPLIT_D: tl.constexpr,  # head dim as two power-of-two parts (see HEAD_DIM_A/B), not one padded
     OVERLAP_QK: tl.constexpr,  # issue the next key tile's q k^T before this tile's softmax
     EVEN_N: tl.constexpr,  # SEQ_K % BLOCK_N == 0: no key-tail masking needed
+    SPLIT_K: tl.constexpr,  # NUM_SPLITS > 1: write partial results for _attention_combine_kernel
     HEAD_DIM_A: tl.constexpr,  # lanes [0, A) of the head dim: a power of two >= 16 (D padded if B = 0)
     HEAD_DIM_B: tl.constexpr,  # lanes [A, A + B) when SPLIT_D, a power of two >= 16; 0 otherwise
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     off_b = (pid_bh // num_heads).to(tl.int64)
     off_h = (pid_bh % num_heads).to(tl.int64)
 
+    # This program's keys: whole tiles [kv_start, kv_end), the last chunk possibly empty. Unsplit,
+    # the bounds stay literal (a computed start changed the loop's schedule in sm_90 builds).
+    kv_start = 0
+    kv_end = SEQ_K
+    if SPLIT_K:
+        tiles_per_split = tl.cdiv(tl.cdiv(SEQ_K, BLOCK_N), NUM_SPLITS)
+        kv_start = pid_s * tiles_per_split * BLOCK_N
+        kv_end = tl.minimum(kv_start + tiles_per_split * BLOCK_N, SEQ_K)
+
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows
-    offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows within a tile
+    offs_n = kv_start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows of the first tile
     offs_a = tl.arange(0, HEAD_DIM_A)  # [HEAD_DIM_A] first part of the head dim
     mask_m = offs_m < SEQ_Q
     mask_a = offs_a < HEAD_DIM
@@ -221,9 +243,11 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running row max (exp2 domain)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(score - m_i)
 
+    offs_n = tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows within a tile, from here on
     if OVERLAP_QK:  # scores of the first key tile; each step then starts the next tile's
-        qk_next = _scores(q_a, q_b, k_a_ptrs, k_b_ptrs, offs_n < SEQ_K, mask_a, mask_b, True, HEAD_DIM_B, DOT_PRECISION)
-    for start_n in range(0, SEQ_K, BLOCK_N):
+        first_ok = (kv_start + offs_n) < SEQ_K
+        qk_next = _scores(q_a, q_b, k_a_ptrs, k_b_ptrs, first_ok, mask_a, mask_b, True, HEAD_DIM_B, DOT_PRECISION)
+    for start_n in range(kv_start, kv_end, BLOCK_N):
         mask_n = (start_n + offs_n) < SEQ_K
         k_a_ptrs += BLOCK_N * stride_kn
         if HEAD_DIM_B > 0:
@@ -243,8 +267,8 @@ def _attention_kernel(
             qk = tl.where(mask_n[None, :], qk, float("-inf"))
 
         # Scores in the exp2 domain are qk * qk_scale (> 0, so the row max commutes with it); the
-        # scaling rides in one FMA per score. Every tile holds at least one real key, so m_new is
-        # finite and alpha is well defined.
+        # scaling rides in one FMA per score. Every tile in the loop holds at least one real key,
+        # so m_new is finite and alpha is well defined.
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.exp2(qk * qk_scale - m_new[:, None])
@@ -265,12 +289,124 @@ def _attention_kernel(
             v_b_ptrs += BLOCK_N * stride_vn
         m_i = m_new
 
-    l_rcp = 1.0 / l_i
-    out_a = (acc_a * l_rcp[:, None]).to(Out.dtype.element_ty)
-    tl.store(o_rows + offs_a[None, :] * stride_od, out_a, mask=mask_m[:, None] & mask_a[None, :])
-    if HEAD_DIM_B > 0:
-        out_b = (acc_b * l_rcp[:, None]).to(Out.dtype.element_ty)
-        tl.store(o_rows + offs_b[None, :] * stride_od, out_b, mask=mask_m[:, None] & mask_b[None, :])
+    if SPLIT_K:  # unnormalised o, m and l of this key chunk (an empty chunk: 0, -inf, 0)
+        row = (pid_s * tl.num_programs(1) + pid_bh) * SEQ_Q + offs_m  # [BLOCK_M] rows of Partials
+        p_rows = Partials + row.to(tl.int64) * (HEAD_DIM + 2)  # [BLOCK_M]
+        tl.store(p_rows[:, None] + offs_a[None, :], acc_a, mask=mask_m[:, None] & mask_a[None, :])
+        if HEAD_DIM_B > 0:
+            tl.store(p_rows[:, None] + offs_b[None, :], acc_b, mask=mask_m[:, None] & mask_b[None, :])
+        tl.store(p_rows + HEAD_DIM, m_i, mask=mask_m)
+        tl.store(p_rows + HEAD_DIM + 1, l_i, mask=mask_m)
+    else:
+        l_rcp = 1.0 / l_i
+        out_a = (acc_a * l_rcp[:, None]).to(Out.dtype.element_ty)
+        tl.store(o_rows + offs_a[None, :] * stride_od, out_a, mask=mask_m[:, None] & mask_a[None, :])
+        if HEAD_DIM_B > 0:
+            out_b = (acc_b * l_rcp[:, None]).to(Out.dtype.element_ty)
+            tl.store(o_rows + offs_b[None, :] * stride_od, out_b, mask=mask_m[:, None] & mask_b[None, :])
+
+
+@triton.jit
+def _attention_combine_kernel(
+    Partials,  # [NUM_SPLITS, B * H, SEQ_Q, HEAD_DIM + 2] fp32 from _attention_kernel: o, m, l
+    Out,  # [B, H, SEQ_Q, HEAD_DIM] output, any strides
+    stride_ob, stride_oh, stride_om, stride_od,  # Out strides in elements: batch, head, token, dim
+    num_heads,  # H: splits program_id(1) into (batch, head)
+    SEQ_Q,  # query tokens
+    NUM_SPLITS,  # key-axis chunks to merge
+    HEAD_DIM: tl.constexpr,  # D
+    HEAD_DIM_P2: tl.constexpr,  # D padded to a power of two
+    BLOCK_M: tl.constexpr,  # query rows per program
+):
+    """softmax over the whole key axis from the chunks' (o, m, l): rescale each to the common max."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_d = tl.arange(0, HEAD_DIM_P2)  # [HEAD_DIM_P2]
+    mask_m = offs_m < SEQ_Q
+    mask = mask_m[:, None] & (offs_d < HEAD_DIM)[None, :]  # [BLOCK_M, HEAD_DIM_P2]
+
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P2], dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):  # chunk 0 is never empty, so m is finite from then on
+        row = (s * tl.num_programs(1) + pid_bh) * SEQ_Q + offs_m
+        p_rows = Partials + row.to(tl.int64) * (HEAD_DIM + 2)  # [BLOCK_M]
+        m_s = tl.load(p_rows + HEAD_DIM, mask=mask_m, other=0.0)
+        l_s = tl.load(p_rows + HEAD_DIM + 1, mask=mask_m, other=0.0)
+        o_s = tl.load(p_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m, m_s)
+        alpha = tl.exp2(m - m_new)
+        beta = tl.exp2(m_s - m_new)  # 0 for an empty chunk (m_s = -inf)
+        l = l * alpha + l_s * beta
+        acc = acc * alpha[:, None] + o_s * beta[:, None]
+        m = m_new
+
+    off_b = (pid_bh // num_heads).to(tl.int64)
+    off_h = (pid_bh % num_heads).to(tl.int64)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    l = tl.where(mask_m, l, 1.0)  # rows past SEQ_Q (never stored) would divide 0 by 0
+    tl.store(o_ptrs, (acc / l[:, None]).to(Out.dtype.element_ty), mask=mask)
+
+
+# (B, H, Sq, Sk, D, dtype, q/k/v/out strides, device) -> (chosen key splits, {name: ms}); filled
+# once per shape by _tuned_splits. Read by benchmarks/kernels.py.
+TUNED_SPLITS: dict = {}
+_SPLIT_CANDIDATES = (2, 4)  # key-axis splits timed against none where the grid leaves SMs idle
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _launch(q, k, v, out, scale: float, splits: int) -> None:
+    """One attention forward into `out`, the key axis in `splits` chunks (each chunk's programs
+    write partial results, then _attention_combine_kernel merges them)."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    # Batch, head and token strides all multiples of 8 (true for SD's packed projections) let the
+    # kernel load rows as 16-byte vectors even when D = 40 gives them no larger power-of-two factor.
+    align = 8 if all(s % 8 == 0 for t in (q, k, v, out) for s in t.stride()[:3]) else 1
+    partials = out  # never touched unless split
+    if splits > 1:
+        partials = torch.empty((splits, B * H, Sq, D + 2), device=q.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H, splits)
+
+    _attention_kernel[grid](
+        q, k, v, out, partials,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, Sq, Sk, splits, scale * _LOG2E,
+        HEAD_DIM=D, DOT_PRECISION=_DOT_PRECISION[q.dtype], STRIDE_ALIGN=align,
+    )  # fmt: skip
+    if splits > 1:
+        d_p2 = max(16, triton.next_power_of_2(D))
+        block_m = max(16, 4096 // d_p2)  # 32 fp32 accumulator registers per thread at 4 warps
+        _attention_combine_kernel[(triton.cdiv(Sq, block_m), B * H)](
+            partials, out, *out.stride(), H, Sq, splits, HEAD_DIM=D, HEAD_DIM_P2=d_p2, BLOCK_M=block_m, num_warps=4,
+        )  # fmt: skip
+
+
+def _tuned_splits(q, k, v, out, scale: float) -> int:
+    """How many chunks to split the key axis into for this shape: 1, unless the grid of 64-row
+    query tiles would leave SMs idle and a split timed faster at the first call (on CUDA)."""
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    key = (B, H, Sq, Sk, D, q.dtype, q.stride(), k.stride(), v.stride(), out.stride(), q.device)
+    if key in TUNED_SPLITS:
+        return TUNED_SPLITS[key][0]
+    if not _tuning.can_time(q.device) or q.dtype == torch.float32:
+        return 1
+    plans = {"1": 1}
+    if triton.cdiv(Sq, 64) * B * H < _num_sms(q.device):
+        plans.update({str(n): n for n in _SPLIT_CANDIDATES if n * 64 <= Sk})
+    if len(plans) > 1:
+        best, times = _tuning.fastest(plans, lambda n: _launch(q, k, v, out, scale, n))
+    else:
+        best, times = "1", {}
+    TUNED_SPLITS[key] = (plans[best], times)
+    return plans[best]
 
 
 def attention(q, k, v, scale: float | None = None, *, out=None):
@@ -281,9 +417,10 @@ def attention(q, k, v, scale: float | None = None, *, out=None):
     `.transpose(1, 2).reshape(B, Sq, H * D)` that follows is free. `out` (optional, any strides)
     receives the result instead.
     Head dims above MAX_HEAD_DIM (the VAE's 512) fall back to F.scaled_dot_product_attention.
+    On CUDA the first call for each shape tunes (tile configs, and a split of the key axis for
+    short queries); make it before capturing a CUDA graph.
     """
     B, H, Sq, D = q.shape
-    Sk = k.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     if not scale > 0:
@@ -293,17 +430,5 @@ def attention(q, k, v, scale: float | None = None, *, out=None):
         return ref if out is None else out.copy_(ref)
     if out is None:
         out = torch.empty((B, Sq, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)  # [B, H, Sq, D]
-
-    def grid(meta):
-        return (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)
-
-    # Batch, head and token strides all multiples of 8 (true for SD's packed projections) let the
-    # kernel load rows as 16-byte vectors even when D = 40 gives them no larger power-of-two factor.
-    align = 8 if all(s % 8 == 0 for t in (q, k, v, out) for s in t.stride()[:3]) else 1
-    _attention_kernel[grid](
-        q, k, v, out,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, Sq, Sk, scale * _LOG2E,
-        HEAD_DIM=D, DOT_PRECISION=_DOT_PRECISION[q.dtype], STRIDE_ALIGN=align,
-    )  # fmt: skip
+    _launch(q, k, v, out, scale, _tuned_splits(q, k, v, out, scale))
     return out

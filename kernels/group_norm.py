@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+
 _TILE = 2048  # elements per [BLOCK_HW, BLOCK_C] tile: 16 per thread at 4 warps
 _NUM_WARPS = 4
 _DEFAULT_PROGRAMS_PER_SM = 4  # two-pass chunks per SM when nothing was measured
@@ -297,33 +299,17 @@ def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu:
     )  # fmt: skip
 
 
-def _can_time(device: torch.device) -> bool:
-    """Plans are timed on a CUDA device running compiled kernels, and never inside a graph capture."""
-    return device.type == "cuda" and not triton.knobs.runtime.interpret and not torch.cuda.is_current_stream_capturing()
-
-
-def _time_ms(fn) -> float:
-    """Median ms of fn() replayed in a CUDA graph: no launch gaps, as in the pipeline's captured step."""
-    from triton.testing import do_bench_cudagraph
-
-    torch.cuda.current_stream().synchronize()  # the timing runs on its own stream: inputs must be ready
-    return do_bench_cudagraph(fn, rep=5, return_mode="median")
-
-
 def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> Plan:
     """The fastest candidate plan for this call's shape, layout and dtype, timed once. Where
-    timing is impossible (see _can_time), the untimed default, not remembered."""
+    timing is impossible (see _tuning.can_time), the untimed default, not remembered."""
     B, C, HW = x3.shape
     key = (B, C, HW, num_groups, x3.stride(), y3.stride(), x3.dtype, silu, x3.device)
     if key in TUNED:
         return TUNED[key][0]
-    if not _can_time(x3.device):
+    if not _tuning.can_time(x3.device):
         return _default_plan(B, C, HW, num_groups, x3.device)
     plans = _plans(B, C, HW, num_groups, x3.device)
-    times = {}
-    for name, plan in plans.items():
-        times[name] = _time_ms(lambda plan=plan: _launch(plan, x3, y3, weight, bias, num_groups, eps, silu))
-    best = min(times, key=times.get)
+    best, times = _tuning.fastest(plans, lambda plan: _launch(plan, x3, y3, weight, bias, num_groups, eps, silu))
     TUNED[key] = (plans[best], times)
     return plans[best]
 

@@ -142,6 +142,52 @@ def test_attention_cpu(D, Sq, Sk, dtype, layout, split_d, overlap_qk, monkeypatc
     _check(out, _attention_ref(q, k, v))
 
 
+@pytest.mark.parametrize(
+    "split_d,overlap_qk", [(False, False), (True, False), (False, True)], ids=["padded", "split", "overlap"]
+)
+@pytest.mark.parametrize(
+    "D,Sq,Sk,splits",
+    [(40, 10, 100, 2), (80, 33, 160, 4), (160, 3, 64, 3), (64, 40, 77, 4)],
+    ids=["d40-2chunks", "d80-4chunks", "d160-empty-chunk", "d64-tail-4chunks"],
+)  # fmt: skip
+def test_attention_cpu_key_splits(D, Sq, Sk, splits, split_d, overlap_qk, monkeypatch):
+    """The key axis in chunks (partial results merged by the combine kernel), including a chunk
+    with no keys (64 keys in 32-key tiles over 3 chunks) and a masked key tail."""
+    _need("cpu")
+    _force_config(monkeypatch, split_d, overlap_qk)
+    q, k, v = _qkv(1, 2, Sq, Sk, D, torch.float32, "cpu", "packed")
+    out = _poisoned((1, 2, Sq, D), torch.float32, "cpu")
+    attn_mod._launch(q, k, v, out, D**-0.5, splits)
+    _check(out, _attention_ref(q, k, v))
+
+
+def test_attention_split_tuner(monkeypatch):
+    """The key-split choice (CUDA-only in use) with a stand-in timer: only where the query tiles
+    leave SMs idle, each candidate timed once, the fastest kept, the result still right."""
+    _need("cpu")
+    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    timed = []
+
+    def fake_time(fn):
+        fn()
+        timed.append(len(timed))
+        return [3.0, 1.0, 2.0][len(timed) - 1]  # "1", "2", "4" chunks: 2 chunks fastest
+
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "time_ms", fake_time)
+    monkeypatch.setattr(attn_mod, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(attn_mod, "TUNED_SPLITS", {})
+    q, k, v = _qkv(1, 2, 70, 256, 40, torch.float16, "cpu", "packed")
+    _check(K.attention(q, k, v), _attention_ref(q, k, v))
+    assert len(timed) == 3 and [v[0] for v in attn_mod.TUNED_SPLITS.values()] == [2]
+    K.attention(q, k, v)  # remembered: not timed again
+    assert len(timed) == 3
+    monkeypatch.setattr(attn_mod, "_num_sms", lambda device: 2)  # 2 query tiles x 2 heads fill 2 SMs
+    q2 = q[:, :, :64]
+    _check(K.attention(q2, k, v), _attention_ref(q2, k, v))
+    assert len(timed) == 3 and list(attn_mod.TUNED_SPLITS.values())[-1] == (1, {})
+
+
 def test_attention_default_output_and_scale():
     """Without out=, the result is [B, H, Sq, D] over a [B, Sq, H, D] buffer; scale is honoured."""
     _need("cpu")
@@ -254,6 +300,18 @@ def test_attention_cuda_every_config(B, H, Sq, Sk, D, monkeypatch):
             _check(out, ref)
         except AssertionError as e:
             raise AssertionError(f"{config}: {e}") from None
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Sq,Sk,D", [(2, 8, 256, 256, 160), (2, 8, 256, 77, 160), (2, 8, 64, 64, 160)])
+def test_attention_cuda_key_splits(B, H, Sq, Sk, D, dtype, splits):
+    """The short-query shapes with the key axis split, whatever the split tuner picks here."""
+    _need("cuda")
+    q, k, v = _qkv(B, H, Sq, Sk, D, dtype, "cuda", "packed")
+    out = _poisoned((B, H, Sq, D), dtype, "cuda", transpose12=True)
+    attn_mod._launch(q, k, v, out, D**-0.5, splits)
+    _check(out, _attention_ref(q, k, v))
 
 
 def test_attention_cuda_fp32_odd_lengths():
@@ -385,8 +443,9 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch):
         fake_ms[len(fake_ms)] = 1.0 / (1 + len(fake_ms))  # later candidates "faster": picks the last
         return fake_ms[len(fake_ms) - 1]
 
-    monkeypatch.setattr(gn_mod, "_can_time", lambda device: True)
-    monkeypatch.setattr(gn_mod, "_time_ms", fake_time)
+    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "time_ms", fake_time)
     monkeypatch.setattr(gn_mod, "TUNED", {})
     shape = (1, 64, 90, 90)
     plans = gn_mod._plans(1, 64, 90 * 90, 32, torch.device("cpu"))

@@ -1,0 +1,27 @@
+"""Launch-plan timing shared by the launchers that choose between plans Triton's autotuner cannot
+express (a different grid and a second launch): GroupNorm's one- or two-pass plans, attention's
+split of the key axis."""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+
+def can_time(device: torch.device) -> bool:
+    """Plans are timed on a CUDA device running compiled kernels, and never inside a graph capture."""
+    return device.type == "cuda" and not triton.knobs.runtime.interpret and not torch.cuda.is_current_stream_capturing()
+
+
+def time_ms(fn) -> float:
+    """Median ms of fn() replayed in a CUDA graph: no launch gaps, as in the pipeline's captured step."""
+    from triton.testing import do_bench_cudagraph
+
+    torch.cuda.current_stream().synchronize()  # the timing runs on its own stream: inputs must be ready
+    return do_bench_cudagraph(fn, rep=5, return_mode="median")
+
+
+def fastest(plans: dict, run) -> tuple[str, dict]:
+    """(name of the fastest plan, {name: ms}) with run(plan) timed for each plan."""
+    times = {name: time_ms(lambda plan=plan: run(plan)) for name, plan in plans.items()}
+    return min(times, key=times.get), times
