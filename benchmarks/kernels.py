@@ -190,6 +190,9 @@ def run_attention(dtype):
         splits = [v for key, v in attn_mod.TUNED_SPLITS.items() if key[:6] == (B, H, Sq, Sk, D, dtype)]
         if splits and splits[0][1]:  # the key-split tuner ran: its choice and each candidate's time
             n, times = splits[0]
+            # Each split count is its own autotune key and the last one tuned was not necessarily
+            # the chosen one: the tile timings left on the autotuner may be another split's.
+            config = _config_name(autotuner.best_config)
             config = f"keys/{n} ({'; '.join(f'/{k} {ms * 1000:.1f}us' for k, ms in times.items())}) " + config
         if (B, H, Sq, Sk, D) == ATTENTION_SHAPES[0]:
             print(f"SDPA at {B, H, Sq, Sk, D} runs: {_gpu_kernel_names(lambda: F.scaled_dot_product_attention(q, k, v))}")

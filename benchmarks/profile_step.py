@@ -29,13 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # after their @triton.jit function; cuDNN convolutions say fprop/conv, cuBLAS/cuDNN matmuls
 # gemm/nvjet/cutlass; torch's own norms name themselves.
 CATEGORIES = [
-    ("attention (triton)", r"^_attention_kernel\b"),
+    ("attention (triton)", r"^_attention(_combine)?_kernel\b"),
     ("attention (sdpa)", r"fmha|flash|sdpa|scaled_dot_product|attention"),
     ("group_norm (triton)", r"^_group_norm_(stats_|apply_)?kernel\b"),
     ("group_norm (torch)", r"group_norm|GroupNorm|RowwiseMoments|ComputeFusedParams"),
     ("geglu (triton)", r"^_geglu_kernel\b"),
     ("layer_norm", r"layer_norm|LayerNorm"),
-    ("convolution", r"fprop|conv|implicit_gemm|dgrad|winograd"),
+    ("convolution", r"fprop|conv(?!ert)|implicit_gemm|dgrad|winograd"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|addmm|\bmm\b|aten::mm|aten::bmm|aten::linear"),
 ]
 

@@ -96,8 +96,8 @@ def _prune_configs(configs, named_args, **kwargs):
     """Keep the tile sizes that fit the sequences and the head dim on an H100/H200-class GPU: the
     fp32 accumulator within 64 registers per thread, Q plus the pipelined K/V tiles within 200 KiB
     of shared memory. A split head dim only where D is not a power of two, scores a tile ahead only
-    over at least 4 key tiles. fp32 inputs run on CUDA cores (for checking more than for speed) and
-    spill registers at anything but the smallest tiles: neither variant for them."""
+    over at least 4 key tiles per program. fp32 inputs run on CUDA cores (for checking more than
+    for speed) and spill registers at anything but the smallest tiles: neither variant for them."""
     head_dim = kwargs["HEAD_DIM"]
     itemsize = named_args["Q"].element_size()
     # Tiles longer than the sequence (down to 64 rows) only add masked work and compile time.
@@ -109,7 +109,8 @@ def _prune_configs(configs, named_args, **kwargs):
         a, b = _head_dim_parts(head_dim, c.kwargs["SPLIT_D"])
         if c.kwargs["SPLIT_D"] and (b == 0 or itemsize == 4):
             return False
-        if c.kwargs["OVERLAP_QK"] and (named_args["SEQ_K"] < 4 * bn or itemsize == 4):
+        chunk = named_args["SEQ_K"] // named_args.get("NUM_SPLITS", 1)  # keys per program
+        if c.kwargs["OVERLAP_QK"] and (chunk < 4 * bn or itemsize == 4):
             return False  # a tile of scores ahead pays only over many key tiles
         d = a + b
         registers = bm * d // (32 * c.num_warps)
@@ -256,7 +257,7 @@ def _attention_kernel(
             # The next tile's q k^T (all-masked past the last key) goes to the tensor cores now,
             # so they work while this tile's exp2s run; qk is this tile's, started one step ago.
             qk = qk_next
-            next_ok = (start_n + BLOCK_N + offs_n) < SEQ_K
+            next_ok = (start_n + BLOCK_N + offs_n) < kv_end  # not into the next chunk's keys
             qk_next = _scores(q_a, q_b, k_a_ptrs, k_b_ptrs, next_ok, mask_a, mask_b, True, HEAD_DIM_B, DOT_PRECISION)
         else:
             qk = _scores(

@@ -246,6 +246,9 @@ def test_attention_configs_pruned_to_sequence_and_registers():
         return len(attn_mod._prune_configs(ahead + configs[-1:], {"Q": torch.empty(0, dtype=dtype), "SEQ_Q": 4096, "SEQ_K": sk}, HEAD_DIM=64))
 
     assert (kept_ahead(256), kept_ahead(255), kept_ahead(77), kept_ahead(4096, torch.float32)) == (2, 1, 1, 1)
+    chunked = {"Q": torch.empty(0, dtype=torch.float16), "SEQ_Q": 256, "SEQ_K": 1024}
+    assert len(attn_mod._prune_configs(ahead + configs[-1:], {**chunked, "NUM_SPLITS": 4}, HEAD_DIM=64)) == 2
+    assert len(attn_mod._prune_configs(ahead + configs[-1:], {**chunked, "NUM_SPLITS": 8}, HEAD_DIM=64)) == 1
 
 
 def test_attention_bf16_cpu():
@@ -295,7 +298,7 @@ def test_attention_cuda_every_config(B, H, Sq, Sk, D, monkeypatch):
     for config in kept:
         monkeypatch.setattr(attn_mod._attention_kernel, "configs", [config])
         out = _poisoned((B, H, Sq, D), torch.float16, "cuda", transpose12=True)
-        K.attention(q, k, v, out=out)
+        attn_mod._launch(q, k, v, out, D**-0.5, 1)  # the whole key axis per program (splits: below)
         try:
             _check(out, ref)
         except AssertionError as e:

@@ -185,6 +185,8 @@ def test_profile_categories_of_real_kernel_names():
     first match winning where two patterns apply (cuDNN's flash kernel says 'fprop' too)."""
     names = {
         "_attention_kernel": "attention (triton)",
+        "_attention_combine_kernel": "attention (triton)",
+        "void at::native::convert_kernel<c10::Half, float>": "other",
         "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention (sdpa)",
         "_group_norm_stats_kernel": "group_norm (triton)",
         "_group_norm_kernel": "group_norm (triton)",
