@@ -71,7 +71,8 @@ def build_unet(arch: str, device: torch.device, dtype: torch.dtype):
 
     unet_cfg = _common.architecture(arch)[0]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)).eval().to(device, dtype)
+    with torch.device(device):  # initialised where it runs: SD1.5's 860M parameters init slowly on CPU
+        unet = UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)).eval().to(dtype)
     if device.type == "cuda":
         unet = unet.to(memory_format=torch.channels_last)
     return unet
