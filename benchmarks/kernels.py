@@ -9,7 +9,8 @@ Pairs timed, same inputs for both sides:
   geglu       fastdiff.kernels.geglu      vs chunk + x * F.gelu(gate)         (GB/s: read h + write out)
   layer_norm  torch's F.layer_norm alone, against its ceiling: is a kernel worth writing?
 q/k/v are slices of a packed projection, as the UNet makes them. The config column says what the
-autotuner (attention) or the launch-plan tuner (GroupNorm) chose, with the fastest candidates' times.
+autotuner (attention) or the launch-plan tuner (GroupNorm) chose, with the fastest candidates' times,
+and how long the first call took (compilation and tuning: what a fresh process pays once).
 
 Two times per side. "graph": the op on each of several input sets (together >= 256 MiB, 5x the
 L2, so every call reads HBM) captured in one CUDA graph and replayed, median per call: what the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -94,6 +96,15 @@ def copy_ms(nbytes: int, n: int) -> float:
 
     pairs = [(buf(), buf()) for _ in range(n)]  # (dst, src)
     return bench_graph(lambda: [dst.copy_(src) for dst, src in pairs], n)
+
+
+def first_call_s(fn) -> float:
+    """Seconds of the first call (compilation and the tuners' timing included), synchronised."""
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def timed_pair(ours, ref, sets: list) -> dict:
@@ -185,6 +196,7 @@ def run_attention(dtype):
         sets = [make(B, H, Sq, Sk, D) for _ in range(n_sets(nbytes))]
         q, k, v = sets[0]
         autotuner.configs_timings = None  # set again only if this first call times the candidates
+        first_s = first_call_s(lambda: attention(q, k, v))
         ours, ref = attention(q, k, v), F.scaled_dot_product_attention(q, k, v)
         config = _chosen_config(autotuner)
         splits = [v for key, v in attn_mod.TUNED_SPLITS.items() if key[:6] == (B, H, Sq, Sk, D, dtype)]
@@ -201,7 +213,7 @@ def run_attention(dtype):
         yield dict(
             kernel="attention", shape=f"B{B} H{H} Sq{Sq} Sk{Sk} D{D}", **t, unit="TFLOP/s",
             triton_rate=flops / t["triton_ms"] / 1e9, torch_rate=flops / t["torch_ms"] / 1e9,
-            max_abs_diff=(ours.float() - ref.float()).abs().max().item(), config=config,
+            max_abs_diff=(ours.float() - ref.float()).abs().max().item(), config=config, first_call_s=first_s,
         )  # fmt: skip
 
 
@@ -230,6 +242,7 @@ def run_group_norm(dtype):
                 )
                 for _ in range(n_sets(nbytes))
             ]
+            first_s = first_call_s(lambda: ours(*sets[0]))
             t = timed_pair(ours, ref, sets)
             x3 = sets[0][0].view(shape[0], shape[1], -1)  # [B, C, HW], as the launcher keys its plans
             plan = [v for k, v in tuned.items() if k[:5] == (*x3.shape, 32, x3.stride()) and k[6] == dtype]
@@ -241,7 +254,7 @@ def run_group_norm(dtype):
             yield dict(
                 kernel="group_norm+silu", shape=f"{list(shape)} {layout}", **t, unit="GB/s",
                 triton_rate=nbytes / t["triton_ms"] / 1e6, torch_rate=nbytes / t["torch_ms"] / 1e6,
-                ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6, config=config,
+                ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6, config=config, first_call_s=first_s,
                 max_abs_diff=(ours(*sets[0]).float() - ref(*sets[0]).float()).abs().max().item(),
             )  # fmt: skip
 
@@ -275,12 +288,13 @@ def run_geglu(dtype):
     for shape in GEGLU_SHAPES:
         nbytes = torch.Size(shape).numel() * dtype.itemsize * 3 // 2  # read h, write half of it
         sets = [(torch.randn(shape, device=DEVICE, dtype=dtype),) for _ in range(n_sets(nbytes))]
+        first_s = first_call_s(lambda: geglu(*sets[0]))
         t = timed_pair(geglu, ref, sets)
         h = sets[0][0]
         yield dict(
             kernel="geglu", shape=str(list(shape)), **t, unit="GB/s",
             triton_rate=nbytes / t["triton_ms"] / 1e6, torch_rate=nbytes / t["torch_ms"] / 1e6,
-            ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6,
+            ceiling=nbytes / copy_ms(nbytes, len(sets)) / 1e6, first_call_s=first_s,
             max_abs_diff=(geglu(h).float() - ref(h).float()).abs().max().item(),
         )  # fmt: skip
 
@@ -307,7 +321,8 @@ def finish_row(r: dict, ceil: dict) -> None:
     print(
         f"{r['kernel']:16} {r['shape']:30} {r['triton_ms']:10.4f} {r['torch_ms']:10.4f} {r['speedup']:7.2f}x "
         f"{r['triton_rate']:9.1f} {r['torch_rate']:9.1f} {c:9.1f} {r['of_ceiling']:7.0%}  {r['unit']:8} {r['max_abs_diff']:<9.2g}  "
-        f"{r['triton_eager_ms']:10.4f} / {r['torch_eager_ms']:<10.4f} {r.get('config', '')}",
+        f"{r['triton_eager_ms']:10.4f} / {r['torch_eager_ms']:<10.4f} {r.get('config', '')}"
+        + (f" [first call {r['first_call_s']:.1f}s]" if "first_call_s" in r else ""),
         flush=True,
     )
 
