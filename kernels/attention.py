@@ -356,10 +356,6 @@ TUNED_SPLITS: dict = {}
 _SPLIT_CANDIDATES = (2, 4)  # key-axis splits timed against none where the grid leaves SMs idle
 
 
-def _num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _launch(q, k, v, out, scale: float, splits: int) -> None:
     """One attention forward into `out`, the key axis in `splits` chunks (each chunk's programs
     write partial results, then _attention_combine_kernel merges them)."""
@@ -400,7 +396,7 @@ def _tuned_splits(q, k, v, out, scale: float) -> int:
     if not _tuning.can_time(q.device) or q.dtype == torch.float32:
         return 1
     plans = {"1": 1}
-    if triton.cdiv(Sq, 64) * B * H < _num_sms(q.device):
+    if triton.cdiv(Sq, 64) * B * H < _tuning.num_sms(q.device):
         plans.update({str(n): n for n in _SPLIT_CANDIDATES if n * 64 <= Sk})
     if len(plans) > 1:
         best, times = _tuning.fastest(plans, lambda n: _launch(q, k, v, out, scale, n))

@@ -113,6 +113,41 @@ def _chunk_apply(
 
 
 @triton.jit
+def _group_slice(
+    X,  # [B, C, HW] tensor whose group slice is wanted
+    stride_b,  # its batch stride in elements
+    stride_c,  # its channel stride in elements
+    pid_bg,  # batch * G + group of this program
+    num_groups,  # G
+    CHANNELS_PER_GROUP: tl.constexpr,  # C // G
+    BLOCK_C: tl.constexpr,  # CHANNELS_PER_GROUP padded to a power of two
+):
+    """Pointers into X for this program's group: its first element (the pivot, for X), the
+    [1, BLOCK_C] row of its channels at spatial position 0; and the channels ([BLOCK_C]) and
+    which of them are real."""
+    off_b = (pid_bg // num_groups).to(tl.int64)
+    c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # first channel of the group
+    first = X + off_b * stride_b + c0.to(tl.int64) * stride_c
+    lanes = tl.arange(0, BLOCK_C)
+    return first, first + lanes[None, :].to(tl.int64) * stride_c, c0 + lanes, lanes < CHANNELS_PER_GROUP
+
+
+@triton.jit
+def _affine(
+    Weight,  # [C] affine scale
+    Bias,  # [C] affine shift
+    offs_c,  # [BLOCK_C] the group's channels
+    mask_c,  # [BLOCK_C] which are real
+    mean,  # fp32 group mean of x - pivot
+    rstd,  # fp32 1 / sqrt(variance + eps)
+):
+    """(scale, shift) per channel with y = (x - pivot) * scale + shift."""
+    scale = tl.load(Weight + offs_c, mask=mask_c, other=0.0).to(tl.float32) * rstd
+    shift = tl.load(Bias + offs_c, mask=mask_c, other=0.0).to(tl.float32) - mean * scale
+    return scale, shift
+
+
+@triton.jit
 def _group_norm_stats_kernel(
     X,  # [B, C, HW] input, element strides below
     Partials,  # [B * G, SPLIT, 3] fp32 out: (count, mean - pivot, M2) of each chunk
@@ -127,13 +162,8 @@ def _group_norm_stats_kernel(
 ):
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    off_b = (pid_bg // num_groups).to(tl.int64)
-    c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # first channel of the group
-
-    offs_c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels of the group
-    mask_c = tl.arange(0, BLOCK_C) < CHANNELS_PER_GROUP
-    x_base = X + off_b * stride_xb + offs_c[None, :].to(tl.int64) * stride_xc  # [1, BLOCK_C]
-    pivot = tl.load(X + off_b * stride_xb + c0.to(tl.int64) * stride_xc).to(tl.float32)
+    x0, x_base, offs_c, mask_c = _group_slice(X, stride_xb, stride_xc, pid_bg, num_groups, CHANNELS_PER_GROUP, BLOCK_C)
+    pivot = tl.load(x0).to(tl.float32)
 
     hw_start = pid_s * HW_PER_SPLIT
     hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
@@ -166,8 +196,6 @@ def _group_norm_apply_kernel(
 ):
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    off_b = (pid_bg // num_groups).to(tl.int64)
-    c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # first channel of the group
 
     # Merge the chunks: mean = sum(n_s mean_s) / n, M2 = sum(M2_s + n_s (mean_s - mean)^2).
     offs_s = tl.arange(0, BLOCK_SPLIT)
@@ -182,14 +210,10 @@ def _group_norm_apply_kernel(
     m2 = tl.sum(m2_s + n_s * dmean * dmean, 0)
     rstd = tl.rsqrt(m2 / n + eps)
 
-    offs_c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels of the group
-    mask_c = tl.arange(0, BLOCK_C) < CHANNELS_PER_GROUP
-    scale = tl.load(Weight + offs_c, mask=mask_c, other=0.0).to(tl.float32) * rstd
-    shift = tl.load(Bias + offs_c, mask=mask_c, other=0.0).to(tl.float32) - mean * scale
-
-    x_base = X + off_b * stride_xb + offs_c[None, :].to(tl.int64) * stride_xc  # [1, BLOCK_C]
-    y_base = Y + off_b * stride_yb + offs_c[None, :].to(tl.int64) * stride_yc  # [1, BLOCK_C]
-    pivot = tl.load(X + off_b * stride_xb + c0.to(tl.int64) * stride_xc).to(tl.float32)
+    x0, x_base, offs_c, mask_c = _group_slice(X, stride_xb, stride_xc, pid_bg, num_groups, CHANNELS_PER_GROUP, BLOCK_C)
+    _, y_base, _, _ = _group_slice(Y, stride_yb, stride_yc, pid_bg, num_groups, CHANNELS_PER_GROUP, BLOCK_C)
+    pivot = tl.load(x0).to(tl.float32)
+    scale, shift = _affine(Weight, Bias, offs_c, mask_c, mean, rstd)
     hw_start = pid_s * HW_PER_SPLIT
     hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
     _chunk_apply(x_base, y_base, stride_xhw, stride_yhw, pivot, scale, shift, hw_start, hw_end, mask_c, BLOCK_HW, SILU)
@@ -213,19 +237,12 @@ def _group_norm_kernel(
 ):
     """One program per (batch, group): statistics over the whole group, then the affine."""
     pid_bg = tl.program_id(0)
-    off_b = (pid_bg // num_groups).to(tl.int64)
-    c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # first channel of the group
-
-    offs_c = c0 + tl.arange(0, BLOCK_C)  # [BLOCK_C] channels of the group
-    mask_c = tl.arange(0, BLOCK_C) < CHANNELS_PER_GROUP
-    x_base = X + off_b * stride_xb + offs_c[None, :].to(tl.int64) * stride_xc  # [1, BLOCK_C]
-    y_base = Y + off_b * stride_yb + offs_c[None, :].to(tl.int64) * stride_yc  # [1, BLOCK_C]
-    pivot = tl.load(X + off_b * stride_xb + c0.to(tl.int64) * stride_xc).to(tl.float32)
+    x0, x_base, offs_c, mask_c = _group_slice(X, stride_xb, stride_xc, pid_bg, num_groups, CHANNELS_PER_GROUP, BLOCK_C)
+    _, y_base, _, _ = _group_slice(Y, stride_yb, stride_yc, pid_bg, num_groups, CHANNELS_PER_GROUP, BLOCK_C)
+    pivot = tl.load(x0).to(tl.float32)
 
     mean, m2, n = _chunk_stats(x_base, stride_xhw, pivot, 0, HW, mask_c, BLOCK_HW, BLOCK_C)
-    rstd = tl.rsqrt(m2 / n + eps)
-    scale = tl.load(Weight + offs_c, mask=mask_c, other=0.0).to(tl.float32) * rstd
-    shift = tl.load(Bias + offs_c, mask=mask_c, other=0.0).to(tl.float32) - mean * scale
+    scale, shift = _affine(Weight, Bias, offs_c, mask_c, mean, tl.rsqrt(m2 / n + eps))
     _chunk_apply(x_base, y_base, stride_xhw, stride_yhw, pivot, scale, shift, 0, HW, mask_c, BLOCK_HW, SILU)
 
 
@@ -239,19 +256,12 @@ class Plan:
     split: int  # chunks per group; 1 means the one-launch `_group_norm_kernel`
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 16  # the CPU interpreter: any value works, this one gives several chunks on test shapes
-
-
 def _split_plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device, per_sm: int) -> Plan:
     """Chunks sized so the two-pass grid has about `per_sm` programs per SM (split may come out 1)."""
     block_c = triton.next_power_of_2(channels // num_groups)
     block_hw = max(1, min(_TILE // block_c, triton.next_power_of_2(hw)))
     tiles = triton.cdiv(hw, block_hw)
-    split = min(tiles, max(1, triton.cdiv(per_sm * _num_sms(device), batch * num_groups)))
+    split = min(tiles, max(1, triton.cdiv(per_sm * _tuning.num_sms(device), batch * num_groups)))
     hw_per_split = triton.cdiv(tiles, split) * block_hw
     return Plan(block_c, block_hw, hw_per_split, triton.cdiv(hw, hw_per_split))  # no empty chunks
 

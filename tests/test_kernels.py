@@ -175,14 +175,14 @@ def test_attention_split_tuner(monkeypatch):
 
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "time_ms", fake_time)
-    monkeypatch.setattr(attn_mod, "_num_sms", lambda device: 132)
+    monkeypatch.setattr(tuning, "num_sms", lambda device: 132)
     monkeypatch.setattr(attn_mod, "TUNED_SPLITS", {})
     q, k, v = _qkv(1, 2, 70, 256, 40, torch.float16, "cpu", "packed")
     _check(K.attention(q, k, v), _attention_ref(q, k, v))
     assert len(timed) == 3 and [v[0] for v in attn_mod.TUNED_SPLITS.values()] == [2]
     K.attention(q, k, v)  # remembered: not timed again
     assert len(timed) == 3
-    monkeypatch.setattr(attn_mod, "_num_sms", lambda device: 2)  # 2 query tiles x 2 heads fill 2 SMs
+    monkeypatch.setattr(tuning, "num_sms", lambda device: 2)  # 2 query tiles x 2 heads fill 2 SMs
     q2 = q[:, :, :64]
     _check(K.attention(q2, k, v), _attention_ref(q2, k, v))
     assert len(timed) == 3 and list(attn_mod.TUNED_SPLITS.values())[-1] == (1, {})
