@@ -272,9 +272,10 @@ class Pipeline:
 
         # 4. Decode to [0, 1] NHWC float32.
         with clock("vae_decode"):
-            image = self._call("vae_decode", self.backend.decode, latents / self.scaling_factor).float()
+            latents = latents / self.scaling_factor
+            image = self._call("vae_decode", self.backend.decode, latents).float()
             if self.dtype == torch.float16 and not torch.isfinite(image).all():
-                image = self._decode_fp32(latents / self.scaling_factor)
+                image = self._decode_fp32(latents)
             image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, 3]
         if timed:
             timings["end_to_end"] = sum(timings[k] for k in ("text_encoder", "denoise", "vae_decode"))
