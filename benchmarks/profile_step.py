@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CATEGORIES = [
     ("attention (triton)", r"^_attention(_combine)?_kernel\b"),
     ("attention (sdpa)", r"fmha|flash|sdpa|scaled_dot_product|attention"),
-    ("group_norm (triton)", r"^_group_norm_(stats_|apply_)?kernel\b"),
+    ("group_norm (triton)", r"^_group_norm_\w*kernel\b"),
     ("group_norm (torch)", r"group_norm|GroupNorm|RowwiseMoments|ComputeFusedParams"),
     ("geglu (triton)", r"^_geglu_kernel\b"),
     ("layer_norm", r"layer_norm|LayerNorm"),

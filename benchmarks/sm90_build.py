@@ -99,6 +99,30 @@ def cases() -> dict:
                 gn._group_norm_kernel, fused, dict(meta, SILU=True), gn._NUM_WARPS, 3,
             )  # fmt: skip
 
+    # The channels-last plan at the same shape: blocks of 64 channels (128 bytes) per program.
+    B, C, G, HW = 2, 320, 32, 64 * 64
+    plan = list(gn._plans(B, C, HW, G, torch.device("cpu"), channels_last=True).values())[-1]
+    strides = dict(stride_xb=C * HW, stride_xc=1, stride_xhw=C, stride_yb=C * HW, stride_yc=1, stride_yhw=C)
+    chunks = dict(C=C, HW=HW, HW_PER_SPLIT=plan.hw_per_split)
+    tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
+    out["group_norm_nhwc_stats"] = (
+        gn._group_norm_nhwc_stats_kernel,
+        dict(X="*fp16", Partials="*fp32", SPLIT=plan.split, **chunks, **{n: v for n, v in strides.items() if "_x" in n}),
+        tiles, gn._NUM_WARPS, 3,
+    )  # fmt: skip
+    out["group_norm_nhwc_finalize"] = (
+        gn._group_norm_nhwc_finalize_kernel,
+        dict(Partials="*fp32", Weight="*fp16", Bias="*fp16", ScaleShift="*fp32", B=B, HW=HW,
+             HW_PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, num_groups=G, eps=1e-5),
+        dict(CHANNELS_PER_GROUP=C // G, BLOCK_CG=triton.next_power_of_2(C // G),
+             BLOCK_SPLIT=triton.next_power_of_2(plan.split)),
+        gn._NUM_WARPS, 3,
+    )  # fmt: skip
+    out["group_norm_nhwc_apply"] = (
+        gn._group_norm_nhwc_apply_kernel,
+        dict(X="*fp16", Y="*fp16", ScaleShift="*fp32", **chunks, **strides), dict(tiles, SILU=True), gn._NUM_WARPS, 3,
+    )  # fmt: skip
+
     block_m, block_n = geglu._plan(1280)
     args = dict(H="*fp16", Out="*fp16", stride_hm=2560, M=8192, N=1280)
     out["geglu"] = (geglu._geglu_kernel, args, dict(BLOCK_M=block_m, BLOCK_N=block_n), geglu._NUM_WARPS, 3)

@@ -21,6 +21,13 @@ never forms E[x^2] - E[x]^2.
 Tiles are [BLOCK_HW, BLOCK_C] with the spatial and channel strides passed in, so one kernel serves
 both layouts: NCHW (spatial stride 1) and channels-last (channel stride 1). The output has the
 input's memory format. Statistics are fp32 whatever the input dtype.
+
+Channels-last input has a third plan. A group's row at one pixel is C // G channels: 20 bytes at
+320 channels, 4-byte aligned, so the per-group kernels move 4-byte words and leave 6 of 16 lanes
+empty. The `_group_norm_nhwc_*` kernels instead tile (chunk of pixels, block of channels that
+ignores group boundaries: 64 at 320 channels, 128 bytes): per-channel statistics, then one
+program per group merges its channels' chunks into per-channel (scale, shift), then the affine.
+Three launches, but 16-byte vectors, no empty lanes, and fewer registers (more loads in flight).
 """
 
 from __future__ import annotations
@@ -39,20 +46,23 @@ _NUM_WARPS = 4
 _DEFAULT_PROGRAMS_PER_SM = 4  # two-pass chunks per SM when nothing was measured
 _TUNE_PROGRAMS_PER_SM = (2, 4, 8, 16)  # two-pass candidates timed at a shape's first CUDA call
 _FUSED_MAX_TILES = 8  # default to one program per group up to this many tiles per group
+_BLOCK_CHANNELS = 128  # channels-last plans: the most channels one program's block spans
+_FINALIZE_TILE = 512  # channels-last plans: (chunk, channel) statistics per step of the merge loop
 
 
 @triton.jit
-def _chunk_stats(
-    x_base,  # [1, BLOCK_C] pointers of the group's channels at spatial position 0
+def _lane_stats(
+    x_base,  # [1, BLOCK_C] pointers of the tile's channels at spatial position 0
     stride_xhw,  # spatial stride of X in elements
-    pivot,  # fp32 value subtracted from every element (the group's first element)
+    pivot,  # fp32 value subtracted from every element (the group's first element, or 0)
     hw_start,  # first spatial position of the chunk
     hw_end,  # one past its last spatial position
-    mask_c,  # [BLOCK_C] real channels of the group
+    mask_c,  # [BLOCK_C] real channels of the tile
     BLOCK_HW: tl.constexpr,  # spatial positions per tile
-    BLOCK_C: tl.constexpr,  # channels per tile (the group padded to a power of two)
+    BLOCK_C: tl.constexpr,  # channels per tile (padded to a power of two)
 ):
-    """(mean - pivot, M2, count) of x over the chunk [hw_start, hw_end) x the group's channels."""
+    """Per lane of the [BLOCK_HW, BLOCK_C] tile: (mean - pivot, M2, count) of the elements the lane
+    saw walking the chunk [hw_start, hw_end); count is 0 in padding channels."""
     offs = tl.arange(0, BLOCK_HW)
     mean = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)  # per-lane Welford mean of x - pivot
     m2 = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.float32)  # per-lane sum of squared deviations
@@ -77,8 +87,22 @@ def _chunk_stats(
     delta = x - mean
     mean += delta * w / tl.maximum(count, 1.0)
     m2 += delta * (x - mean) * w
-    count = tl.where(mask_c[None, :], count, 0.0)  # [BLOCK_HW, BLOCK_C]: padding channels count 0
+    return mean, m2, tl.where(mask_c[None, :], count, 0.0)  # padding channels count 0
 
+
+@triton.jit
+def _chunk_stats(
+    x_base,  # [1, BLOCK_C] pointers of the group's channels at spatial position 0
+    stride_xhw,  # spatial stride of X in elements
+    pivot,  # fp32 value subtracted from every element (the group's first element)
+    hw_start,  # first spatial position of the chunk
+    hw_end,  # one past its last spatial position
+    mask_c,  # [BLOCK_C] real channels of the group
+    BLOCK_HW: tl.constexpr,  # spatial positions per tile
+    BLOCK_C: tl.constexpr,  # channels per tile (the group padded to a power of two)
+):
+    """(mean - pivot, M2, count) of x over the chunk [hw_start, hw_end) x the group's channels."""
+    mean, m2, count = _lane_stats(x_base, stride_xhw, pivot, hw_start, hw_end, mask_c, BLOCK_HW, BLOCK_C)
     # Merge the lanes: n = sum(n_l), mean = sum(n_l mean_l) / n, M2 = sum(M2_l + n_l (mean_l - mean)^2).
     n = tl.sum(tl.sum(count, 1), 0)
     chunk_mean = tl.sum(tl.sum(count * mean, 1), 0) / tl.maximum(n, 1.0)
@@ -246,14 +270,128 @@ def _group_norm_kernel(
     _chunk_apply(x_base, y_base, stride_xhw, stride_yhw, pivot, scale, shift, 0, HW, mask_c, BLOCK_HW, SILU)
 
 
+@triton.jit
+def _group_norm_nhwc_stats_kernel(
+    X,  # [B, C, HW] channels-last input (channel stride 1), element strides below
+    Partials,  # [2, B, SPLIT, C] fp32 out: mean and M2 of each channel over each chunk
+    stride_xb, stride_xc, stride_xhw,  # X strides in elements: batch, channel, flattened spatial
+    C,  # channels
+    HW,  # spatial size H * W
+    HW_PER_SPLIT,  # spatial positions per chunk, a multiple of BLOCK_HW
+    SPLIT,  # chunks
+    BLOCK_C: tl.constexpr,  # channels per program: each pixel's row of them is one contiguous run
+    BLOCK_HW: tl.constexpr,  # spatial positions per tile
+):
+    """Per-channel statistics of one (chunk of pixels, block of channels). Channel blocks ignore
+    group boundaries, so rows start 16-byte aligned where a single group's 10 channels are 20 bytes."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask_c = c < C
+    x_base = X + pid_b * stride_xb + c[None, :].to(tl.int64) * stride_xc  # [1, BLOCK_C]
+    hw_start = pid_s * HW_PER_SPLIT
+    hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
+    # Welford per lane needs no pivot: its deltas are taken from the running mean.
+    mean, m2, count = _lane_stats(x_base, stride_xhw, 0.0, hw_start, hw_end, mask_c, BLOCK_HW, BLOCK_C)
+    # Lanes -> channels: n = sum(n_l), mean = sum(n_l mean_l) / n, M2 = sum(M2_l + n_l (mean_l - mean)^2).
+    n_c = tl.sum(count, 0)  # [BLOCK_C]
+    mean_c = tl.sum(count * mean, 0) / tl.maximum(n_c, 1.0)
+    dev = mean - mean_c[None, :]
+    out = Partials + (pid_b * SPLIT + pid_s) * C + c
+    tl.store(out, mean_c, mask=mask_c)
+    tl.store(out + tl.num_programs(2) * SPLIT * C, tl.sum(m2 + count * dev * dev, 0), mask=mask_c)
+
+
+@triton.jit
+def _group_norm_nhwc_finalize_kernel(
+    Partials,  # [2, B, SPLIT, C] fp32 (mean, M2) from _group_norm_nhwc_stats_kernel
+    Weight,  # [C] affine scale
+    Bias,  # [C] affine shift
+    ScaleShift,  # [2, B, C] fp32 out: y = x * scale + shift per (batch, channel)
+    B,  # batch
+    HW,  # spatial size H * W: the chunks' counts follow from it
+    HW_PER_SPLIT,  # spatial positions per chunk
+    SPLIT,  # chunks
+    num_groups,  # G: splits program_id(0) into (batch, group)
+    eps,  # added to the variance
+    CHANNELS_PER_GROUP: tl.constexpr,  # C // G
+    BLOCK_CG: tl.constexpr,  # CHANNELS_PER_GROUP padded to a power of two
+    BLOCK_SPLIT: tl.constexpr,  # chunks per step of the merge loop, a power of two
+):
+    """One program per (batch, group): its channels' chunk statistics merged into the group's mean
+    and variance, folded with the affine into one (scale, shift) per channel."""
+    pid_bg = tl.program_id(0)
+    C = num_groups * CHANNELS_PER_GROUP
+    off_b = pid_bg // num_groups
+    c = (pid_bg % num_groups) * CHANNELS_PER_GROUP + tl.arange(0, BLOCK_CG)  # [BLOCK_CG] the group's channels
+    mask_c = tl.arange(0, BLOCK_CG) < CHANNELS_PER_GROUP
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for s0 in range(0, SPLIT, BLOCK_SPLIT):  # [BLOCK_SPLIT, BLOCK_CG] (chunk, channel) statistics at a time
+        offs_s = s0 + tl.arange(0, BLOCK_SPLIT)
+        # Elements per (chunk, channel): HW_PER_SPLIT, fewer in the last chunk, 0 in padding.
+        n_s = tl.minimum(tl.maximum(HW - offs_s * HW_PER_SPLIT, 0), HW_PER_SPLIT).to(tl.float32)  # [BLOCK_SPLIT]
+        mask = (offs_s[:, None] < SPLIT) & mask_c[None, :]  # [BLOCK_SPLIT, BLOCK_CG]
+        n_sc = tl.where(mask, n_s[:, None], 0.0)
+        part = Partials + (off_b * SPLIT + offs_s[:, None]) * C + c[None, :]
+        mean_sc = tl.load(part, mask=mask, other=0.0)
+        m2_sc = tl.load(part + B * SPLIT * C, mask=mask, other=0.0)
+        n_t = tl.sum(tl.sum(n_sc, 1), 0)
+        mean_t = tl.sum(tl.sum(n_sc * mean_sc, 1), 0) / n_t
+        dev = mean_sc - mean_t
+        m2_t = tl.sum(tl.sum(m2_sc + n_sc * dev * dev, 1), 0)
+        # Into the running totals: the same parallel-variance merge, two parts at a time.
+        delta = mean_t - mean
+        n_new = n + n_t
+        mean += delta * (n_t / n_new)
+        m2 += m2_t + delta * delta * (n * n_t / n_new)
+        n = n_new
+    rstd = tl.rsqrt(m2 / n + eps)
+    scale, shift = _affine(Weight, Bias, c, mask_c, mean, rstd)
+    tl.store(ScaleShift + off_b * C + c, scale, mask=mask_c)
+    tl.store(ScaleShift + (B + off_b) * C + c, shift, mask=mask_c)
+
+
+@triton.jit
+def _group_norm_nhwc_apply_kernel(
+    X,  # [B, C, HW] channels-last input, element strides below
+    Y,  # [B, C, HW] output, element strides below, dtype of X
+    ScaleShift,  # [2, B, C] fp32 (scale, shift) from _group_norm_nhwc_finalize_kernel
+    stride_xb, stride_xc, stride_xhw,  # X strides in elements: batch, channel, flattened spatial
+    stride_yb, stride_yc, stride_yhw,  # Y strides
+    C,  # channels
+    HW,  # spatial size H * W
+    HW_PER_SPLIT,  # spatial positions per chunk, a multiple of BLOCK_HW
+    BLOCK_C: tl.constexpr,  # channels per program
+    BLOCK_HW: tl.constexpr,  # spatial positions per tile
+    SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
+):
+    """y = x * scale + shift over one (chunk of pixels, block of channels), through SiLU if asked."""
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    mask_c = c < C
+    scale = tl.load(ScaleShift + pid_b * C + c, mask=mask_c, other=0.0)
+    shift = tl.load(ScaleShift + (tl.num_programs(2) + pid_b) * C + c, mask=mask_c, other=0.0)
+    x_base = X + pid_b * stride_xb + c[None, :].to(tl.int64) * stride_xc  # [1, BLOCK_C]
+    y_base = Y + pid_b * stride_yb + c[None, :].to(tl.int64) * stride_yc
+    hw_start = pid_s * HW_PER_SPLIT
+    hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
+    _chunk_apply(x_base, y_base, stride_xhw, stride_yhw, 0.0, scale, shift, hw_start, hw_end, mask_c, BLOCK_HW, SILU)
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one shape is launched: tile sizes and how many chunks split each group."""
 
-    block_c: int  # channels per tile: C // G padded to a power of two
+    block_c: int  # channels per tile: C // G (or a block's channels) padded to a power of two
     block_hw: int  # spatial positions per tile
     hw_per_split: int  # spatial positions per chunk, a multiple of block_hw
-    split: int  # chunks per group; 1 means the one-launch `_group_norm_kernel`
+    split: int  # chunks per group; 1 means the one-launch `_group_norm_kernel` (per-group plans)
+    nhwc: bool = False  # the channels-last plan: blocks of block_c channels, `_group_norm_nhwc_*`
 
 
 def _split_plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device, per_sm: int) -> Plan:
@@ -266,14 +404,41 @@ def _split_plan(batch: int, channels: int, hw: int, num_groups: int, device: tor
     return Plan(block_c, block_hw, hw_per_split, triton.cdiv(hw, hw_per_split))  # no empty chunks
 
 
-def _plans(batch: int, channels: int, hw: int, num_groups: int, device: torch.device) -> dict[str, Plan]:
-    """The candidate plans for one shape, by name: "fused" (one program per group) and
-    "split<programs per SM>" for each distinct two-pass split."""
+def _channel_block(channels: int) -> int:
+    """Channels per program in the channels-last plan: the largest power of two up to
+    _BLOCK_CHANNELS that divides C (no padding lanes; 320 -> 64), unless that is under 8 (16 bytes
+    at fp16), then C padded to a power of two (at most _BLOCK_CHANNELS)."""
+    block = _BLOCK_CHANNELS
+    while channels % block:
+        block //= 2
+    return block if block >= 8 else min(_BLOCK_CHANNELS, triton.next_power_of_2(channels))
+
+
+def _nhwc_plan(batch: int, channels: int, hw: int, device: torch.device, per_sm: int) -> Plan:
+    """Channels-last plan: chunks of pixels x blocks of channels, about `per_sm` programs per SM."""
+    block_c = _channel_block(channels)
+    block_hw = max(1, min(_TILE // block_c, triton.next_power_of_2(hw)))
+    tiles = triton.cdiv(hw, block_hw)
+    split = min(tiles, max(1, triton.cdiv(per_sm * _tuning.num_sms(device), batch * triton.cdiv(channels, block_c))))
+    hw_per_split = triton.cdiv(tiles, split) * block_hw
+    return Plan(block_c, block_hw, hw_per_split, triton.cdiv(hw, hw_per_split), nhwc=True)
+
+
+def _plans(
+    batch: int, channels: int, hw: int, num_groups: int, device: torch.device, channels_last: bool = False
+) -> dict[str, Plan]:
+    """The candidate plans for one shape, by name: "fused" (one program per group),
+    "split<programs per SM>" for each distinct two-pass split, and for channels-last input
+    "nhwc<programs per SM>" for each distinct channels-last plan."""
     plans = {"fused": _split_plan(batch, channels, hw, num_groups, device, 0)}  # per_sm 0: split 1
     for per_sm in _TUNE_PROGRAMS_PER_SM:
         plan = _split_plan(batch, channels, hw, num_groups, device, per_sm)
         if plan.split > 1 and plan not in plans.values():
             plans[f"split{per_sm}"] = plan
+    for per_sm in _TUNE_PROGRAMS_PER_SM if channels_last else ():
+        plan = _nhwc_plan(batch, channels, hw, device, per_sm)
+        if plan not in plans.values():
+            plans[f"nhwc{per_sm}"] = plan
     return plans
 
 
@@ -291,6 +456,9 @@ TUNED: dict = {}
 
 
 def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> None:
+    if plan.nhwc:
+        _launch_nhwc(plan, x3, y3, weight, bias, num_groups, eps, silu)
+        return
     B, C, HW = x3.shape
     meta = dict(CHANNELS_PER_GROUP=C // num_groups, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
     if plan.split == 1:
@@ -309,6 +477,32 @@ def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu:
     )  # fmt: skip
 
 
+def _finalize_rows(split: int, channels_per_group: int) -> int:
+    """Chunks per step of `_group_norm_nhwc_finalize_kernel`'s loop: tiles of at most
+    _FINALIZE_TILE (chunk, channel) statistics, so thousands of chunks cannot blow its registers."""
+    return min(triton.next_power_of_2(split), max(1, _FINALIZE_TILE // triton.next_power_of_2(channels_per_group)))
+
+
+def _launch_nhwc(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> None:
+    """The channels-last plan: per-channel statistics per (chunk, block of channels), merged per
+    group into per-channel (scale, shift), then the affine per (chunk, block of channels)."""
+    B, C, HW = x3.shape
+    partials = torch.empty((2, B, plan.split, C), device=x3.device, dtype=torch.float32)
+    scale_shift = torch.empty((2, B, C), device=x3.device, dtype=torch.float32)
+    grid = (plan.split, triton.cdiv(C, plan.block_c), B)
+    tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
+    _group_norm_nhwc_stats_kernel[grid](x3, partials, *x3.stride(), C, HW, plan.hw_per_split, plan.split, **tiles)
+    cpg = C // num_groups
+    _group_norm_nhwc_finalize_kernel[(B * num_groups,)](
+        partials, weight, bias, scale_shift, B, HW, plan.hw_per_split, plan.split, num_groups, eps,
+        CHANNELS_PER_GROUP=cpg, BLOCK_CG=triton.next_power_of_2(cpg), BLOCK_SPLIT=_finalize_rows(plan.split, cpg),
+        num_warps=_NUM_WARPS,
+    )  # fmt: skip
+    _group_norm_nhwc_apply_kernel[grid](
+        x3, y3, scale_shift, *x3.stride(), *y3.stride(), C, HW, plan.hw_per_split, SILU=silu, **tiles,
+    )  # fmt: skip
+
+
 def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> Plan:
     """The fastest candidate plan for this call's shape, layout and dtype, timed once. Where
     timing is impossible (see _tuning.can_time), the untimed default, not remembered."""
@@ -318,7 +512,8 @@ def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -
         return TUNED[key][0]
     if not _tuning.can_time(x3.device):
         return _default_plan(B, C, HW, num_groups, x3.device)
-    plans = _plans(B, C, HW, num_groups, x3.device)
+    channels_last = x3.stride(1) == 1 and y3.stride(1) == 1
+    plans = _plans(B, C, HW, num_groups, x3.device, channels_last)
     best, times = _tuning.fastest(plans, lambda plan: _launch(plan, x3, y3, weight, bias, num_groups, eps, silu))
     TUNED[key] = (plans[best], times)
     return plans[best]

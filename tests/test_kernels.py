@@ -346,7 +346,7 @@ def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=
         K.group_norm(x, groups, weight, bias, eps, silu=silu, out=out)
     else:
         B, HW = shape[0], x[0, 0].numel()
-        chosen = gn_mod._plans(B, C, HW, groups, x.device)[plan]
+        chosen = gn_mod._plans(B, C, HW, groups, x.device, channels_last)[plan]
         gn_mod._launch(chosen, x.view(B, C, -1), out.view(B, C, -1), weight, bias, groups, eps, silu)
     y = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
     _check(out, F.silu(y) if silu else y)
@@ -393,6 +393,38 @@ def test_group_norm_cpu_plans(channels_last, plan):
     _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, mean=3.0, eps=1e-5, silu=True, plan=plan)
 
 
+@pytest.mark.parametrize(
+    "shape, groups, mean",
+    [
+        ((1, 320, 5, 7), 32, 0.0),  # blocks of 64 channels: groups of 10 straddle them
+        ((2, 128, 9, 9), 32, 100.0),  # 4 channels per group, one block; a large mean
+        ((2, 100, 6, 5), 20, 3.0),  # C = 100: blocks of 4 would be under 16 bytes, so one padded block
+        ((1, 64, 45, 45), 32, 3.0),  # several tiles per chunk and a partial last tile
+        ((1, 1280, 12, 12), 32, 3.0),  # 40 channels per group: the merge loop takes 8 chunks at a time
+    ],
+    ids=str,
+)
+def test_group_norm_cpu_nhwc_plans(shape, groups, mean):
+    """The channels-last plans (per-channel statistics over blocks of channels, merged per group
+    by a second kernel, applied by a third), every distinct one the tuner may try at the shape."""
+    _need("cpu")
+    B, C, HW = shape[0], shape[1], shape[2] * shape[3]
+    names = [n for n, p in gn_mod._plans(B, C, HW, groups, torch.device("cpu"), True).items() if p.nhwc]
+    assert names and not any(p.nhwc for p in gn_mod._plans(B, C, HW, groups, torch.device("cpu")).values())
+    for plan in names:
+        _group_norm_case(shape, groups, torch.float32, "cpu", True, mean=mean, eps=1e-6, silu=True, plan=plan)
+    if C == 1280:
+        plan = gn_mod._plans(B, C, HW, groups, torch.device("cpu"), True)[names[-1]]
+        assert gn_mod._finalize_rows(plan.split, C // groups) < plan.split  # the loop runs more than once
+
+
+def test_group_norm_channel_block():
+    """Channels per program in the channels-last plan at SD's channel counts: no padding lanes,
+    at most 128; a count with no power-of-two divisor of 8 or more is padded instead."""
+    got = {c: gn_mod._channel_block(c) for c in (320, 640, 960, 1280, 1920, 2560, 128, 256, 512, 100)}
+    assert got == {320: 64, 640: 128, 960: 64, 1280: 128, 1920: 128, 2560: 128, 128: 128, 256: 128, 512: 128, 100: 128}
+
+
 def test_group_norm_default_plan():
     """Untimed (CPU, or during graph capture): one program per group for groups of a few tiles,
     two-pass chunks for large groups."""
@@ -429,15 +461,16 @@ def test_group_norm_cuda(shape, dtype, channels_last):
 def test_group_norm_cuda_plans(shape, channels_last):
     """Every launch plan the tuner may pick at this shape, whichever it does pick on this GPU."""
     _need("cuda")
-    names = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], 32, torch.device("cuda"))
-    assert len(names) >= 3, names
+    names = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], 32, torch.device("cuda"), channels_last)
+    assert len(names) >= 3 and any(p.nhwc for p in names.values()) == channels_last, names
     for plan in names:
         _group_norm_case(shape, 32, torch.float16, "cuda", channels_last, plan=plan)
 
 
-def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
     """The tuning path (CUDA-only in use) with a stand-in timer: each candidate timed once, the
-    fastest chosen and remembered, the result still right."""
+    fastest chosen and remembered, the result still right; channels-last input adds its plans."""
     _need("cpu")
     fake_ms = {}
 
@@ -450,13 +483,14 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch):
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "time_ms", fake_time)
     monkeypatch.setattr(gn_mod, "TUNED", {})
-    shape = (1, 64, 90, 90)
-    plans = gn_mod._plans(1, 64, 90 * 90, 32, torch.device("cpu"))
-    _group_norm_case(shape, 32, torch.float32, "cpu", False)
+    shape = (1, 64, 40, 40)
+    plans = gn_mod._plans(1, 64, 40 * 40, 8, torch.device("cpu"), channels_last)
+    assert any(p.nhwc for p in plans.values()) == channels_last
+    _group_norm_case(shape, 8, torch.float32, "cpu", channels_last)
     assert len(fake_ms) == len(plans) >= 3
     ((chosen, times),) = gn_mod.TUNED.values()
     assert chosen == list(plans.values())[-1] and list(times) == list(plans)
-    _group_norm_case(shape, 32, torch.float32, "cpu", False)  # remembered: not timed again
+    _group_norm_case(shape, 8, torch.float32, "cpu", channels_last)  # remembered: not timed again
     assert len(fake_ms) == len(plans)
 
 
@@ -504,6 +538,7 @@ def test_geglu_cuda(shape, dtype):
 SM90_OTHER_KERNELS = (
     ["attention_d8_unaligned"]
     + [f"group_norm_{k}_{l}" for k in ("stats", "apply", "fused") for l in ("nchw", "nhwc", "nchw_c1")]
+    + [f"group_norm_nhwc_{k}" for k in ("stats", "finalize", "apply")]
     + ["geglu"]
 )
 
@@ -553,14 +588,19 @@ def test_sm90_overlap_puts_softmax_under_the_next_matmul(sm90_builds):
     assert not any(plain.values()), {n: v for n, v in plain.items() if v}
 
 
-@pytest.mark.parametrize("name", ["geglu", "group_norm_stats_nchw", "group_norm_apply_nchw", "group_norm_fused_nchw"])
+@pytest.mark.parametrize(
+    "name",
+    ["geglu", "group_norm_stats_nchw", "group_norm_apply_nchw", "group_norm_fused_nchw"]
+    + ["group_norm_nhwc_stats", "group_norm_nhwc_apply"],
+)
 def test_sm90_memory_bound_kernels_move_16_byte_vectors(sm90_builds, name):
     """The bulk of the bytes move as 16-byte loads (and, for geglu, stores): the memory-bound
-    kernels cannot approach copy bandwidth otherwise. (NHWC GroupNorm with 10 channels per group
-    cannot: a group's channels are 20 bytes, 4-byte aligned.)"""
+    kernels cannot approach copy bandwidth otherwise. (The per-group NHWC GroupNorm kernels with 10
+    channels per group cannot: a group's channels are 20 bytes, 4-byte aligned; the channels-last
+    plan's blocks of 64 channels are 128 bytes.)"""
     sass = sm90_builds[name]["sass"]
     assert sass.get("LDG.E.128", 0) > 0, sass
-    if name != "group_norm_stats_nchw":  # it stores three fp32 statistics per program
+    if "stats" not in name:  # the statistics kernels store a few fp32 values per program
         assert sass.get("STG.E.128", 0) > 0, sass
 
 
@@ -606,6 +646,8 @@ def test_kernels_benchmark_rows_on_cpu(monkeypatch):
         if r["unit"] == "GB/s":
             assert r["ceiling"] > 0, r
     assert rows[0]["config"].startswith("32x32 w4 s1")  # the interpreter's one config
+    overlap = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "SPLIT_D": False, "OVERLAP_QK": True}, num_warps=8, num_stages=3)
+    assert bench._config_name(overlap) == "128x64 w8 s3 overlap"  # not the same name as its plain twin
     bench.print_header()
     for r in rows:
         bench.finish_row(r, {"matmul_tflops": 1.0, "copy_gbps": 1.0})

@@ -200,6 +200,11 @@ def test_profile_categories_of_real_kernel_names():
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>": "other",
     }
     assert {n: profile_step.categorize(n) for n in names} == names
+    # Every Triton kernel the runtime launches, by its @triton.jit name, in its own bucket.
+    for module, category in (("attention", "attention (triton)"), ("group_norm", "group_norm (triton)"), ("geglu", "geglu (triton)")):
+        mod = importlib.import_module(f"fastdiff.kernels.{module}")
+        jitted = [n for n in dir(mod) if n.endswith("_kernel")]
+        assert jitted and {n: profile_step.categorize(n) for n in jitted} == dict.fromkeys(jitted, category)
     agg = profile_step.aggregate([("_attention_kernel", 300.0, 1), ("nvjet_x", 100.0, 1), ("_attention_kernel", 300.0, 1)], 2)
     assert agg["total_ms"] == pytest.approx(0.35)
     assert agg["categories"]["attention (triton)"] == {"ms": pytest.approx(0.3), "launches": 1}
