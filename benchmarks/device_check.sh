@@ -35,9 +35,9 @@ step() {  # step NAME TIMEOUT_S CMD...: run if NAME is in $STEPS, log to $OUT/NA
   local t0=$SECONDS
   echo "=== $name: $*"
   if [[ $name == *_tests ]]; then
-    timeout "$limit" "$@" 2>&1 | grep --line-buffered -v -E "PytestBenchmarkWarning|warner\(" | stamp | tee "$OUT/$name.log"
+    timeout -k 5 "$limit" "$@" 2>&1 | grep --line-buffered -v -E "PytestBenchmarkWarning|warner\(" | stamp | tee "$OUT/$name.log"
   else
-    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    timeout -k 5 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
   fi
   local rc=${PIPESTATUS[0]}
   NAMES+=("$name"); CODES+=("$rc"); SECS+=($((SECONDS - t0)))
@@ -79,7 +79,7 @@ cat "$OUT/gpu.txt"
 [[ -f "$OUT/cuda_tests.log" ]] && grep -E "(FAILED|ERROR) " "$OUT/cuda_tests.log" | cut -c1-170 | head -20
 [[ -f "$OUT/cuda_tests.log" ]] && grep -E "[0-9]+ (passed|failed)" "$OUT/cuda_tests.log" | tail -1
 [[ -f "$OUT/failures.txt" ]] && grep -E "^(====|E )" "$OUT/failures.txt" | cut -c1-170 | head -30
-[[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(SDPA|kernel|attention|group_norm|geglu|layer_norm)" "$OUT/kernels.log" | cut -c1-175
+[[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(SDPA|kernel|attention|group_norm|geglu|layer_norm)" "$OUT/kernels.log" | cut -c1-260
 [[ -f "$OUT/profile.log" ]] && sed -n '/^category/,/^costliest/p' "$OUT/profile.log" | head -12
 for f in latency_sd15 latency_tiny; do
   [[ -f "$OUT/$f.log" ]] && grep -E "^(model|[0-9]+x[0-9]+|stage|text encoder|UNet per step|denoising|VAE|end-to-end|parity)" "$OUT/$f.log" | cut -c1-260

@@ -147,13 +147,17 @@ def ceilings(dtype) -> dict:
 
 
 def _config_name(c) -> str:
+    """'128x64 w8 s3', plus ' split' (head dim in two parts) and ' overlap' (OVERLAP_QK): the
+    overlap configs share their tiles with plain ones, so without it the two read the same."""
     split = " split" if c.kwargs.get("SPLIT_D") else ""
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{split}"
+    overlap = " overlap" if c.kwargs.get("OVERLAP_QK") else ""
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}{split}{overlap}"
 
 
 def _chosen_config(autotuner) -> str:
-    """The tile config the autotuner picked on its last call and, when that call timed the
-    candidates (not read from Triton's disk cache), the next fastest: '128x64 w8 s3 (0.15 ms; ...)'."""
+    """The tile config the autotuner picked on its last call and the fastest candidates'
+    times: '128x64 w8 s3 (128x64 w8 s3 150.2us; ...)'. Triton 3.6 also fills those times from its
+    disk cache (cache_results), so on a machine that tuned before they are that earlier run's."""
     chosen = _config_name(autotuner.best_config)
     timings = getattr(autotuner, "configs_timings", None)
     if not timings:
