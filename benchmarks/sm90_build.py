@@ -101,7 +101,7 @@ def cases() -> dict:
 
     # The channels-last plan at the same shape: blocks of 64 channels (128 bytes) per program.
     B, C, G, HW = 2, 320, 32, 64 * 64
-    plan = list(gn._plans(B, C, HW, G, torch.device("cpu"), channels_last=True).values())[-1]
+    plan = list(gn._plans(B, C, HW, G, torch.device("cpu"), "nhwc").values())[-1]
     strides = dict(stride_xb=C * HW, stride_xc=1, stride_xhw=C, stride_yb=C * HW, stride_yc=1, stride_yhw=C)
     chunks = dict(C=C, HW=HW, HW_PER_SPLIT=plan.hw_per_split)
     tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
@@ -121,6 +121,18 @@ def cases() -> dict:
     out["group_norm_nhwc_apply"] = (
         gn._group_norm_nhwc_apply_kernel,
         dict(X="*fp16", Y="*fp16", ScaleShift="*fp32", **chunks, **strides), dict(tiles, SILU=True), gn._NUM_WARPS, 3,
+    )  # fmt: skip
+
+    # The NCHW flat plan's apply at the same shape (its statistics kernel is group_norm_stats_nchw_c1's).
+    plan = list(gn._plans(B, C, HW, G, torch.device("cpu"), "nchw").values())[-1]
+    row = gn._row(HW)
+    out["group_norm_flat_apply"] = (
+        gn._group_norm_flat_apply_kernel,
+        dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", Partials="*fp32", stride_b=C * HW, HW=HW,
+             num_groups=G, PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, eps=1e-5),
+        dict(CHANNELS_PER_GROUP=C // G, ROW=row, BLOCK_R=gn._TILE // row,
+             BLOCK_SPLIT=triton.next_power_of_2(plan.split), SILU=True),
+        gn._NUM_WARPS, 3,
     )  # fmt: skip
 
     block_m, block_n = geglu._plan(1280)

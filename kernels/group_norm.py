@@ -28,11 +28,17 @@ empty. The `_group_norm_nhwc_*` kernels instead tile (chunk of pixels, block of 
 ignores group boundaries: 64 at 320 channels, 128 bytes): per-channel statistics, then one
 program per group merges its channels' chunks into per-channel (scale, shift), then the affine.
 Three launches, but 16-byte vectors, no empty lanes, and fewer registers (more loads in flight).
+NCHW input has one too ("flat"): there a group is one contiguous run of C // G * HW elements, so
+the statistics kernel runs on it as a single channel, and `_group_norm_flat_apply_kernel` walks
+it in tiles of whole rows (a power of two dividing HW), each row's channel from its index: every
+lane holds data, where the per-group tile pads 10 channels to 16.
+The tuner times every plan that applies to the call's layout; none replaces another untimed.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -383,6 +389,63 @@ def _group_norm_nhwc_apply_kernel(
     _chunk_apply(x_base, y_base, stride_xhw, stride_yhw, 0.0, scale, shift, hw_start, hw_end, mask_c, BLOCK_HW, SILU)
 
 
+@triton.jit
+def _group_norm_flat_apply_kernel(
+    X,  # [B, C, HW] input, NCHW-contiguous per batch: a group is one run of CHANNELS_PER_GROUP * HW
+    Y,  # [B, C, HW] output, same strides, dtype of X
+    Weight,  # [C] affine scale
+    Bias,  # [C] affine shift
+    Partials,  # [B * G, SPLIT, 3] fp32 (count, mean - pivot, M2) from _group_norm_stats_kernel run on the flat group
+    stride_b,  # batch stride of X and Y in elements
+    HW,  # spatial size H * W, a multiple of ROW
+    num_groups,  # G: splits program_id(1) into (batch, group)
+    PER_SPLIT,  # elements of the flat group per chunk, a multiple of BLOCK_R * ROW
+    SPLIT,  # chunks per group
+    eps,  # added to the variance
+    CHANNELS_PER_GROUP: tl.constexpr,  # C // G
+    ROW: tl.constexpr,  # elements per tile row: a power of two dividing HW, so a row is in one channel
+    BLOCK_R: tl.constexpr,  # rows per tile
+    BLOCK_SPLIT: tl.constexpr,  # SPLIT padded to a power of two
+    SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
+):
+    """The affine over one chunk of a group read as a flat run of [rows, ROW] tiles, each row's
+    channel (for weight and bias) from its index: every lane holds data, where the per-group tile
+    pads 10 channels to 16."""
+    pid_s = tl.program_id(0)
+    pid_bg = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_SPLIT)
+    mask_s = offs_s < SPLIT
+    part = Partials + (pid_bg * SPLIT + offs_s) * 3
+    n_s = tl.load(part + 0, mask=mask_s, other=0.0)
+    mean_s = tl.load(part + 1, mask=mask_s, other=0.0)
+    m2_s = tl.load(part + 2, mask=mask_s, other=0.0)
+    n = tl.sum(n_s, 0)
+    mean = tl.sum(n_s * mean_s, 0) / n
+    dmean = mean_s - mean
+    rstd = tl.rsqrt(tl.sum(m2_s + n_s * dmean * dmean, 0) / n + eps)
+
+    off_b = (pid_bg // num_groups).to(tl.int64)
+    c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # first channel of the group
+    group = off_b * stride_b + c0.to(tl.int64) * HW  # element offset of the group's run in X and Y
+    pivot = tl.load(X + group).to(tl.float32)
+    size = CHANNELS_PER_GROUP * HW
+    start = pid_s * PER_SPLIT
+    end = tl.minimum(start + PER_SPLIT, size)
+    rows_per_channel = HW // ROW
+    for r0 in range(start, end, BLOCK_R * ROW):
+        row = r0 // ROW + tl.arange(0, BLOCK_R)  # [BLOCK_R] rows of the group
+        offs = row[:, None] * ROW + tl.arange(0, ROW)[None, :]  # [BLOCK_R, ROW] offsets in the group
+        mask_r = row * ROW < end
+        mask = offs < end
+        c = c0 + row // rows_per_channel  # [BLOCK_R] each row's channel
+        scale, shift = _affine(Weight, Bias, c, mask_r, mean, rstd)
+        x = tl.load(X + group + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - pivot) * scale[:, None] + shift[:, None]
+        if SILU:
+            y = y * tl.sigmoid(y)
+        tl.store(Y + group + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
 @dataclass(frozen=True)
 class Plan:
     """How one shape is launched: tile sizes and how many chunks split each group."""
@@ -391,7 +454,8 @@ class Plan:
     block_hw: int  # spatial positions per tile
     hw_per_split: int  # spatial positions per chunk, a multiple of block_hw
     split: int  # chunks per group; 1 means the one-launch `_group_norm_kernel` (per-group plans)
-    nhwc: bool = False  # the channels-last plan: blocks of block_c channels, `_group_norm_nhwc_*`
+    kind: str = "group"  # "group": per-group tiles; "nhwc": blocks of block_c channels (channels-last,
+    # `_group_norm_nhwc_*`); "flat": a group as one run (NCHW, `_group_norm_flat_apply_kernel`)
 
 
 def _split_plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device, per_sm: int) -> Plan:
@@ -421,24 +485,45 @@ def _nhwc_plan(batch: int, channels: int, hw: int, device: torch.device, per_sm:
     tiles = triton.cdiv(hw, block_hw)
     split = min(tiles, max(1, triton.cdiv(per_sm * _tuning.num_sms(device), batch * triton.cdiv(channels, block_c))))
     hw_per_split = triton.cdiv(tiles, split) * block_hw
-    return Plan(block_c, block_hw, hw_per_split, triton.cdiv(hw, hw_per_split), nhwc=True)
+    return Plan(block_c, block_hw, hw_per_split, triton.cdiv(hw, hw_per_split), kind="nhwc")
+
+
+def _row(hw: int) -> int:
+    """Elements per tile row of the flat plan: the largest power of two up to 128 dividing HW."""
+    return math.gcd(hw, 128)
+
+
+def _flat_plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device, per_sm: int) -> Plan:
+    """NCHW plan: each group as one flat run of C // G * HW elements (statistics by
+    `_group_norm_stats_kernel` with one "channel" per group), chunks of whole tiles."""
+    size = channels // num_groups * hw
+    block_hw = min(_TILE, triton.next_power_of_2(size))  # a multiple of the apply's rows
+    tiles = triton.cdiv(size, block_hw)
+    split = min(tiles, max(1, triton.cdiv(per_sm * _tuning.num_sms(device), batch * num_groups)))
+    per_split = triton.cdiv(tiles, split) * block_hw
+    return Plan(1, block_hw, per_split, triton.cdiv(size, per_split), kind="flat")
 
 
 def _plans(
-    batch: int, channels: int, hw: int, num_groups: int, device: torch.device, channels_last: bool = False
+    batch: int, channels: int, hw: int, num_groups: int, device: torch.device, layout: str = "strided"
 ) -> dict[str, Plan]:
-    """The candidate plans for one shape, by name: "fused" (one program per group),
-    "split<programs per SM>" for each distinct two-pass split, and for channels-last input
-    "nhwc<programs per SM>" for each distinct channels-last plan."""
+    """The candidate plans for one shape, by name: "fused" (one program per group) and
+    "split<programs per SM>" for each distinct two-pass split; for layout "nhwc" (channel stride
+    1) also "nhwc<programs per SM>", for layout "nchw" (contiguous per batch, HW a multiple of 8:
+    16-byte rows) also "flat<programs per SM>", each distinct."""
     plans = {"fused": _split_plan(batch, channels, hw, num_groups, device, 0)}  # per_sm 0: split 1
     for per_sm in _TUNE_PROGRAMS_PER_SM:
         plan = _split_plan(batch, channels, hw, num_groups, device, per_sm)
         if plan.split > 1 and plan not in plans.values():
             plans[f"split{per_sm}"] = plan
-    for per_sm in _TUNE_PROGRAMS_PER_SM if channels_last else ():
+    for per_sm in _TUNE_PROGRAMS_PER_SM if layout == "nhwc" else ():
         plan = _nhwc_plan(batch, channels, hw, device, per_sm)
         if plan not in plans.values():
             plans[f"nhwc{per_sm}"] = plan
+    for per_sm in _TUNE_PROGRAMS_PER_SM if layout == "nchw" and _row(hw) >= 8 else ():
+        plan = _flat_plan(batch, channels, hw, num_groups, device, per_sm)
+        if plan not in plans.values():
+            plans[f"flat{per_sm}"] = plan
     return plans
 
 
@@ -456,10 +541,25 @@ TUNED: dict = {}
 
 
 def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> None:
-    if plan.nhwc:
+    if plan.kind == "nhwc":
         _launch_nhwc(plan, x3, y3, weight, bias, num_groups, eps, silu)
         return
     B, C, HW = x3.shape
+    if plan.kind == "flat":
+        partials = torch.empty((B * num_groups, plan.split, 3), device=x3.device, dtype=torch.float32)
+        grid = (plan.split, B * num_groups)
+        size = C // num_groups * HW
+        _group_norm_stats_kernel[grid](
+            x3, partials, x3.stride(0), size, 1, size, num_groups, plan.hw_per_split, plan.split,
+            CHANNELS_PER_GROUP=1, BLOCK_C=1, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+        row = _row(HW)
+        _group_norm_flat_apply_kernel[grid](
+            x3, y3, weight, bias, partials, x3.stride(0), HW, num_groups, plan.hw_per_split, plan.split, eps,
+            CHANNELS_PER_GROUP=C // num_groups, ROW=row, BLOCK_R=_TILE // row,
+            BLOCK_SPLIT=triton.next_power_of_2(plan.split), SILU=silu, num_warps=_NUM_WARPS,
+        )  # fmt: skip
+        return
     meta = dict(CHANNELS_PER_GROUP=C // num_groups, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
     if plan.split == 1:
         _group_norm_kernel[(B * num_groups,)](
@@ -503,6 +603,17 @@ def _launch_nhwc(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, 
     )  # fmt: skip
 
 
+def _layout(x3, y3) -> str:
+    """"nhwc" (channel stride 1), "nchw" (each batch's [C, HW] contiguous, the same batch stride in
+    x and y), else "strided": which extra plans apply."""
+    B, C, HW = x3.shape
+    if x3.stride(1) == 1 and y3.stride(1) == 1:
+        return "nhwc"
+    if x3.stride()[1:] == y3.stride()[1:] == (HW, 1) and x3.stride(0) == y3.stride(0):
+        return "nchw"
+    return "strided"
+
+
 def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> Plan:
     """The fastest candidate plan for this call's shape, layout and dtype, timed once. Where
     timing is impossible (see _tuning.can_time), the untimed default, not remembered."""
@@ -512,8 +623,7 @@ def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -
         return TUNED[key][0]
     if not _tuning.can_time(x3.device):
         return _default_plan(B, C, HW, num_groups, x3.device)
-    channels_last = x3.stride(1) == 1 and y3.stride(1) == 1
-    plans = _plans(B, C, HW, num_groups, x3.device, channels_last)
+    plans = _plans(B, C, HW, num_groups, x3.device, _layout(x3, y3))
     best, times = _tuning.fastest(plans, lambda plan: _launch(plan, x3, y3, weight, bias, num_groups, eps, silu))
     TUNED[key] = (plans[best], times)
     return plans[best]

@@ -346,7 +346,7 @@ def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=
         K.group_norm(x, groups, weight, bias, eps, silu=silu, out=out)
     else:
         B, HW = shape[0], x[0, 0].numel()
-        chosen = gn_mod._plans(B, C, HW, groups, x.device, channels_last)[plan]
+        chosen = gn_mod._plans(B, C, HW, groups, x.device, "nhwc" if channels_last else "nchw")[plan]
         gn_mod._launch(chosen, x.view(B, C, -1), out.view(B, C, -1), weight, bias, groups, eps, silu)
     y = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
     _check(out, F.silu(y) if silu else y)
@@ -409,13 +409,34 @@ def test_group_norm_cpu_nhwc_plans(shape, groups, mean):
     by a second kernel, applied by a third), every distinct one the tuner may try at the shape."""
     _need("cpu")
     B, C, HW = shape[0], shape[1], shape[2] * shape[3]
-    names = [n for n, p in gn_mod._plans(B, C, HW, groups, torch.device("cpu"), True).items() if p.nhwc]
-    assert names and not any(p.nhwc for p in gn_mod._plans(B, C, HW, groups, torch.device("cpu")).values())
+    names = [n for n, p in gn_mod._plans(B, C, HW, groups, torch.device("cpu"), "nhwc").items() if p.kind == "nhwc"]
+    assert names and not any(p.kind == "nhwc" for p in gn_mod._plans(B, C, HW, groups, torch.device("cpu")).values())
     for plan in names:
         _group_norm_case(shape, groups, torch.float32, "cpu", True, mean=mean, eps=1e-6, silu=True, plan=plan)
     if C == 1280:
-        plan = gn_mod._plans(B, C, HW, groups, torch.device("cpu"), True)[names[-1]]
+        plan = gn_mod._plans(B, C, HW, groups, torch.device("cpu"), "nhwc")[names[-1]]
         assert gn_mod._finalize_rows(plan.split, C // groups) < plan.split  # the loop runs more than once
+
+
+@pytest.mark.parametrize(
+    "shape, groups, mean",
+    [
+        ((1, 320, 8, 8), 32, 0.0),  # 10 channels per group: 640-element runs, rows of 64 (10 channels x 1 row)
+        ((2, 128, 16, 16), 32, 100.0),  # 4 channels per group, rows of 128; a large mean
+        ((1, 960, 8, 4), 32, 3.0),  # rows of 32, 30 channels per group
+        ((1, 64, 48, 48), 32, 3.0),  # 4608-element groups: 3 tiles, the last partial; several chunks
+    ],
+    ids=str,
+)
+def test_group_norm_cpu_flat_plans(shape, groups, mean):
+    """The NCHW flat plans (a group's contiguous run as tiles of whole rows, each row's channel from
+    its index), every distinct one the tuner may try; none where HW has no 16-byte rows."""
+    _need("cpu")
+    B, C, HW = shape[0], shape[1], shape[2] * shape[3]
+    names = [n for n, p in gn_mod._plans(B, C, HW, groups, torch.device("cpu"), "nchw").items() if p.kind == "flat"]
+    assert names and not any(p.kind == "flat" for p in gn_mod._plans(1, 64, 9 * 9, 32, torch.device("cpu"), "nchw").values())
+    for plan in names:
+        _group_norm_case(shape, groups, torch.float32, "cpu", False, mean=mean, eps=1e-6, silu=True, plan=plan)
 
 
 def test_group_norm_channel_block():
@@ -461,8 +482,8 @@ def test_group_norm_cuda(shape, dtype, channels_last):
 def test_group_norm_cuda_plans(shape, channels_last):
     """Every launch plan the tuner may pick at this shape, whichever it does pick on this GPU."""
     _need("cuda")
-    names = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], 32, torch.device("cuda"), channels_last)
-    assert len(names) >= 3 and any(p.nhwc for p in names.values()) == channels_last, names
+    names = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], 32, torch.device("cuda"), "nhwc" if channels_last else "nchw")
+    assert len(names) >= 3 and {p.kind for p in names.values()} == {"group", "nhwc" if channels_last else "flat"}, names
     for plan in names:
         _group_norm_case(shape, 32, torch.float16, "cuda", channels_last, plan=plan)
 
@@ -484,8 +505,8 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
     monkeypatch.setattr(tuning, "time_ms", fake_time)
     monkeypatch.setattr(gn_mod, "TUNED", {})
     shape = (1, 64, 40, 40)
-    plans = gn_mod._plans(1, 64, 40 * 40, 8, torch.device("cpu"), channels_last)
-    assert any(p.nhwc for p in plans.values()) == channels_last
+    plans = gn_mod._plans(1, 64, 40 * 40, 8, torch.device("cpu"), "nhwc" if channels_last else "nchw")
+    assert {p.kind for p in plans.values()} == {"group", "nhwc" if channels_last else "flat"}
     _group_norm_case(shape, 8, torch.float32, "cpu", channels_last)
     assert len(fake_ms) == len(plans) >= 3
     ((chosen, times),) = gn_mod.TUNED.values()
@@ -539,6 +560,7 @@ SM90_OTHER_KERNELS = (
     ["attention_d8_unaligned"]
     + [f"group_norm_{k}_{l}" for k in ("stats", "apply", "fused") for l in ("nchw", "nhwc", "nchw_c1")]
     + [f"group_norm_nhwc_{k}" for k in ("stats", "finalize", "apply")]
+    + ["group_norm_flat_apply"]
     + ["geglu"]
 )
 
@@ -591,7 +613,7 @@ def test_sm90_overlap_puts_softmax_under_the_next_matmul(sm90_builds):
 @pytest.mark.parametrize(
     "name",
     ["geglu", "group_norm_stats_nchw", "group_norm_apply_nchw", "group_norm_fused_nchw"]
-    + ["group_norm_nhwc_stats", "group_norm_nhwc_apply"],
+    + ["group_norm_nhwc_stats", "group_norm_nhwc_apply", "group_norm_flat_apply", "group_norm_stats_nchw_c1"],
 )
 def test_sm90_memory_bound_kernels_move_16_byte_vectors(sm90_builds, name):
     """The bulk of the bytes move as 16-byte loads (and, for geglu, stores): the memory-bound
