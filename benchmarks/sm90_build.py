@@ -90,7 +90,7 @@ def cases() -> dict:
                 gn._group_norm_stats_kernel, dict(X="*fp16", **split, **x_strides), meta, gn._NUM_WARPS, 3,
             )  # fmt: skip
             io = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **x_strides, **y_strides)
-            apply_meta = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(plan.split), SILU=True)
+            apply_meta = dict(meta, BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True)
             out[f"group_norm_apply_{layout}{suffix}"] = (
                 gn._group_norm_apply_kernel, dict(io, **split), apply_meta, gn._NUM_WARPS, 3,
             )  # fmt: skip
@@ -115,7 +115,7 @@ def cases() -> dict:
         dict(Partials="*fp32", Weight="*fp16", Bias="*fp16", ScaleShift="*fp32", B=B, HW=HW,
              HW_PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, num_groups=G, eps=1e-5),
         dict(CHANNELS_PER_GROUP=C // G, BLOCK_CG=triton.next_power_of_2(C // G),
-             BLOCK_SPLIT=triton.next_power_of_2(plan.split)),
+             BLOCK_SPLIT=gn._finalize_rows(C // G)),
         gn._NUM_WARPS, 3,
     )  # fmt: skip
     out["group_norm_nhwc_apply"] = (
@@ -131,7 +131,7 @@ def cases() -> dict:
         dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", Partials="*fp32", stride_b=C * HW, HW=HW,
              num_groups=G, PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, eps=1e-5),
         dict(CHANNELS_PER_GROUP=C // G, ROW=row, BLOCK_R=gn._TILE // row,
-             BLOCK_SPLIT=triton.next_power_of_2(plan.split), SILU=True),
+             BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True),
         gn._NUM_WARPS, 3,
     )  # fmt: skip
 

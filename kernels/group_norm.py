@@ -54,6 +54,7 @@ _TUNE_PROGRAMS_PER_SM = (2, 4, 8, 16)  # two-pass candidates timed at a shape's 
 _FUSED_MAX_TILES = 8  # default to one program per group up to this many tiles per group
 _BLOCK_CHANNELS = 128  # channels-last plans: the most channels one program's block spans
 _FINALIZE_TILE = 512  # channels-last plans: (chunk, channel) statistics per step of the merge loop
+_MERGE_BLOCK = 64  # chunks' statistics per step of the apply kernels' merge loop
 
 
 @triton.jit
@@ -178,6 +179,38 @@ def _affine(
 
 
 @triton.jit
+def _merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Two parts' (count, mean, M2) as one: the parallel-variance formula (n_a may be 0)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (n_b / n), m2_a + m2_b + delta * delta * (n_a * n_b / n)
+
+
+@triton.jit
+def _merged_partials(
+    part,  # pointer to a group's SPLIT (count, mean, M2) fp32 triples
+    SPLIT,  # how many
+    BLOCK_SPLIT: tl.constexpr,  # triples per step of the loop
+):
+    """(count, mean, M2) of the group from its chunks'. A fixed step (not SPLIT padded) keeps one
+    compiled kernel for every split count the tuner tries."""
+    n = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for s0 in range(0, SPLIT, BLOCK_SPLIT):
+        offs_s = s0 + tl.arange(0, BLOCK_SPLIT)
+        mask_s = offs_s < SPLIT
+        n_s = tl.load(part + offs_s * 3 + 0, mask=mask_s, other=0.0)
+        mean_s = tl.load(part + offs_s * 3 + 1, mask=mask_s, other=0.0)
+        m2_s = tl.load(part + offs_s * 3 + 2, mask=mask_s, other=0.0)
+        n_t = tl.sum(n_s, 0)
+        mean_t = tl.sum(n_s * mean_s, 0) / n_t
+        dmean = mean_s - mean_t
+        n, mean, m2 = _merge(n, mean, m2, n_t, mean_t, tl.sum(m2_s + n_s * dmean * dmean, 0))
+    return n, mean, m2
+
+
+@triton.jit
 def _group_norm_stats_kernel(
     X,  # [B, C, HW] input, element strides below
     Partials,  # [B * G, SPLIT, 3] fp32 out: (count, mean - pivot, M2) of each chunk
@@ -221,23 +254,12 @@ def _group_norm_apply_kernel(
     CHANNELS_PER_GROUP: tl.constexpr,  # C // G
     BLOCK_C: tl.constexpr,  # CHANNELS_PER_GROUP padded to a power of two
     BLOCK_HW: tl.constexpr,  # spatial positions per tile
-    BLOCK_SPLIT: tl.constexpr,  # SPLIT padded to a power of two
+    BLOCK_SPLIT: tl.constexpr,  # chunks' statistics per step of the merge
     SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
 ):
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
-
-    # Merge the chunks: mean = sum(n_s mean_s) / n, M2 = sum(M2_s + n_s (mean_s - mean)^2).
-    offs_s = tl.arange(0, BLOCK_SPLIT)
-    mask_s = offs_s < SPLIT
-    part = Partials + (pid_bg * SPLIT + offs_s) * 3
-    n_s = tl.load(part + 0, mask=mask_s, other=0.0)
-    mean_s = tl.load(part + 1, mask=mask_s, other=0.0)
-    m2_s = tl.load(part + 2, mask=mask_s, other=0.0)
-    n = tl.sum(n_s, 0)
-    mean = tl.sum(n_s * mean_s, 0) / n
-    dmean = mean_s - mean
-    m2 = tl.sum(m2_s + n_s * dmean * dmean, 0)
+    n, mean, m2 = _merged_partials(Partials + pid_bg * SPLIT * 3, SPLIT, BLOCK_SPLIT)
     rstd = tl.rsqrt(m2 / n + eps)
 
     x0, x_base, offs_c, mask_c = _group_slice(X, stride_xb, stride_xc, pid_bg, num_groups, CHANNELS_PER_GROUP, BLOCK_C)
@@ -347,13 +369,7 @@ def _group_norm_nhwc_finalize_kernel(
         n_t = tl.sum(tl.sum(n_sc, 1), 0)
         mean_t = tl.sum(tl.sum(n_sc * mean_sc, 1), 0) / n_t
         dev = mean_sc - mean_t
-        m2_t = tl.sum(tl.sum(m2_sc + n_sc * dev * dev, 1), 0)
-        # Into the running totals: the same parallel-variance merge, two parts at a time.
-        delta = mean_t - mean
-        n_new = n + n_t
-        mean += delta * (n_t / n_new)
-        m2 += m2_t + delta * delta * (n * n_t / n_new)
-        n = n_new
+        n, mean, m2 = _merge(n, mean, m2, n_t, mean_t, tl.sum(tl.sum(m2_sc + n_sc * dev * dev, 1), 0))
     rstd = tl.rsqrt(m2 / n + eps)
     scale, shift = _affine(Weight, Bias, c, mask_c, mean, rstd)
     tl.store(ScaleShift + off_b * C + c, scale, mask=mask_c)
@@ -405,7 +421,7 @@ def _group_norm_flat_apply_kernel(
     CHANNELS_PER_GROUP: tl.constexpr,  # C // G
     ROW: tl.constexpr,  # elements per tile row: a power of two dividing HW, so a row is in one channel
     BLOCK_R: tl.constexpr,  # rows per tile
-    BLOCK_SPLIT: tl.constexpr,  # SPLIT padded to a power of two
+    BLOCK_SPLIT: tl.constexpr,  # chunks' statistics per step of the merge
     SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
 ):
     """The affine over one chunk of a group read as a flat run of [rows, ROW] tiles, each row's
@@ -413,16 +429,8 @@ def _group_norm_flat_apply_kernel(
     pads 10 channels to 16."""
     pid_s = tl.program_id(0)
     pid_bg = tl.program_id(1)
-    offs_s = tl.arange(0, BLOCK_SPLIT)
-    mask_s = offs_s < SPLIT
-    part = Partials + (pid_bg * SPLIT + offs_s) * 3
-    n_s = tl.load(part + 0, mask=mask_s, other=0.0)
-    mean_s = tl.load(part + 1, mask=mask_s, other=0.0)
-    m2_s = tl.load(part + 2, mask=mask_s, other=0.0)
-    n = tl.sum(n_s, 0)
-    mean = tl.sum(n_s * mean_s, 0) / n
-    dmean = mean_s - mean
-    rstd = tl.rsqrt(tl.sum(m2_s + n_s * dmean * dmean, 0) / n + eps)
+    n, mean, m2 = _merged_partials(Partials + pid_bg * SPLIT * 3, SPLIT, BLOCK_SPLIT)
+    rstd = tl.rsqrt(m2 / n + eps)
 
     off_b = (pid_bg // num_groups).to(tl.int64)
     c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # first channel of the group
@@ -557,7 +565,7 @@ def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu:
         _group_norm_flat_apply_kernel[grid](
             x3, y3, weight, bias, partials, x3.stride(0), HW, num_groups, plan.hw_per_split, plan.split, eps,
             CHANNELS_PER_GROUP=C // num_groups, ROW=row, BLOCK_R=_TILE // row,
-            BLOCK_SPLIT=triton.next_power_of_2(plan.split), SILU=silu, num_warps=_NUM_WARPS,
+            BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, num_warps=_NUM_WARPS,
         )  # fmt: skip
         return
     meta = dict(CHANNELS_PER_GROUP=C // num_groups, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
@@ -573,14 +581,15 @@ def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu:
     )  # fmt: skip
     _group_norm_apply_kernel[grid](
         x3, y3, weight, bias, partials, *x3.stride(), *y3.stride(), HW, num_groups, plan.hw_per_split, plan.split,
-        eps, BLOCK_SPLIT=triton.next_power_of_2(plan.split), SILU=silu, **meta,
+        eps, BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, **meta,
     )  # fmt: skip
 
 
-def _finalize_rows(split: int, channels_per_group: int) -> int:
-    """Chunks per step of `_group_norm_nhwc_finalize_kernel`'s loop: tiles of at most
-    _FINALIZE_TILE (chunk, channel) statistics, so thousands of chunks cannot blow its registers."""
-    return min(triton.next_power_of_2(split), max(1, _FINALIZE_TILE // triton.next_power_of_2(channels_per_group)))
+def _finalize_rows(channels_per_group: int) -> int:
+    """Chunks per step of `_group_norm_nhwc_finalize_kernel`'s loop: tiles of _FINALIZE_TILE
+    (chunk, channel) statistics, so thousands of chunks cannot blow its registers, and one
+    compiled kernel per group width whatever the split."""
+    return max(1, _FINALIZE_TILE // triton.next_power_of_2(channels_per_group))
 
 
 def _launch_nhwc(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> None:
@@ -595,7 +604,7 @@ def _launch_nhwc(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, 
     cpg = C // num_groups
     _group_norm_nhwc_finalize_kernel[(B * num_groups,)](
         partials, weight, bias, scale_shift, B, HW, plan.hw_per_split, plan.split, num_groups, eps,
-        CHANNELS_PER_GROUP=cpg, BLOCK_CG=triton.next_power_of_2(cpg), BLOCK_SPLIT=_finalize_rows(plan.split, cpg),
+        CHANNELS_PER_GROUP=cpg, BLOCK_CG=triton.next_power_of_2(cpg), BLOCK_SPLIT=_finalize_rows(cpg),
         num_warps=_NUM_WARPS,
     )  # fmt: skip
     _group_norm_nhwc_apply_kernel[grid](

@@ -415,7 +415,7 @@ def test_group_norm_cpu_nhwc_plans(shape, groups, mean):
         _group_norm_case(shape, groups, torch.float32, "cpu", True, mean=mean, eps=1e-6, silu=True, plan=plan)
     if C == 1280:
         plan = gn_mod._plans(B, C, HW, groups, torch.device("cpu"), "nhwc")[names[-1]]
-        assert gn_mod._finalize_rows(plan.split, C // groups) < plan.split  # the loop runs more than once
+        assert gn_mod._finalize_rows(C // groups) < plan.split  # the loop runs more than once
 
 
 @pytest.mark.parametrize(
@@ -444,6 +444,22 @@ def test_group_norm_channel_block():
     at most 128; a count with no power-of-two divisor of 8 or more is padded instead."""
     got = {c: gn_mod._channel_block(c) for c in (320, 640, 960, 1280, 1920, 2560, 128, 256, 512, 100)}
     assert got == {320: 64, 640: 128, 960: 64, 1280: 128, 1920: 128, 2560: 128, 128: 128, 256: 128, 512: 128, 100: 128}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_cpu_merge_in_steps(monkeypatch, channels_last):
+    """The kernels that merge chunk statistics take a fixed number per step (one compiled kernel
+    for every split the tuner tries): at 2 (finalize: 4 values) per step every multi-chunk plan
+    loops, some with a half-empty last step."""
+    _need("cpu")
+    monkeypatch.setattr(gn_mod, "_MERGE_BLOCK", 2)
+    monkeypatch.setattr(gn_mod, "_FINALIZE_TILE", 4)
+    shape, groups = (1, 64, 35, 35), 8
+    plans = gn_mod._plans(1, 64, 35 * 35, groups, torch.device("cpu"), "nhwc" if channels_last else "nchw")
+    looped = {n: p.split for n, p in plans.items() if p.split > 2}
+    assert len(looped) >= 2 and any(v % 2 for v in looped.values()), looped
+    for plan in looped:
+        _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, mean=3.0, eps=1e-5, silu=True, plan=plan)
 
 
 def test_group_norm_default_plan():
