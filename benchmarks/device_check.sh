@@ -45,14 +45,15 @@ step() {  # step NAME TIMEOUT_S CMD...: run if NAME is in $STEPS, log to $OUT/NA
 
 # Kernel and pipeline timings first (a minute or two), then the tests, which may use what is left.
 # The kernels step includes the first-call tuning: attention's autotuner compiles and times up to 15
-# configs per shape (64 over the 8 shapes), GroupNorm's tuner up to 5 launch plans per shape.
+# configs per shape (64 over the 8 shapes), GroupNorm's tuner up to 9 launch plans per shape.
 # Rows are printed and saved as they land, so a step cut at its limit keeps what it measured.
 step kernels 180 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
-# SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff's default (graphs + Triton + NHWC on CUDA),
-# and with torch's ops in place of the Triton kernels, interleaved in one run. The NCHW and
+# SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff's default (graphs + Triton + NHWC on CUDA,
+# SDPA at attention shapes where it timed faster), with the Triton kernels at every shape, and
+# with torch's ops in place of the Triton kernels, interleaved in one run. The NCHW and
 # no-graph variants (torch:nchw, torch:nograph) were measured in run 2 (NOTES-gpu.md); add them to
 # LATENCY_BACKENDS to measure them again.
-LATENCY_BACKENDS=${LATENCY_BACKENDS:-torch,torch:torchops}
+LATENCY_BACKENDS=${LATENCY_BACKENDS:-torch,torch:triton,torch:torchops}
 step latency_sd15 80 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
   --height 512 --width 512 --steps 25 --repeats 3 --backends "$LATENCY_BACKENDS" \
   --json "$OUT/latency_sd15.json" --quiet

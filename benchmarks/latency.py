@@ -90,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backends", default=None,
                    help="comma list of fastdiff backends; default: every backend available here. "
                         "Suffixes change one setting: torch:nograph (no CUDA graph), "
-                        "torch:nograph:torchops (and torch reference ops instead of Triton), torch:nchw / torch:channels_last")
+                        "torch:nograph:torchops (and torch reference ops instead of Triton), torch:triton (the Triton kernels "
+                        "at every shape, no SDPA where it timed faster), torch:nchw / torch:channels_last")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -223,10 +224,12 @@ class DiffusersRunner:
 
 # Runner-name suffixes that change one Pipeline setting, to attribute a speed-up to its parts:
 # "torch:nograph" (no CUDA graph), "torch:nograph:torchops" (no graph, torch reference ops),
-# "torch:channels_last" / "torch:nchw" (NHWC / NCHW UNet and VAE; the default is NHWC on CUDA).
+# "torch:channels_last" / "torch:nchw" (NHWC / NCHW UNet and VAE; the default is NHWC on CUDA),
+# "torch:triton" (Triton attention at every shape: the default runs SDPA where it timed faster).
 VARIANTS = {
     "nograph": {"cuda_graph": False},
     "torchops": {"kernels": "torch"},
+    "triton": {"kernels": "triton"},  # Triton attention everywhere, not SDPA where SDPA timed faster
     "channels_last": {"channels_last": True},
     "nchw": {"channels_last": False},
 }

@@ -531,6 +531,44 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
     assert len(fake_ms) == len(plans)
 
 
+def test_auto_mode_runs_the_attention_that_timed_faster(monkeypatch):
+    """ops.attention in "auto" mode on a (stand-in) CUDA tensor: the Triton kernel and torch's SDPA
+    each timed once per shape (the kernel's own tuning first), the faster one run from then on;
+    "triton" mode never asks."""
+    _need("cpu")
+    import fastdiff.ops as ops
+
+    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    monkeypatch.setattr(ops, "_use_triton", lambda x: True)  # as for a CUDA tensor
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(ops, "ATTENTION_CHOICE", {})
+    q, k, v = (torch.randn(1, 2, 33, 40) for _ in range(3))
+    kernel_out, sdpa_out = K.attention(q, k, v, 0.2), ops.attention_ref(q, k, v, 0.2)
+    assert not torch.equal(kernel_out, sdpa_out)  # rounding differs, so the result tells which ran
+    for faster in ("torch", "triton"):
+        ops.ATTENTION_CHOICE.clear()
+        timed = []
+
+        def fake_time(fn, faster=faster, timed=timed):
+            out = fn()  # the candidate with the model's reshape after it
+            assert out.shape == (1, 33, 80)
+            name = ("triton", "torch")[len(timed)]  # fastest() times in dict order
+            timed.append(name)
+            return 1.0 if name == faster else 2.0
+
+        monkeypatch.setattr(tuning, "time_ms", fake_time)
+        with ops.kernels("auto"):
+            for _ in range(2):  # the second call reuses the choice
+                out = ops.attention(q, k, v, 0.2)
+                assert torch.equal(out, sdpa_out if faster == "torch" else kernel_out)
+        assert timed == ["triton", "torch"]
+        ((choice, times),) = ops.ATTENTION_CHOICE.values()
+        assert choice == faster and set(times) == {"triton", "torch"}
+    ops.ATTENTION_CHOICE.clear()
+    with ops.kernels("triton"):
+        assert torch.equal(ops.attention(q, k, v, 0.2), kernel_out) and not ops.ATTENTION_CHOICE
+
+
 # ----------------------------------------------------------------------------------------------
 # GEGLU
 
