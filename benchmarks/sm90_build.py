@@ -187,6 +187,7 @@ def inspect(cubin: bytes) -> dict:
     for op in re.findall(r"\b(HGMMA|HMMA|(?:LDG|STG)(?:\.[A-Z0-9]+)*)\b", sass):
         counts[op] = counts.get(op, 0) + 1
     res["sass"] = counts
+    res["instructions"] = len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/\s+\S", sass, flags=re.M))  # every SASS line
     in_flight, overlapped = False, 0
     for op in re.findall(r"\b(HGMMA|WARPGROUP\.DEPBAR|MUFU\.EX2)\b", sass):
         if op == "HGMMA":
@@ -230,10 +231,11 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{'kernel':36} {'regs':>5} {'spill B':>7} {'smem B':>7} {'ex2||mma':>8}  SASS")
+    print(f"{'kernel':36} {'regs':>5} {'spill B':>7} {'smem B':>7} {'ex2||mma':>8} {'instr':>6}  SASS")
     for name, r in report.items():
         sass = " ".join(f"{k}:{v}" for k, v in sorted(r["sass"].items()))
-        print(f"{name:36} {r['reg']:5} {r['stack']:7} {r['shared']:7} {r['ex2_under_wgmma']:8}  {sass}")
+        row = f"{r['reg']:5} {r['stack']:7} {r['shared']:7} {r['ex2_under_wgmma']:8} {r['instructions']:6}"
+        print(f"{name:36} {row}  {sass}")
     return 0
 
 
