@@ -112,7 +112,8 @@ def cases() -> dict:
     )  # fmt: skip
     out["group_norm_nhwc_finalize"] = (
         gn._group_norm_nhwc_finalize_kernel,
-        dict(Partials="*fp32", Weight="*fp16", Bias="*fp16", ScaleShift="*fp32", B=B, HW=HW,
+        dict(X="*fp16", stride_xb=C * HW, stride_xc=1, Partials="*fp32", Weight="*fp16", Bias="*fp16",
+             ScaleShift="*fp32", B=B, HW=HW,
              HW_PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, num_groups=G, eps=1e-5),
         dict(CHANNELS_PER_GROUP=C // G, BLOCK_CG=triton.next_power_of_2(C // G),
              BLOCK_SPLIT=gn._finalize_rows(C // G)),

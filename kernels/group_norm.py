@@ -14,9 +14,9 @@ Which of these plans runs for a shape is measured on the GPU at its first call (
 
 Statistics: every lane of a tile keeps its own Welford mean and M2 over the tiles it walks (no
 cross-thread traffic inside the loop, so loads issue back to back), and the lanes are merged once
-per chunk with the parallel-variance formula. Large means (100 + randn) cost no
-precision: everything works on x - pivot, the pivot being the group's first element, and Welford
-never forms E[x^2] - E[x]^2.
+per chunk with the parallel-variance formula. Large means (100 + randn) cost no precision:
+everything works on x - pivot, the pivot being the group's (in the channels-last plan, each
+channel's) first element, and Welford never forms E[x^2] - E[x]^2.
 
 Tiles are [BLOCK_HW, BLOCK_C] with the spatial and channel strides passed in, so one kernel serves
 both layouts: NCHW (spatial stride 1) and channels-last (channel stride 1). The output has the
@@ -310,7 +310,7 @@ def _group_norm_kernel(
 @triton.jit
 def _group_norm_nhwc_stats_kernel(
     X,  # [B, C, HW] channels-last input (channel stride 1), element strides below
-    Partials,  # [2, B, SPLIT, C] fp32 out: mean and M2 of each channel over each chunk
+    Partials,  # [2, B, SPLIT, C] fp32 out: mean - X[b, c, 0] and M2 of each channel over each chunk
     stride_xb, stride_xc, stride_xhw,  # X strides in elements: batch, channel, flattened spatial
     C,  # channels
     HW,  # spatial size H * W
@@ -329,8 +329,10 @@ def _group_norm_nhwc_stats_kernel(
     x_base = X + pid_b * stride_xb + c[None, :].to(tl.int64) * stride_xc  # [1, BLOCK_C]
     hw_start = pid_s * HW_PER_SPLIT
     hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
-    # Welford per lane needs no pivot: its deltas are taken from the running mean.
-    mean, m2, count = _lane_stats(x_base, stride_xhw, 0.0, hw_start, hw_end, mask_c, BLOCK_HW, BLOCK_C)
+    # Each channel around its own first element: Welford from 0 would round every update at the
+    # mean's ulp (100 + randn in fp32 then misses 1e-4 relative), and the apply would cancel.
+    pivot = tl.load(x_base, mask=mask_c[None, :], other=0.0).to(tl.float32)  # [1, BLOCK_C] X[b, c, 0]
+    mean, m2, count = _lane_stats(x_base, stride_xhw, pivot, hw_start, hw_end, mask_c, BLOCK_HW, BLOCK_C)
     # Lanes -> channels: n = sum(n_l), mean = sum(n_l mean_l) / n, M2 = sum(M2_l + n_l (mean_l - mean)^2).
     n_c = tl.sum(count, 0)  # [BLOCK_C]
     mean_c = tl.sum(count * mean, 0) / tl.maximum(n_c, 1.0)
@@ -342,10 +344,12 @@ def _group_norm_nhwc_stats_kernel(
 
 @triton.jit
 def _group_norm_nhwc_finalize_kernel(
-    Partials,  # [2, B, SPLIT, C] fp32 (mean, M2) from _group_norm_nhwc_stats_kernel
+    X,  # [B, C, HW] the input: each channel's pivot X[b, c, 0]
+    stride_xb, stride_xc,  # X batch and channel strides in elements
+    Partials,  # [2, B, SPLIT, C] fp32 (mean - X[b, c, 0], M2) from _group_norm_nhwc_stats_kernel
     Weight,  # [C] affine scale
     Bias,  # [C] affine shift
-    ScaleShift,  # [2, B, C] fp32 out: y = x * scale + shift per (batch, channel)
+    ScaleShift,  # [2, B, C] fp32 out: y = (x - X[b, c, 0]) * scale + shift per (batch, channel)
     B,  # batch
     HW,  # spatial size H * W: the chunks' counts follow from it
     HW_PER_SPLIT,  # spatial positions per chunk
@@ -361,8 +365,14 @@ def _group_norm_nhwc_finalize_kernel(
     pid_bg = tl.program_id(0)
     C = num_groups * CHANNELS_PER_GROUP
     off_b = pid_bg // num_groups
-    c = (pid_bg % num_groups) * CHANNELS_PER_GROUP + tl.arange(0, BLOCK_CG)  # [BLOCK_CG] the group's channels
+    c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # the group's first channel
+    c = c0 + tl.arange(0, BLOCK_CG)  # [BLOCK_CG] the group's channels
     mask_c = tl.arange(0, BLOCK_CG) < CHANNELS_PER_GROUP
+    # Chunk means come relative to each channel's pivot; shift them to the first channel's pivot,
+    # a difference of two nearby values (exact in fp32 within a factor of two of each other).
+    x_b = X + off_b.to(tl.int64) * stride_xb
+    pivot_c = tl.load(x_b + c.to(tl.int64) * stride_xc, mask=mask_c, other=0.0).to(tl.float32)  # [BLOCK_CG]
+    to_group = pivot_c - tl.load(x_b + c0.to(tl.int64) * stride_xc).to(tl.float32)
     n = 0.0
     mean = 0.0
     m2 = 0.0
@@ -373,14 +383,14 @@ def _group_norm_nhwc_finalize_kernel(
         mask = (offs_s[:, None] < SPLIT) & mask_c[None, :]  # [BLOCK_SPLIT, BLOCK_CG]
         n_sc = tl.where(mask, n_s[:, None], 0.0)
         part = Partials + (off_b * SPLIT + offs_s[:, None]) * C + c[None, :]
-        mean_sc = tl.load(part, mask=mask, other=0.0)
+        mean_sc = tl.load(part, mask=mask, other=0.0) + to_group[None, :]
         m2_sc = tl.load(part + B * SPLIT * C, mask=mask, other=0.0)
         n_t = tl.sum(tl.sum(n_sc, 1), 0)
         mean_t = tl.sum(tl.sum(n_sc * mean_sc, 1), 0) / n_t
         dev = mean_sc - mean_t
         n, mean, m2 = _merge(n, mean, m2, n_t, mean_t, tl.sum(tl.sum(m2_sc + n_sc * dev * dev, 1), 0))
     rstd = tl.rsqrt(m2 / n + eps)
-    scale, shift = _affine(Weight, Bias, c, mask_c, mean, rstd)
+    scale, shift = _affine(Weight, Bias, c, mask_c, mean - to_group, rstd)  # back to each channel's pivot
     tl.store(ScaleShift + off_b * C + c, scale, mask=mask_c)
     tl.store(ScaleShift + (B + off_b) * C + c, shift, mask=mask_c)
 
@@ -389,7 +399,7 @@ def _group_norm_nhwc_finalize_kernel(
 def _group_norm_nhwc_apply_kernel(
     X,  # [B, C, HW] channels-last input, element strides below
     Y,  # [B, C, HW] output, element strides below, dtype of X
-    ScaleShift,  # [2, B, C] fp32 (scale, shift) from _group_norm_nhwc_finalize_kernel
+    ScaleShift,  # [2, B, C] fp32 (scale, shift) around X[b, c, 0], from _group_norm_nhwc_finalize_kernel
     stride_xb, stride_xc, stride_xhw,  # X strides in elements: batch, channel, flattened spatial
     stride_yb, stride_yc, stride_yhw,  # Y strides
     C,  # channels
@@ -399,7 +409,7 @@ def _group_norm_nhwc_apply_kernel(
     BLOCK_HW: tl.constexpr,  # spatial positions per tile
     SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
 ):
-    """y = x * scale + shift over one (chunk of pixels, block of channels), through SiLU if asked."""
+    """y = (x - X[b, c, 0]) * scale + shift over one (chunk of pixels, block of channels), then SiLU if asked."""
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
@@ -411,7 +421,8 @@ def _group_norm_nhwc_apply_kernel(
     y_base = Y + pid_b * stride_yb + c[None, :].to(tl.int64) * stride_yc
     hw_start = pid_s * HW_PER_SPLIT
     hw_end = tl.minimum(hw_start + HW_PER_SPLIT, HW)
-    _chunk_apply(x_base, y_base, stride_xhw, stride_yhw, 0.0, scale, shift, hw_start, hw_end, mask_c, BLOCK_HW, SILU)
+    pivot = tl.load(x_base, mask=mask_c[None, :], other=0.0).to(tl.float32)  # [1, BLOCK_C] X[b, c, 0]
+    _chunk_apply(x_base, y_base, stride_xhw, stride_yhw, pivot, scale, shift, hw_start, hw_end, mask_c, BLOCK_HW, SILU)
 
 
 @triton.jit
@@ -526,8 +537,9 @@ def _plans(
 ) -> dict[str, Plan]:
     """The candidate plans for one shape, by name: "fused" (one program per group) and
     "split<programs per SM>" for each distinct two-pass split; for layout "nhwc" (channel stride
-    1) also "nhwc<programs per SM>", for layout "nchw" (contiguous per batch, HW a multiple of 8:
-    16-byte rows) also "flat<programs per SM>", each distinct."""
+    1) also "nhwc<programs per SM>", for layout "nchw" (contiguous per batch, HW a multiple of 16:
+    Triton proves 16-byte alignment only from integers divisible by 16) also "flat<programs per
+    SM>", each distinct."""
     plans = {"fused": _split_plan(batch, channels, hw, num_groups, device, 0)}  # per_sm 0: split 1
     for per_sm in _TUNE_PROGRAMS_PER_SM:
         plan = _split_plan(batch, channels, hw, num_groups, device, per_sm)
@@ -537,7 +549,7 @@ def _plans(
         plan = _nhwc_plan(batch, channels, hw, device, per_sm)
         if plan not in plans.values():
             plans[f"nhwc{per_sm}"] = plan
-    for per_sm in _TUNE_PROGRAMS_PER_SM if layout == "nchw" and _row(hw) >= 8 else ():
+    for per_sm in _TUNE_PROGRAMS_PER_SM if layout == "nchw" and _row(hw) >= 16 else ():
         plan = _flat_plan(batch, channels, hw, num_groups, device, per_sm)
         if plan not in plans.values():
             plans[f"flat{per_sm}"] = plan
@@ -612,8 +624,8 @@ def _launch_nhwc(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, 
     _group_norm_nhwc_stats_kernel[grid](x3, partials, *x3.stride(), C, HW, plan.hw_per_split, plan.split, **tiles)
     cpg = C // num_groups
     _group_norm_nhwc_finalize_kernel[(B * num_groups,)](
-        partials, weight, bias, scale_shift, B, HW, plan.hw_per_split, plan.split, num_groups, eps,
-        CHANNELS_PER_GROUP=cpg, BLOCK_CG=triton.next_power_of_2(cpg), BLOCK_SPLIT=_finalize_rows(cpg),
+        x3, x3.stride(0), x3.stride(1), partials, weight, bias, scale_shift, B, HW, plan.hw_per_split, plan.split,
+        num_groups, eps, CHANNELS_PER_GROUP=cpg, BLOCK_CG=triton.next_power_of_2(cpg), BLOCK_SPLIT=_finalize_rows(cpg),
         num_warps=_NUM_WARPS,
     )  # fmt: skip
     _group_norm_nhwc_apply_kernel[grid](

@@ -439,6 +439,21 @@ def test_group_norm_cpu_flat_plans(shape, groups, mean):
         _group_norm_case(shape, groups, torch.float32, "cpu", False, mean=mean, eps=1e-6, silu=True, plan=plan)
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_group_norm_cpu_layout_plans_keep_fp32_precision_at_a_large_mean(layout):
+    """100 + randn in fp32 with no SiLU (which would halve errors near 0), 4096 pixels: enough
+    updates per lane that statistics taken around 0 rather than a pivot, or an affine that cancels
+    x ~ 100 against a shift ~ -100, miss the 1e-4 relative bound (a review measured 1.3e-5
+    absolute errors in a channels-last plan without per-channel pivots)."""
+    _need("cpu")
+    shape = (1, 128, 64, 64)
+    kind = "nhwc" if layout == "nhwc" else "flat"
+    names = [n for n, p in gn_mod._plans(1, 128, 64 * 64, 32, torch.device("cpu"), layout).items() if p.kind == kind]
+    assert names
+    for plan in names:
+        _group_norm_case(shape, 32, torch.float32, "cpu", layout == "nhwc", mean=100.0, eps=1e-6, silu=False, plan=plan)
+
+
 def test_group_norm_channel_block():
     """Channels per program in the channels-last plan at SD's channel counts: no padding lanes,
     at most 128; a count with no power-of-two divisor of 8 or more is padded instead."""
