@@ -1,10 +1,11 @@
 """Launch-plan timing shared by the launchers that choose between plans Triton's autotuner cannot
-express (a different grid and a second launch): GroupNorm's one- or two-pass plans, attention's
-split of the key axis."""
+express (a different grid and a second launch): GroupNorm's launch plans, attention's split of
+the key axis, and (in fastdiff.ops) Triton vs torch's SDPA per attention shape."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -24,16 +25,51 @@ def can_time(device: torch.device) -> bool:
     return device.type == "cuda" and not triton.knobs.runtime.interpret and not torch.cuda.is_current_stream_capturing()
 
 
-def time_ms(fn) -> float:
-    """Median ms of fn() replayed in a CUDA graph: no launch gaps, as in the pipeline's captured step.
+def time_ms(fn, target_ms: float = 0.5, replays: int = 10) -> float:
+    """Median ms of one fn() call, from CUDA-graph replays of back-to-back calls (no launch gaps,
+    as in the pipeline's captured step).
 
-    rep=1: a graph of about 1 ms of calls replayed 10 times. A new image size's first call times
-    up to 9 GroupNorm plans for each of its 25 GroupNorm shapes at 512x512 (18 in the UNet, 7 in
-    the VAE decoder); at rep=5 the replays alone took 10 x 5 ms a plan, over 11 s in all."""
-    from triton.testing import do_bench_cudagraph
-
+    The graph's length is set from its own GPU time (about target_ms a replay), not from an eager
+    estimate as in triton.testing.do_bench_cudagraph: there a plan with more launches, or more
+    Python per call, got fewer calls per replay, so the fixed cost of starting a replay (a few
+    us) weighed more on it; at 1 ms of eager time per replay a 3-launch plan at 8x8 gets a few
+    dozen calls of a few us each (an estimate, not measured). 0.5 ms x 10 replays keeps the
+    first call of a new image size short (up to 9 GroupNorm plans for each of 25 shapes at
+    512x512)."""
     torch.cuda.current_stream().synchronize()  # the timing runs on its own stream: inputs must be ready
-    return do_bench_cudagraph(fn, rep=1, return_mode="median")
+    with torch.cuda.stream(torch.cuda.Stream()):
+        fn()  # compilation and allocations, outside the graph
+        calls = 8
+        for _ in range(3):  # 8 calls, then sized from their time (then once more if far off)
+            graph = _capture(fn, calls)
+            ms = _replay_ms(graph)
+            if ms >= target_ms / 2 or calls >= _MAX_CALLS:
+                break
+            calls = min(_MAX_CALLS, max(2 * calls, math.ceil(calls * target_ms / max(ms, 1e-4))))
+        times = sorted(_replay_ms(graph) / calls for _ in range(replays))
+    return times[len(times) // 2]
+
+
+_MAX_CALLS = 4096  # calls per graph at most (a 1 us kernel: 4 ms a replay)
+
+
+def _capture(fn, calls: int):
+    """A CUDA graph of `calls` back-to-back fn() calls, replayed once to upload it."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    return graph
+
+
+def _replay_ms(graph) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def fastest(plans: dict, run) -> tuple[str, dict]:

@@ -568,6 +568,16 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
     assert len(fake_ms) == len(plans)
 
 
+def test_time_ms_measures_gpu_time_in_graphs():
+    """The plan timer: graph replays sized by GPU time, per-call median. A spin kernel of 4x the
+    cycles must time about 4x; both well above zero."""
+    _need("cuda")
+    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    short = tuning.time_ms(lambda: torch.cuda._sleep(20_000))  # ~10 us at ~2 GHz
+    long = tuning.time_ms(lambda: torch.cuda._sleep(80_000))
+    assert short > 0.002 and 3.0 < long / short < 5.0, (short, long)
+
+
 def test_auto_mode_runs_the_attention_that_timed_faster(monkeypatch):
     """ops.attention in "auto" mode on a (stand-in) CUDA tensor: the Triton kernel and torch's SDPA
     each timed once per shape (the kernel's own tuning first), the faster one run from then on;
