@@ -41,12 +41,12 @@ def time_ms(fn, target_ms: float = 0.5, replays: int = 10) -> float:
         fn()  # compilation and allocations, outside the graph
         calls = 8
         for _ in range(3):  # 8 calls, then sized from their time (then once more if far off)
-            graph = _capture(fn, calls)
+            graph, captured = _capture(fn, calls), calls
             ms = _replay_ms(graph)
             if ms >= target_ms / 2 or calls >= _MAX_CALLS:
                 break
             calls = min(_MAX_CALLS, max(2 * calls, math.ceil(calls * target_ms / max(ms, 1e-4))))
-        times = sorted(_replay_ms(graph) / calls for _ in range(replays))
+        times = sorted(_replay_ms(graph) / captured for _ in range(replays))
     return times[len(times) // 2]
 
 
