@@ -43,22 +43,25 @@ step() {  # step NAME TIMEOUT_S CMD...: run if NAME is in $STEPS, log to $OUT/NA
   NAMES+=("$name"); CODES+=("$rc"); SECS+=($((SECONDS - t0)))
 }
 
-# Kernel and pipeline timings first (a minute or two), then the tests, which may use what is left.
+# Kernel and pipeline timings first, then the tests. Limits: 160 + 110 + 45 + 145 s = 460 s, with
+# the set-up above inside 8 minutes. The latency step holds the pipeline's first call at 512x512
+# (GroupNorm shapes and kernels the kernels step did not tune or compile: a review estimated 20-45
+# s); its log prints each runner's first call as it ends.
 # The kernels step includes the first-call tuning: attention's autotuner compiles and times up to 15
 # configs per shape (64 over the 8 shapes), GroupNorm's tuner up to 9 launch plans per shape.
 # Rows are printed and saved as they land, so a step cut at its limit keeps what it measured.
-step kernels 180 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
+step kernels 160 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
 # SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff's default (graphs + Triton + NHWC on CUDA,
 # SDPA at attention shapes where it timed faster), with the Triton kernels at every shape, and
 # with torch's ops in place of the Triton kernels, interleaved in one run. The NCHW and
 # no-graph variants (torch:nchw, torch:nograph) were measured in run 2 (NOTES-gpu.md); add them to
 # LATENCY_BACKENDS to measure them again.
 LATENCY_BACKENDS=${LATENCY_BACKENDS:-torch,torch:triton,torch:torchops}
-step latency_sd15 80 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
+step latency_sd15 110 python3 benchmarks/latency.py --model sd15 --random-weights --device cuda --dtype float16 \
   --height 512 --width 512 --steps 25 --repeats 3 --backends "$LATENCY_BACKENDS" \
   --json "$OUT/latency_sd15.json" --quiet
 # Where the UNet step's GPU time goes, by kernel category, Triton kernels vs torch's ops.
-step profile 50 python3 benchmarks/profile_step.py  # the table is in profile.log: $OUT brings back 8 files at most
+step profile 45 python3 benchmarks/profile_step.py  # the table is in profile.log: $OUT brings back 8 files at most
 step latency_tiny 60 python3 benchmarks/latency.py --device cuda --dtype float16 --backends torch --repeats 5 \
   --json "$OUT/latency_tiny.json" --quiet
 
@@ -72,7 +75,7 @@ PYTEST=(python3 -m pytest -v -p no:cacheprovider -rfE --tb=short --durations=15)
 python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 12)
 python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
 export FASTDIFF_FAILURE_LOG="$OUT/failures.txt"
-OMP_NUM_THREADS=1 step cuda_tests 150 "${PYTEST[@]}" -k "not sm90 and not cpu" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
+OMP_NUM_THREADS=1 step cuda_tests 145 "${PYTEST[@]}" -k "not sm90 and not cpu" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
 
 echo
 echo "---- summary (logs in $OUT) ----"

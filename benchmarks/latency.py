@@ -391,16 +391,22 @@ class _Progress:
 
 def measure(runners, args, rate: MatmulRate):
     """Warm-up then timed rounds, each round every runner once in order; one matmul-rate sample
-    per round too (at least 5 in all), so the peak is measured under the same load."""
+    per round too (at least 5 in all), so the peak is measured under the same load. Also each
+    runner's first call in seconds (compilation, tuning, graph capture), printed as it ends: a
+    run cut short by a time limit still says how far it got."""
     times = {r.name: {s: [] for s in STAGES} for r in runners}
-    images = {}
+    images, first_call = {}, {}
     per_round = max(1, math.ceil(5 / args.repeats))
     progress = _Progress((args.warmup + args.repeats) * len(runners), args.quiet)
     try:
         for i in range(args.warmup + args.repeats):
             warm = i < args.warmup
             for r in runners:
+                t0 = time.perf_counter()
                 img, t = r()
+                if i == 0:
+                    first_call[r.name] = time.perf_counter() - t0
+                    print(f"first call of {r.name}: {first_call[r.name]:.1f} s", file=sys.stderr, flush=True)
                 progress.update(f"{'warm-up' if warm else 'repeat'} {i - args.warmup + 1 if not warm else i + 1} {r.name}")
                 if not warm:
                     for s in STAGES:
@@ -411,7 +417,20 @@ def measure(runners, args, rate: MatmulRate):
                     rate.sample()
     finally:
         progress.close()
-    return times, images
+    return times, images, first_call
+
+
+def attention_choices() -> list[str]:
+    """What fastdiff's "auto" kernel mode chose per attention shape in this process (Triton or
+    torch's SDPA, timed at the shape's first call on CUDA), with both times; empty on CPU."""
+    from fastdiff import ops
+
+    lines = []
+    for key, (choice, times) in ops.ATTENTION_CHOICE.items():
+        q_shape, k_shape, dtype = key[0], key[1], key[5]
+        timing = ", ".join(f"{name} {ms * 1000:.1f} us" for name, ms in times.items())
+        lines.append(f"q {list(q_shape)} k {list(k_shape)} {str(dtype).replace('torch.', '')}: {choice} ({timing})")
+    return lines
 
 
 def _spread(values) -> dict:
@@ -652,7 +671,7 @@ def _run(args, gate) -> int:
         runners, skipped = load_runners(folder, args, device, dtype)
         flops = count_unet_flops(folder, args)
         rate = MatmulRate(device, dtype)
-        times, images = measure(runners, args, rate)
+        times, images, first_call = measure(runners, args, rate)
         del runners
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -665,10 +684,14 @@ def _run(args, gate) -> int:
         "stages": list(STAGES),
         "skipped": skipped,
         "load_avg_1min_after": _common.load_avg(),
+        "first_call_s": first_call,
+        "attention_choice": attention_choices(),
         **summarize(times, images, flops, rate),
     }
     table = format_table(res)
     print(table)
+    for line in res["attention_choice"]:
+        print(f"auto attention: {line}")
     status = 0
     if gate is not None:
         missed = check_gate(res, gate)

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -74,6 +75,19 @@ def test_every_stage_measured(run):
             parts = sum(stages[k]["values"][r] for k in ("text_encoder", "denoise", "vae_decode"))
             assert parts <= stages["end_to_end"]["values"][r] * 1.0001, name
             assert stages["denoise"]["values"][r] / stages["unet_step"]["values"][r] == pytest.approx(STEPS), name
+
+
+def test_first_calls_and_attention_choices_reported(run, monkeypatch):
+    """Each runner's first call (compile, tune, capture) is kept; the auto mode's attention
+    choices are listed (none on the CPU, where nothing is timed), one readable line each."""
+    _, res, _ = run
+    assert set(res["first_call_s"]) == set(res["runs"]) and all(v > 0 for v in res["first_call_s"].values())
+    assert res["attention_choice"] == []
+    from fastdiff import ops
+
+    key = (torch.Size([2, 8, 4096, 40]), torch.Size([2, 8, 4096, 40]), (1,), (1,), (1,), torch.float16, "cuda", 0.16)
+    monkeypatch.setattr(ops, "ATTENTION_CHOICE", {key: ("torch", {"triton": 0.192, "torch": 0.151})})
+    assert latency.attention_choices() == ["q [2, 8, 4096, 40] k [2, 8, 4096, 40] float16: torch (triton 192.0 us, torch 151.0 us)"]
 
 
 def test_speedups_are_paired(run):
