@@ -368,8 +368,8 @@ def _group_norm_nhwc_finalize_kernel(
     c0 = (pid_bg % num_groups) * CHANNELS_PER_GROUP  # the group's first channel
     c = c0 + tl.arange(0, BLOCK_CG)  # [BLOCK_CG] the group's channels
     mask_c = tl.arange(0, BLOCK_CG) < CHANNELS_PER_GROUP
-    # Chunk means come relative to each channel's pivot; shift them to the first channel's pivot,
-    # a difference of two nearby values (exact in fp32 within a factor of two of each other).
+    # Chunk means come relative to each channel's pivot; shift them to the first channel's. The
+    # shift is a difference of two samples of the group, so small where the mean is large.
     x_b = X + off_b.to(tl.int64) * stride_xb
     pivot_c = tl.load(x_b + c.to(tl.int64) * stride_xc, mask=mask_c, other=0.0).to(tl.float32)  # [BLOCK_CG]
     to_group = pivot_c - tl.load(x_b + c0.to(tl.int64) * stride_xc).to(tl.float32)
