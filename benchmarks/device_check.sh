@@ -83,10 +83,10 @@ cat "$OUT/gpu.txt"
 [[ -f "$OUT/cuda_tests.log" ]] && grep -E "(FAILED|ERROR) " "$OUT/cuda_tests.log" | cut -c1-170 | head -20
 [[ -f "$OUT/cuda_tests.log" ]] && grep -E "[0-9]+ (passed|failed)" "$OUT/cuda_tests.log" | tail -1
 [[ -f "$OUT/failures.txt" ]] && grep -E "^(====|E )" "$OUT/failures.txt" | cut -c1-170 | head -30
-[[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(SDPA|kernel|attention|group_norm|geglu|layer_norm)" "$OUT/kernels.log" | cut -c1-260
+[[ -f "$OUT/kernels.log" ]] && grep -E "ceilings|^(SDPA|kernel|attention|group_norm|geglu|layer_norm|goal)" "$OUT/kernels.log" | cut -c1-260
 [[ -f "$OUT/profile.log" ]] && sed -n '/^category/,/^costliest/p' "$OUT/profile.log" | head -12
 for f in latency_sd15 latency_tiny; do
-  [[ -f "$OUT/$f.log" ]] && grep -E "^(model|[0-9]+x[0-9]+|stage|text encoder|UNet per step|denoising|VAE|end-to-end|parity)" "$OUT/$f.log" | cut -c1-260
+  [[ -f "$OUT/$f.log" ]] && grep -E "^(model|[0-9]+x[0-9]+|stage|text encoder|UNet per step|denoising|VAE|end-to-end|parity|first call|auto attention)" "$OUT/$f.log" | cut -c1-260
 done
 printf '%-14s %6s %6s\n' step rc seconds
 for i in "${!NAMES[@]}"; do printf '%-14s %6s %6s\n' "${NAMES[$i]}" "${CODES[$i]}" "${SECS[$i]}"; done

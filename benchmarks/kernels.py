@@ -335,6 +335,28 @@ def finish_row(r: dict, ceil: dict) -> None:
     )
 
 
+# The goals the kernels are held to (issue #6): attention at least as fast as torch's SDPA at every
+# shape, GroupNorm+SiLU at 70% or more of a same-bytes copy.
+GOALS = {"attention": ("speedup", 1.0, "x SDPA"), "group_norm+silu": ("of_ceiling", 0.70, " of copy")}
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """One line per goal: how many rows meet it, and the worst row."""
+    lines = []
+    for kernel, (field, bound, unit) in GOALS.items():
+        mine = [r for r in rows if r["kernel"] == kernel]
+        if not mine:
+            continue
+        worst = min(mine, key=lambda r: r[field])
+        met = sum(r[field] >= bound for r in mine)
+        fmt = (lambda v: f"{v:.0%}") if field == "of_ceiling" else (lambda v: f"{v:.2f}")
+        lines.append(
+            f"goal {kernel} >= {fmt(bound)}{unit}: {met}/{len(mine)} shapes met; "
+            f"worst {fmt(worst[field])}{unit} at {worst['shape']}"
+        )
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
@@ -363,6 +385,8 @@ def main(argv=None) -> int:
             if args.json:
                 result = {"dtype": args.dtype, "ceilings": ceil, "rows": rows, "environment": env}
                 args.json.write_text(json.dumps(result, indent=2) + "\n")
+    for line in goal_lines(rows):
+        print(line)
     if args.json:
         print(f"saved {args.json}")
     return 0

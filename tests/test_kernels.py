@@ -830,3 +830,13 @@ def test_kernels_benchmark_rows_on_cpu(monkeypatch):
     for r in rows:
         bench.finish_row(r, {"matmul_tflops": 1.0, "copy_gbps": 1.0})
     assert all(r["of_ceiling"] > 0 for r in rows)
+    # The goal lines: counted per kernel, worst row named.
+    fake = [
+        dict(kernel="attention", shape="a", speedup=1.2, of_ceiling=0.5),
+        dict(kernel="attention", shape="b", speedup=0.78, of_ceiling=0.5),
+        dict(kernel="group_norm+silu", shape="c", speedup=3.0, of_ceiling=0.72),
+    ]
+    assert bench.goal_lines(fake) == [
+        "goal attention >= 1.00x SDPA: 1/2 shapes met; worst 0.78x SDPA at b",
+        "goal group_norm+silu >= 70% of copy: 1/1 shapes met; worst 72% of copy at c",
+    ]
