@@ -542,6 +542,17 @@ def test_group_norm_cuda_plans(shape, channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_cuda_plans_fp32_large_mean(channels_last):
+    """Every plan in fp32 at 100 + randn without SiLU, at an SD1.5 shape: the case where a
+    channels-last plan without per-channel pivots missed the 1e-4 relative bound (interpreter)."""
+    _need("cuda")
+    shape = (2, 320, 64, 64)
+    names = gn_mod._plans(2, 320, 64 * 64, 32, torch.device("cuda"), "nhwc" if channels_last else "nchw")
+    for plan in names:
+        _group_norm_case(shape, 32, torch.float32, "cuda", channels_last, mean=100.0, eps=1e-6, silu=False, plan=plan)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
     """The tuning path (CUDA-only in use) with a stand-in timer: each candidate timed once, the
     fastest chosen and remembered, the result still right; channels-last input adds its plans."""
