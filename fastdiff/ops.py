@@ -130,12 +130,6 @@ def layer_norm(x, weight, bias, eps: float):
 ATTENTION_CHOICE: dict = {}
 
 
-def _kernel_max_head_dim() -> int:
-    import importlib
-
-    return importlib.import_module("fastdiff.kernels.attention").MAX_HEAD_DIM
-
-
 def _attention_choice(q, k, v, scale) -> str:
     """"triton" or "torch": the faster at this shape, each timed with the [B, N, heads * d]
     reshape the models apply next (free on the kernel's output layout, maybe a copy on SDPA's).
@@ -145,8 +139,9 @@ def _attention_choice(q, k, v, scale) -> str:
         return ATTENTION_CHOICE[key][0]
     from fastdiff.kernels import _tuning
     from fastdiff.kernels import attention as _k
+    from fastdiff.kernels.attention import MAX_HEAD_DIM
 
-    if not _tuning.can_time(q.device) or q.shape[-1] > _kernel_max_head_dim():
+    if not _tuning.can_time(q.device) or q.shape[-1] > MAX_HEAD_DIM:
         return "triton"  # over the kernel's largest head dim the launcher runs SDPA itself
     _k(q, k, v, scale=scale)  # the kernel's own tuning (tile configs, key split) before the timing
     B, H, N, D = q.shape

@@ -486,14 +486,21 @@ class Plan:
     # `_group_norm_nhwc_*`); "flat": a group as one run (NCHW, `_group_norm_flat_apply_kernel`)
 
 
+def _chunks(length: int, block: int, programs: int, device: torch.device, per_sm: int) -> tuple[int, int]:
+    """(elements per chunk, chunks) for an axis of `length` walked in tiles of `block`, cut so that
+    `programs` programs per chunk make about `per_sm` programs per SM: whole tiles per chunk, no
+    empty chunk (the count may come out 1)."""
+    tiles = triton.cdiv(length, block)
+    split = min(tiles, max(1, triton.cdiv(per_sm * _tuning.num_sms(device), programs)))
+    per_split = triton.cdiv(tiles, split) * block
+    return per_split, triton.cdiv(length, per_split)
+
+
 def _split_plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device, per_sm: int) -> Plan:
     """Chunks sized so the two-pass grid has about `per_sm` programs per SM (split may come out 1)."""
     block_c = triton.next_power_of_2(channels // num_groups)
     block_hw = max(1, min(_TILE // block_c, triton.next_power_of_2(hw)))
-    tiles = triton.cdiv(hw, block_hw)
-    split = min(tiles, max(1, triton.cdiv(per_sm * _tuning.num_sms(device), batch * num_groups)))
-    hw_per_split = triton.cdiv(tiles, split) * block_hw
-    return Plan(block_c, block_hw, hw_per_split, triton.cdiv(hw, hw_per_split))  # no empty chunks
+    return Plan(block_c, block_hw, *_chunks(hw, block_hw, batch * num_groups, device, per_sm))
 
 
 def _channel_block(channels: int) -> int:
@@ -510,10 +517,8 @@ def _nhwc_plan(batch: int, channels: int, hw: int, device: torch.device, per_sm:
     """Channels-last plan: chunks of pixels x blocks of channels, about `per_sm` programs per SM."""
     block_c = _channel_block(channels)
     block_hw = max(1, min(_TILE // block_c, triton.next_power_of_2(hw)))
-    tiles = triton.cdiv(hw, block_hw)
-    split = min(tiles, max(1, triton.cdiv(per_sm * _tuning.num_sms(device), batch * triton.cdiv(channels, block_c))))
-    hw_per_split = triton.cdiv(tiles, split) * block_hw
-    return Plan(block_c, block_hw, hw_per_split, triton.cdiv(hw, hw_per_split), kind="nhwc")
+    chunks = _chunks(hw, block_hw, batch * triton.cdiv(channels, block_c), device, per_sm)
+    return Plan(block_c, block_hw, *chunks, kind="nhwc")
 
 
 def _row(hw: int) -> int:
@@ -526,10 +531,7 @@ def _flat_plan(batch: int, channels: int, hw: int, num_groups: int, device: torc
     `_group_norm_stats_kernel` with one "channel" per group), chunks of whole tiles."""
     size = channels // num_groups * hw
     block_hw = min(_TILE, triton.next_power_of_2(size))  # a multiple of the apply's rows
-    tiles = triton.cdiv(size, block_hw)
-    split = min(tiles, max(1, triton.cdiv(per_sm * _tuning.num_sms(device), batch * num_groups)))
-    per_split = triton.cdiv(tiles, split) * block_hw
-    return Plan(1, block_hw, per_split, triton.cdiv(size, per_split), kind="flat")
+    return Plan(1, block_hw, *_chunks(size, block_hw, batch * num_groups, device, per_sm), kind="flat")
 
 
 def _plans(
@@ -574,13 +576,19 @@ def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu:
         _launch_nhwc(plan, x3, y3, weight, bias, num_groups, eps, silu)
         return
     B, C, HW = x3.shape
-    if plan.kind == "flat":
-        partials = torch.empty((B * num_groups, plan.split, 3), device=x3.device, dtype=torch.float32)
-        grid = (plan.split, B * num_groups)
+    meta = dict(CHANNELS_PER_GROUP=C // num_groups, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
+    if plan.kind == "group" and plan.split == 1:
+        _group_norm_kernel[(B * num_groups,)](
+            x3, y3, weight, bias, *x3.stride(), *y3.stride(), HW, num_groups, eps, SILU=silu, **meta,
+        )  # fmt: skip
+        return
+    partials = torch.empty((B * num_groups, plan.split, 3), device=x3.device, dtype=torch.float32)
+    grid = (plan.split, B * num_groups)
+    if plan.kind == "flat":  # the statistics kernel reads each group as one channel of C // G * HW
         size = C // num_groups * HW
         _group_norm_stats_kernel[grid](
             x3, partials, x3.stride(0), size, 1, size, num_groups, plan.hw_per_split, plan.split,
-            CHANNELS_PER_GROUP=1, BLOCK_C=1, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS,
+            **dict(meta, CHANNELS_PER_GROUP=1),
         )  # fmt: skip
         row = _row(HW)
         _group_norm_flat_apply_kernel[grid](
@@ -589,14 +597,6 @@ def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu:
             BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, num_warps=_NUM_WARPS,
         )  # fmt: skip
         return
-    meta = dict(CHANNELS_PER_GROUP=C // num_groups, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
-    if plan.split == 1:
-        _group_norm_kernel[(B * num_groups,)](
-            x3, y3, weight, bias, *x3.stride(), *y3.stride(), HW, num_groups, eps, SILU=silu, **meta,
-        )  # fmt: skip
-        return
-    partials = torch.empty((B * num_groups, plan.split, 3), device=x3.device, dtype=torch.float32)
-    grid = (plan.split, B * num_groups)
     _group_norm_stats_kernel[grid](
         x3, partials, *x3.stride(), HW, num_groups, plan.hw_per_split, plan.split, **meta,
     )  # fmt: skip
