@@ -6,7 +6,8 @@ spatial axis is split into SPLIT chunks and the work runs as two launches over (
 
   1. `_group_norm_stats_kernel`: count, mean and M2 (sum of squared deviations) of each chunk.
   2. `_group_norm_apply_kernel`: merges the chunks' partials into the group's mean and variance,
-     then writes (x - mean) * rstd * weight + bias, optionally through SiLU.
+     then writes (x - mean) * rstd * weight + bias, optionally through SiLU. It walks the grid
+     last program first, so its first reads are the lines the statistics pass left in L2.
 
 Small groups (the 8x8 to 32x32 levels) are bound by launches rather than bytes, so there is also
 `_group_norm_kernel`: one program per group does both passes, the second read mostly from L2.
@@ -124,6 +125,15 @@ def _silu(y):
     SASS instructions per element on sm_90, most of this memory-bound pass's issue budget."""
     r = tl.math.rsqrt(1.0 + tl.math.exp2(y * -1.4426950408889634))  # e^-y = 2^(-y log2(e))
     return y * (r * r)
+
+
+@triton.jit
+def _pid_last_first(axis: tl.constexpr):
+    """program_id(axis) counted from the far end. The second passes walk the grid in the reverse
+    of the statistics pass's order, so they start on the chunks that pass read last: for a tensor
+    larger than L2 (the VAE's 64 MB at 512x512) those are the lines still cached, where re-reading
+    in the same order evicts each line just before it is needed (LRU's worst case)."""
+    return tl.num_programs(axis) - 1 - tl.program_id(axis)
 
 
 @triton.jit
@@ -266,8 +276,8 @@ def _group_norm_apply_kernel(
     BLOCK_SPLIT: tl.constexpr,  # chunks' statistics per step of the merge
     SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
 ):
-    pid_s = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    pid_s = _pid_last_first(0)
+    pid_bg = _pid_last_first(1)
     n, mean, m2 = _merged_partials(Partials + pid_bg * SPLIT * 3, SPLIT, BLOCK_SPLIT)
     rstd = tl.rsqrt(m2 / n + eps)
 
@@ -410,9 +420,9 @@ def _group_norm_nhwc_apply_kernel(
     SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
 ):
     """y = (x - X[b, c, 0]) * scale + shift over one (chunk of pixels, block of channels), then SiLU if asked."""
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
+    pid_s = _pid_last_first(0)
+    pid_c = _pid_last_first(1)
+    pid_b = _pid_last_first(2).to(tl.int64)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     mask_c = c < C
     scale = tl.load(ScaleShift + pid_b * C + c, mask=mask_c, other=0.0)
@@ -447,8 +457,8 @@ def _group_norm_flat_apply_kernel(
     """The affine over one chunk of a group read as a flat run of [rows, ROW] tiles, each row's
     channel (for weight and bias) from its index: every lane holds data, where the per-group tile
     pads 10 channels to 16."""
-    pid_s = tl.program_id(0)
-    pid_bg = tl.program_id(1)
+    pid_s = _pid_last_first(0)
+    pid_bg = _pid_last_first(1)
     n, mean, m2 = _merged_partials(Partials + pid_bg * SPLIT * 3, SPLIT, BLOCK_SPLIT)
     rstd = tl.rsqrt(m2 / n + eps)
 
