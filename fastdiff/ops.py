@@ -1,6 +1,7 @@
 """The one dispatch seam between the model code and the compute kernels.
 
-Every normalisation, attention and activation call in `fastdiff.models` goes through this file.
+Every normalisation, attention, activation and convolution call in `fastdiff.models` goes
+through this file.
 Each op has a plain torch reference definition (used on CPU, for ONNX export, and as the
 readable spec) and, where one exists, a fused Triton kernel from `fastdiff.kernels` (used on
 CUDA by default).
@@ -15,6 +16,8 @@ Which path runs is chosen by the kernel mode:
   - "torch":  always the torch reference;
   - "triton": always Triton (on CPU tensors this needs TRITON_INTERPRET=1, which is how CI tests
               the kernels).
+In "auto" mode 1x1 and small fp32 convolutions on the CPU also take ATen's im2col + GEMM path
+over oneDNN's (`SMALL_CONV_PIXELS`); "torch" and "triton" keep `F.conv2d`.
 The mode comes from the environment variable FASTDIFF_KERNELS, and can be changed with
 `set_kernels()` or the `kernels()` context manager (Pipeline(kernels=...) uses the latter).
 ONNX export always traces the torch reference.
@@ -96,6 +99,10 @@ def layer_norm_ref(x, weight, bias, eps: float):
     return F.layer_norm(x, weight.shape, weight, bias, eps)  # weight.shape: a constant for the tracer
 
 
+def conv2d_ref(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int]):
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
 def attention_ref(q, k, v, scale: float | None = None, causal: bool = False):
     # q: [B, heads, Sq, D], k/v: [B, heads, Sk, D] -> [B, heads, Sq, D]
     return F.scaled_dot_product_attention(q, k, v, scale=scale, is_causal=causal)
@@ -118,6 +125,37 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False)
 
         return _k(x, num_groups, weight, bias, eps, silu=silu)
     return group_norm_ref(x, num_groups, weight, bias, eps, silu)
+
+
+# On the CPU (fp32, "auto" mode) 1x1 convolutions, and others with at most this many output pixels
+# per image, run as im2col + one GEMM (ATen's thnn_conv2d) rather than through oneDNN. On the
+# 2-core x86 dev CPU at SD1.5's shapes (`benchmarks/conv_cpu.py`, side by side) oneDNN took
+# 2-3.4x as long for 3x3 at 8x8 and 4x4 outputs (1280 -> 1280 at 4x4: 22.8 vs 7.1 ms) and
+# 1.1-2.2x for every 1x1; 3x3 tied at 16x16 and oneDNN led from 32x32 (up to 2x at the VAE's
+# 512x512), where this rule leaves it.
+SMALL_CONV_PIXELS = 64
+
+
+def _im2col_conv(x, weight, stride, padding) -> bool:
+    """Whether `conv2d` takes the im2col + GEMM path: fp32 on the CPU in "auto" mode, outside
+    tracing and export, for a 1x1 kernel or a small output."""
+    if x.is_cuda or x.dtype != torch.float32 or get_kernels() != "auto":
+        return False
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False
+    (kh, kw), (sh, sw), (ph, pw) = weight.shape[2:], stride, padding
+    if kh == kw == 1:
+        return True
+    out_h = (x.shape[-2] + 2 * ph - kh) // sh + 1
+    out_w = (x.shape[-1] + 2 * pw - kw) // sw + 1
+    return out_h * out_w <= SMALL_CONV_PIXELS
+
+
+def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int]):
+    """2-D convolution (dilation 1, one group); on the CPU see SMALL_CONV_PIXELS."""
+    if _im2col_conv(x, weight, stride, padding):
+        return torch.ops.aten.thnn_conv2d(x, weight, weight.shape[2:], bias, stride, padding)
+    return conv2d_ref(x, weight, bias, stride, padding)
 
 
 def layer_norm(x, weight, bias, eps: float):

@@ -79,6 +79,60 @@ def test_unet_matches_diffusers(unet_pair, hw, timesteps):
             assert _maxdiff(got, want) <= TOL, f"timestep {t!r}"
 
 
+def test_unet_auto_ops_match_diffusers(unet_pair):
+    """The CPU default ("auto": small convolutions through im2col + GEMM) against diffusers: at
+    8x8 every level's output is at most SMALL_CONV_PIXELS, so every convolution takes that path."""
+    ref, ours = unet_pair
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, ref.config.in_channels, 8, 8, generator=g)
+    ctx = torch.randn(2, 7, ref.config.cross_attention_dim, generator=g)
+    assert 8 * 8 <= ops.SMALL_CONV_PIXELS
+    with torch.no_grad(), ops.kernels("auto"):
+        got = ours(x, 500, ctx)
+    assert _maxdiff(got, ref(x, 500, ctx).sample) <= TOL
+
+
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, stride, padding, bias, channels_last",
+    [
+        ((2, 24, 8, 8), 16, 3, (1, 1), (1, 1), True, False),  # 8x8 out: the largest that qualifies
+        ((1, 8, 5, 7), 12, 3, (1, 1), (1, 1), False, True),  # odd sides, no bias, channels-last
+        ((2, 16, 9, 9), 16, 3, (2, 2), (0, 0), True, False),  # stride 2, no padding (VAE downsample)
+        ((2, 32, 4, 4), 8, 1, (1, 1), (0, 0), True, False),  # 1x1 shortcut
+        ((1, 16, 24, 20), 8, 1, (1, 1), (0, 0), True, True),  # 1x1 at a large output
+    ],
+)
+def test_conv2d_im2col_path_matches_float64(shape, out_channels, kernel, stride, padding, bias, channels_last):
+    """ops.conv2d's im2col + GEMM path (fp32, CPU, "auto", 1x1 or small output) against float64 F.conv2d."""
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(out_channels, shape[1], kernel, kernel, generator=g) / (shape[1] * kernel * kernel) ** 0.5
+    b = torch.randn(out_channels, generator=g) if bias else None
+    want = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+    with ops.kernels("auto"):
+        assert ops._im2col_conv(x, w, stride, padding)  # the path under test, not oneDNN's
+        got = ops.conv2d(x, w, b, stride, padding)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert _maxdiff(got.double(), want) <= 1e-4 * want.abs().max().item()  # fp32: 1e-4 relative
+
+
+def test_conv2d_im2col_path_only_where_measured():
+    """3x3 outputs over SMALL_CONV_PIXELS, other modes and dtypes than fp32 keep F.conv2d."""
+    w = torch.randn(4, 4, 3, 3)
+    small, large = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 9, 8)  # 64 and 72 output pixels
+    with ops.kernels("auto"):
+        assert ops._im2col_conv(small, w, (1, 1), (1, 1))
+        assert not ops._im2col_conv(large, w, (1, 1), (1, 1))
+        assert ops._im2col_conv(torch.randn(1, 4, 16, 16), w, (2, 2), (1, 1))  # 8x8 after stride 2
+        assert not ops._im2col_conv(small.double(), w.double(), (1, 1), (1, 1))
+        assert ops._im2col_conv(torch.randn(1, 4, 64, 64), torch.randn(4, 4, 1, 1), (1, 1), (0, 0))  # any 1x1
+    for mode in ("torch", "triton"):
+        with ops.kernels(mode):
+            assert not ops._im2col_conv(small, w, (1, 1), (1, 1))
+
+
 def test_unet_fp16_close_to_fp32(unet_pair):
     _, ours = unet_pair
     g = torch.Generator().manual_seed(5)

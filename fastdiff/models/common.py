@@ -72,6 +72,17 @@ def per_block(value, n: int, name: str) -> tuple:
 # blocks
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and keys) whose forward goes through the ops seam. Dilation 1
+    and one group only: the networks use nothing else."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
     """Run an nn.GroupNorm's parameters through the ops seam (optionally fused with SiLU)."""
     return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
@@ -88,11 +99,11 @@ class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, temb_silu: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(group_norm(self.norm1, x, silu=True))
@@ -110,7 +121,7 @@ class Downsample2D(nn.Module):
     def __init__(self, channels: int, padding: int = 1):
         super().__init__()
         self.padding = padding
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.padding == 0:
@@ -127,7 +138,7 @@ class Upsample2D(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         h, w = x.shape[-2:]

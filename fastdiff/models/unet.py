@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from fastdiff import ops
-from fastdiff.models.common import ConfigBase, Downsample2D, ResnetBlock2D, Upsample2D, group_norm, per_block
+from fastdiff.models.common import ConfigBase, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, group_norm, per_block
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -189,7 +189,7 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         self.linear_proj = linear_proj
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        proj = (lambda: nn.Linear(channels, channels)) if linear_proj else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = (lambda: nn.Linear(channels, channels)) if linear_proj else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, heads, context_dim) for _ in range(layers))
         self.proj_out = proj()
@@ -315,7 +315,7 @@ class UNet2DConditionModel(nn.Module):
         self.config = cfg = config
         ch = cfg.block_out_channels
         temb_ch = 4 * ch[0]
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], temb_ch)
 
         n = len(ch)
@@ -330,7 +330,7 @@ class UNet2DConditionModel(nn.Module):
             for i, t in enumerate(cfg.up_block_types)
         )
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def time_proj(self, timestep: torch.Tensor, batch: int) -> torch.Tensor:
         """Sinusoidal timestep features [B, ch0] (diffusers' `Timesteps`).

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from fastdiff import ops
-from fastdiff.models.common import ConfigBase, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
+from fastdiff.models.common import ConfigBase, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, group_norm
 
 _EPS = 1e-6  # every VAE norm uses this eps; diffusers' config has no field for it
 
@@ -127,13 +127,13 @@ class Encoder(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i == n - 1) for i in range(n)
         )
         self.mid_block = UNetMidBlock2D(ch[-1], g)
         self.conv_norm_out = nn.GroupNorm(g, ch[-1], eps=_EPS)
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)
@@ -150,13 +150,13 @@ class Decoder(nn.Module):
         super().__init__()
         ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
         rev = ch[::-1]
-        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
+        self.conv_in = Conv2d(cfg.latent_channels, ch[-1], 3, padding=1)
         self.mid_block = UNetMidBlock2D(ch[-1], g)
         self.up_blocks = nn.ModuleList(
             UpDecoderBlock2D(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, g, i == n - 1) for i in range(n)
         )
         self.conv_norm_out = nn.GroupNorm(g, ch[0], eps=_EPS)
-        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.mid_block(self.conv_in(z))
@@ -171,8 +171,8 @@ class AutoencoderKL(nn.Module):
         self.config = config
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.quant_conv = Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = Conv2d(config.latent_channels, config.latent_channels, 1)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Image in [-1, 1] -> (mean, logvar) of the latent Gaussian (unscaled).

@@ -1,0 +1,113 @@
+"""CPU convolutions at SD1.5's UNet shapes: oneDNN (F.conv2d) against im2col + one GEMM (ATen's
+thnn_conv2d), side by side per shape, and what `fastdiff.ops.conv2d`'s rule picks.
+
+    python benchmarks/conv_cpu.py                 # 256x256 images (32x32 latents), CFG batch 2
+    python benchmarks/conv_cpu.py --size 512 --repeats 3 --json conv.json
+
+The rule (`ops.SMALL_CONV_PIXELS`) is a fixed threshold, not a per-call timing, so results do not
+depend on a noisy first-call measurement; this script is how to check it on another CPU. Each
+shape is timed interleaved (oneDNN, im2col, oneDNN, ...), median of `--repeats`; totals weigh each
+shape by how often one UNet forward calls it. fp32, random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fastdiff import iospec, ops  # noqa: E402
+from fastdiff.models import UNet2DConditionModel, UNetConfig  # noqa: E402
+from fastdiff.models.common import Conv2d  # noqa: E402
+
+
+def unet_conv_shapes(size: int, batch: int) -> collections.Counter:
+    """(input shape, out channels, kernel, stride, padding) -> calls in one UNet forward, found by
+    running SD1.5's UNet on the meta device (no weights, no compute)."""
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(UNetConfig.from_dict(iospec.SD15_UNET)).eval()
+    shapes: collections.Counter = collections.Counter()
+
+    def record(mod, args, _out):
+        shapes[(tuple(args[0].shape), mod.out_channels, mod.kernel_size[0], mod.stride, mod.padding)] += 1
+
+    for mod in unet.modules():
+        if isinstance(mod, Conv2d):
+            mod.register_forward_hook(record)
+    latent = size // 8
+    with torch.no_grad(), ops.kernels("torch"):  # F.conv2d: the meta device has no thnn kernel
+        x = torch.randn(batch, unet.config.in_channels, latent, latent, device="meta")
+        unet(x, torch.tensor([500.0] * batch, device="meta"), torch.randn(batch, 77, 768, device="meta"))
+    return shapes
+
+
+def time_shape(shape, out_channels, kernel, stride, padding, repeats: int) -> dict:
+    """Median ms of each way, interleaved, after one warm-up call each."""
+    x = torch.randn(shape)
+    w = torch.randn(out_channels, shape[1], kernel, kernel) / (shape[1] * kernel * kernel) ** 0.5
+    b = torch.randn(out_channels)
+    ways = {
+        "onednn": lambda: F.conv2d(x, w, b, stride, padding),
+        "im2col": lambda: torch.ops.aten.thnn_conv2d(x, w, (kernel, kernel), b, stride, padding),
+    }
+    diff = (ways["onednn"]() - ways["im2col"]()).abs().max().item()
+    times: dict = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, fn in ways.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    with ops.kernels("auto"):
+        rule = "im2col" if ops._im2col_conv(x, w, stride, padding) else "onednn"
+    return {**{name: 1e3 * statistics.median(ts) for name, ts in times.items()}, "rule": rule, "max_abs_diff": diff}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (latent side = size / 8)")
+    parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    rows = []
+    print(f"SD1.5 UNet convolutions, {args.size}x{args.size}, batch {args.batch}, fp32, {torch.get_num_threads()} threads")
+    print(f"{'input':>22} {'out':>5} {'k':>2} {'s':>2} {'calls':>5} {'oneDNN ms':>10} {'im2col ms':>10} {'ratio':>6}  rule")
+    for (shape, out_ch, k, stride, padding), calls in sorted(unet_conv_shapes(args.size, args.batch).items()):
+        t = time_shape(shape, out_ch, k, stride, padding, args.repeats)
+        rows.append({"shape": shape, "out_channels": out_ch, "kernel": k, "stride": stride, "calls": calls, **t})
+        faster = min(("onednn", "im2col"), key=lambda n: t[n])
+        mark = "" if t["rule"] == faster else "  (the other was faster)"
+        print(
+            f"{str(shape):>22} {out_ch:>5} {k:>2} {stride[0]:>2} {calls:>5} {t['onednn']:>10.2f} {t['im2col']:>10.2f}"
+            f" {t['onednn'] / t['im2col']:>6.2f}  {t['rule']}{mark}"
+        )
+    total = {way: sum(r["calls"] * r[way] for r in rows) for way in ("onednn", "im2col")}
+    rule = sum(r["calls"] * r[r["rule"]] for r in rows)
+    best = sum(r["calls"] * min(r["onednn"], r["im2col"]) for r in rows)
+    print(
+        f"per UNet forward: oneDNN everywhere {total['onednn']:.0f} ms, im2col everywhere {total['im2col']:.0f} ms, "
+        f"the rule {rule:.0f} ms ({total['onednn'] / rule:.2f}x oneDNN), the faster of each {best:.0f} ms; "
+        f"max |oneDNN - im2col| {max(r['max_abs_diff'] for r in rows):.1e}"
+    )
+    if args.json:
+        summary = {"size": args.size, "batch": args.batch, "threads": torch.get_num_threads(), "rows": rows,
+                   "total_ms": {**total, "rule": rule, "best": best}}  # fmt: skip
+        args.json.write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
