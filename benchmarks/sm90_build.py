@@ -90,7 +90,7 @@ def cases() -> dict:
                 gn._group_norm_stats_kernel, dict(X="*fp16", **split, **x_strides), meta, gn._NUM_WARPS, 3,
             )  # fmt: skip
             io = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **x_strides, **y_strides)
-            apply_meta = dict(meta, BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True)
+            apply_meta = dict(meta, BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True, LAST_FIRST=True)  # the "r" plans
             out[f"group_norm_apply_{layout}{suffix}"] = (
                 gn._group_norm_apply_kernel, dict(io, **split), apply_meta, gn._NUM_WARPS, 3,
             )  # fmt: skip
@@ -121,7 +121,7 @@ def cases() -> dict:
     )  # fmt: skip
     out["group_norm_nhwc_apply"] = (
         gn._group_norm_nhwc_apply_kernel,
-        dict(X="*fp16", Y="*fp16", ScaleShift="*fp32", **chunks, **strides), dict(tiles, SILU=True), gn._NUM_WARPS, 3,
+        dict(X="*fp16", Y="*fp16", ScaleShift="*fp32", **chunks, **strides), dict(tiles, SILU=True, LAST_FIRST=True), gn._NUM_WARPS, 3,
     )  # fmt: skip
 
     # The NCHW flat plan's apply at the same shape (its statistics kernel is group_norm_stats_nchw_c1's).
@@ -132,7 +132,7 @@ def cases() -> dict:
         dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", Partials="*fp32", stride_b=C * HW, HW=HW,
              num_groups=G, PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, eps=1e-5),
         dict(CHANNELS_PER_GROUP=C // G, ROW=row, BLOCK_R=gn._TILE // row,
-             BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True),
+             BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True, LAST_FIRST=True),
         gn._NUM_WARPS, 3,
     )  # fmt: skip
 

@@ -6,8 +6,9 @@ spatial axis is split into SPLIT chunks and the work runs as two launches over (
 
   1. `_group_norm_stats_kernel`: count, mean and M2 (sum of squared deviations) of each chunk.
   2. `_group_norm_apply_kernel`: merges the chunks' partials into the group's mean and variance,
-     then writes (x - mean) * rstd * weight + bias, optionally through SiLU. It walks the grid
-     last program first, so its first reads are the lines the statistics pass left in L2.
+     then writes (x - mean) * rstd * weight + bias, optionally through SiLU. For inputs larger
+     than L2 the tuner also times it walking the grid last program first, so that its first
+     reads are the lines the statistics pass left in L2.
 
 Small groups (the 8x8 to 32x32 levels) are bound by launches rather than bytes, so there is also
 `_group_norm_kernel`: one program per group does both passes, the second read mostly from L2.
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -56,6 +57,10 @@ _FUSED_MAX_TILES = 8  # default to one program per group up to this many tiles p
 _BLOCK_CHANNELS = 128  # channels-last plans: the most channels one program's block spans
 _FINALIZE_TILE = 512  # channels-last plans: (chunk, channel) statistics per step of the merge loop
 _MERGE_BLOCK = 64  # chunks' statistics per step of the apply kernels' merge loop
+# Inputs of at least this many bytes also time each two-pass plan with its second pass last
+# program first (see _pid): a third of an H200's 50 MB L2. Below it the whole input stays cached
+# between the passes and the order cannot matter, so it is not worth a compile and a timing.
+_LAST_FIRST_MIN_BYTES = 16 * 2**20
 
 
 @triton.jit
@@ -128,12 +133,17 @@ def _silu(y):
 
 
 @triton.jit
-def _pid_last_first(axis: tl.constexpr):
-    """program_id(axis) counted from the far end. The second passes walk the grid in the reverse
-    of the statistics pass's order, so they start on the chunks that pass read last: for a tensor
+def _pid(
+    axis: tl.constexpr,  # grid axis
+    LAST_FIRST: tl.constexpr,  # count from the far end of the axis
+):
+    """program_id(axis), or counted from the far end. A second pass that walks the grid in the
+    reverse of the statistics pass's order starts on the chunks that pass read last: for a tensor
     larger than L2 (the VAE's 64 MB at 512x512) those are the lines still cached, where re-reading
     in the same order evicts each line just before it is needed (LRU's worst case)."""
-    return tl.num_programs(axis) - 1 - tl.program_id(axis)
+    if LAST_FIRST:
+        return tl.num_programs(axis) - 1 - tl.program_id(axis)
+    return tl.program_id(axis)
 
 
 @triton.jit
@@ -275,9 +285,10 @@ def _group_norm_apply_kernel(
     BLOCK_HW: tl.constexpr,  # spatial positions per tile
     BLOCK_SPLIT: tl.constexpr,  # chunks' statistics per step of the merge
     SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
+    LAST_FIRST: tl.constexpr,  # walk the grid last program first (see _pid)
 ):
-    pid_s = _pid_last_first(0)
-    pid_bg = _pid_last_first(1)
+    pid_s = _pid(0, LAST_FIRST)
+    pid_bg = _pid(1, LAST_FIRST)
     n, mean, m2 = _merged_partials(Partials + pid_bg * SPLIT * 3, SPLIT, BLOCK_SPLIT)
     rstd = tl.rsqrt(m2 / n + eps)
 
@@ -418,11 +429,12 @@ def _group_norm_nhwc_apply_kernel(
     BLOCK_C: tl.constexpr,  # channels per program
     BLOCK_HW: tl.constexpr,  # spatial positions per tile
     SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
+    LAST_FIRST: tl.constexpr,  # walk the grid last program first (see _pid)
 ):
     """y = (x - X[b, c, 0]) * scale + shift over one (chunk of pixels, block of channels), then SiLU if asked."""
-    pid_s = _pid_last_first(0)
-    pid_c = _pid_last_first(1)
-    pid_b = _pid_last_first(2).to(tl.int64)
+    pid_s = _pid(0, LAST_FIRST)
+    pid_c = _pid(1, LAST_FIRST)
+    pid_b = _pid(2, LAST_FIRST).to(tl.int64)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # [BLOCK_C]
     mask_c = c < C
     scale = tl.load(ScaleShift + pid_b * C + c, mask=mask_c, other=0.0)
@@ -453,12 +465,13 @@ def _group_norm_flat_apply_kernel(
     BLOCK_R: tl.constexpr,  # rows per tile
     BLOCK_SPLIT: tl.constexpr,  # chunks' statistics per step of the merge
     SILU: tl.constexpr,  # apply x * sigmoid(x) after the affine
+    LAST_FIRST: tl.constexpr,  # walk the grid last program first (see _pid)
 ):
     """The affine over one chunk of a group read as a flat run of [rows, ROW] tiles, each row's
     channel (for weight and bias) from its index: every lane holds data, where the per-group tile
     pads 10 channels to 16."""
-    pid_s = _pid_last_first(0)
-    pid_bg = _pid_last_first(1)
+    pid_s = _pid(0, LAST_FIRST)
+    pid_bg = _pid(1, LAST_FIRST)
     n, mean, m2 = _merged_partials(Partials + pid_bg * SPLIT * 3, SPLIT, BLOCK_SPLIT)
     rstd = tl.rsqrt(m2 / n + eps)
 
@@ -494,6 +507,7 @@ class Plan:
     split: int  # chunks per group; 1 means the one-launch `_group_norm_kernel` (per-group plans)
     kind: str = "group"  # "group": per-group tiles; "nhwc": blocks of block_c channels (channels-last,
     # `_group_norm_nhwc_*`); "flat": a group as one run (NCHW, `_group_norm_flat_apply_kernel`)
+    last_first: bool = False  # two-pass plans: the second pass walks its grid last program first
 
 
 def _chunks(length: int, block: int, programs: int, device: torch.device, per_sm: int) -> tuple[int, int]:
@@ -545,13 +559,15 @@ def _flat_plan(batch: int, channels: int, hw: int, num_groups: int, device: torc
 
 
 def _plans(
-    batch: int, channels: int, hw: int, num_groups: int, device: torch.device, layout: str = "strided"
+    batch: int, channels: int, hw: int, num_groups: int, device: torch.device, layout: str = "strided",
+    nbytes: int = 0,
 ) -> dict[str, Plan]:
     """The candidate plans for one shape, by name: "fused" (one program per group) and
     "split<programs per SM>" for each distinct two-pass split; for layout "nhwc" (channel stride
     1) also "nhwc<programs per SM>", for layout "nchw" (contiguous per batch, HW a multiple of 16:
     Triton proves 16-byte alignment only from integers divisible by 16) also "flat<programs per
-    SM>", each distinct."""
+    SM>", each distinct. For inputs of `nbytes` >= _LAST_FIRST_MIN_BYTES every two-pass plan
+    also comes as "<name>r", its second pass walking the grid last program first."""
     plans = {"fused": _split_plan(batch, channels, hw, num_groups, device, 0)}  # per_sm 0: split 1
     for per_sm in _TUNE_PROGRAMS_PER_SM:
         plan = _split_plan(batch, channels, hw, num_groups, device, per_sm)
@@ -565,6 +581,10 @@ def _plans(
         plan = _flat_plan(batch, channels, hw, num_groups, device, per_sm)
         if plan not in plans.values():
             plans[f"flat{per_sm}"] = plan
+    if nbytes >= _LAST_FIRST_MIN_BYTES:
+        for name, plan in list(plans.items()):
+            if plan.kind != "group" or plan.split > 1:  # not "fused": it has no second pass
+                plans[name + "r"] = replace(plan, last_first=True)
     return plans
 
 
@@ -604,7 +624,7 @@ def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu:
         _group_norm_flat_apply_kernel[grid](
             x3, y3, weight, bias, partials, x3.stride(0), HW, num_groups, plan.hw_per_split, plan.split, eps,
             CHANNELS_PER_GROUP=C // num_groups, ROW=row, BLOCK_R=_TILE // row,
-            BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, num_warps=_NUM_WARPS,
+            BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, LAST_FIRST=plan.last_first, num_warps=_NUM_WARPS,
         )  # fmt: skip
         return
     _group_norm_stats_kernel[grid](
@@ -612,7 +632,7 @@ def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu:
     )  # fmt: skip
     _group_norm_apply_kernel[grid](
         x3, y3, weight, bias, partials, *x3.stride(), *y3.stride(), HW, num_groups, plan.hw_per_split, plan.split,
-        eps, BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, **meta,
+        eps, BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, LAST_FIRST=plan.last_first, **meta,
     )  # fmt: skip
 
 
@@ -639,7 +659,8 @@ def _launch_nhwc(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, 
         num_warps=_NUM_WARPS,
     )  # fmt: skip
     _group_norm_nhwc_apply_kernel[grid](
-        x3, y3, scale_shift, *x3.stride(), *y3.stride(), C, HW, plan.hw_per_split, SILU=silu, **tiles,
+        x3, y3, scale_shift, *x3.stride(), *y3.stride(), C, HW, plan.hw_per_split, SILU=silu,
+        LAST_FIRST=plan.last_first, **tiles,
     )  # fmt: skip
 
 
@@ -663,7 +684,7 @@ def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -
         return TUNED[key][0]
     if not _tuning.can_time(x3.device):
         return _default_plan(B, C, HW, num_groups, x3.device)
-    plans = _plans(B, C, HW, num_groups, x3.device, _layout(x3, y3))
+    plans = _plans(B, C, HW, num_groups, x3.device, _layout(x3, y3), x3.numel() * x3.element_size())
     best, times = _tuning.fastest(plans, lambda plan: _launch(plan, x3, y3, weight, bias, num_groups, eps, silu))
     TUNED[key] = (plans[best], times)
     return plans[best]

@@ -346,7 +346,8 @@ def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=
         K.group_norm(x, groups, weight, bias, eps, silu=silu, out=out)
     else:
         B, HW = shape[0], x[0, 0].numel()
-        chosen = gn_mod._plans(B, C, HW, groups, x.device, "nhwc" if channels_last else "nchw")[plan]
+        layout = "nhwc" if channels_last else "nchw"  # every plan, the last-first ones too:
+        chosen = gn_mod._plans(B, C, HW, groups, x.device, layout, gn_mod._LAST_FIRST_MIN_BYTES)[plan]
         gn_mod._launch(chosen, x.view(B, C, -1), out.view(B, C, -1), weight, bias, groups, eps, silu)
     y = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
     _check(out, F.silu(y) if silu else y)
@@ -477,6 +478,20 @@ def test_group_norm_cpu_merge_in_steps(monkeypatch, channels_last):
         _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, mean=3.0, eps=1e-5, silu=True, plan=plan)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_cpu_last_first_plans(channels_last):
+    """Every two-pass plan with its second pass walking the grid last program first (offered for
+    inputs of _LAST_FIRST_MIN_BYTES or more), at a small shape with several chunks per group."""
+    _need("cpu")
+    shape, groups, layout = (1, 64, 32, 32), 8, "nhwc" if channels_last else "nchw"
+    plans = gn_mod._plans(1, 64, 32 * 32, groups, torch.device("cpu"), layout, gn_mod._LAST_FIRST_MIN_BYTES)
+    names = [n for n, p in plans.items() if p.last_first]
+    assert {plans[n].kind for n in names} == {"group", "nhwc" if channels_last else "flat"}, plans
+    assert not any(p.last_first for p in gn_mod._plans(1, 64, 32 * 32, groups, torch.device("cpu"), layout).values())
+    for name in names:
+        _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, mean=3.0, plan=name)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # e^-y = inf: by design
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_group_norm_silu_over_the_whole_range(device):
@@ -493,7 +508,9 @@ def test_group_norm_silu_over_the_whole_range(device):
             x = x.to(memory_format=torch.channels_last)
         B, HW = 2, 36
         layout = "nhwc" if channels_last else "nchw"
-        for name, plan in gn_mod._plans(B, C, HW, 32, x.device, layout).items():
+        plans = gn_mod._plans(B, C, HW, 32, x.device, layout, gn_mod._LAST_FIRST_MIN_BYTES)  # + last-first
+        assert any(p.last_first for p in plans.values()) or not channels_last  # NCHW 6x6: one pass only
+        for name, plan in plans.items():
             out = torch.full_like(x, float("nan"))
             gn_mod._launch(plan, x.view(B, C, -1), out.view(B, C, -1), weight, bias, 32, 1e-5, True)
             _check(out, F.silu(F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-5)))
@@ -533,9 +550,11 @@ def test_group_norm_cuda(shape, dtype, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", [(2, 320, 64, 64), (2, 1280, 16, 16), (1, 128, 512, 512)], ids=str)
 def test_group_norm_cuda_plans(shape, channels_last):
-    """Every launch plan the tuner may pick at this shape, whichever it does pick on this GPU."""
+    """Every launch plan the tuner may pick at this shape (fp16), whichever it does pick on this GPU."""
     _need("cuda")
-    names = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], 32, torch.device("cuda"), "nhwc" if channels_last else "nchw")
+    layout, nbytes = "nhwc" if channels_last else "nchw", 2 * shape[0] * shape[1] * shape[2] * shape[3]
+    names = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], 32, torch.device("cuda"), layout, nbytes)
+    assert any(p.last_first for p in names.values()) == (nbytes >= gn_mod._LAST_FIRST_MIN_BYTES)
     assert len(names) >= 3 and {p.kind for p in names.values()} == {"group", "nhwc" if channels_last else "flat"}, names
     for plan in names:
         _group_norm_case(shape, 32, torch.float16, "cuda", channels_last, plan=plan)
