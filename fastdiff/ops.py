@@ -132,16 +132,20 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False)
 # 2-core x86 dev CPU at SD1.5's shapes (`benchmarks/conv_cpu.py`, side by side) oneDNN took
 # 2-3.4x as long for 3x3 at 8x8 and 4x4 outputs (1280 -> 1280 at 4x4: 22.8 vs 7.1 ms) and
 # 1.1-2.2x for every 1x1; 3x3 tied at 16x16 and oneDNN led from 32x32 (up to 2x at the VAE's
-# 512x512), where this rule leaves it.
+# 512x512), where this rule leaves it. thnn_conv2d splits a batch over threads, one image each
+# (a single image gets a threaded GEMM), so the rule also needs a batch of 1 or a multiple of the
+# thread count: the cases measured; a batch of 2 on 16 threads would leave 14 idle.
 SMALL_CONV_PIXELS = 64
 
 
 def _im2col_conv(x, weight, stride, padding) -> bool:
     """Whether `conv2d` takes the im2col + GEMM path: fp32 on the CPU in "auto" mode, outside
-    tracing and export, for a 1x1 kernel or a small output."""
-    if x.is_cuda or x.dtype != torch.float32 or get_kernels() != "auto":
+    tracing, export and autocast, a batch that fills the threads, a 1x1 kernel or a small output."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or get_kernels() != "auto":
         return False
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False
+    if torch.is_autocast_enabled("cpu") or (x.shape[0] > 1 and x.shape[0] % torch.get_num_threads()):
         return False
     (kh, kw), (sh, sw), (ph, pw) = weight.shape[2:], stride, padding
     if kh == kw == 1:

@@ -79,7 +79,7 @@ def test_unet_matches_diffusers(unet_pair, hw, timesteps):
             assert _maxdiff(got, want) <= TOL, f"timestep {t!r}"
 
 
-def test_unet_auto_ops_match_diffusers(unet_pair):
+def test_unet_auto_ops_match_diffusers(unet_pair, monkeypatch):
     """The CPU default ("auto": small convolutions through im2col + GEMM) against diffusers: at
     8x8 every level's output is at most SMALL_CONV_PIXELS, so every convolution takes that path."""
     ref, ours = unet_pair
@@ -87,8 +87,13 @@ def test_unet_auto_ops_match_diffusers(unet_pair):
     x = torch.randn(2, ref.config.in_channels, 8, 8, generator=g)
     ctx = torch.randn(2, 7, ref.config.cross_attention_dim, generator=g)
     assert 8 * 8 <= ops.SMALL_CONV_PIXELS
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the rule as on a 2-thread CPU, whatever this one has
+    taken = []
+    for conv in (m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)):
+        conv.register_forward_pre_hook(lambda m, args: taken.append(ops._im2col_conv(args[0], m.weight, m.stride, m.padding)))
     with torch.no_grad(), ops.kernels("auto"):
         got = ours(x, 500, ctx)
+    assert taken and all(taken)  # every convolution went the im2col way
     assert _maxdiff(got, ref(x, 500, ctx).sample) <= TOL
 
 
@@ -102,8 +107,9 @@ def test_unet_auto_ops_match_diffusers(unet_pair):
         ((1, 16, 24, 20), 8, 1, (1, 1), (0, 0), True, True),  # 1x1 at a large output
     ],
 )
-def test_conv2d_im2col_path_matches_float64(shape, out_channels, kernel, stride, padding, bias, channels_last):
+def test_conv2d_im2col_path_matches_float64(shape, out_channels, kernel, stride, padding, bias, channels_last, monkeypatch):
     """ops.conv2d's im2col + GEMM path (fp32, CPU, "auto", 1x1 or small output) against float64 F.conv2d."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # any batch fills one thread: the path is taken
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=g)
     if channels_last:
@@ -128,9 +134,22 @@ def test_conv2d_im2col_path_only_where_measured():
         assert ops._im2col_conv(torch.randn(1, 4, 16, 16), w, (2, 2), (1, 1))  # 8x8 after stride 2
         assert not ops._im2col_conv(small.double(), w.double(), (1, 1), (1, 1))
         assert ops._im2col_conv(torch.randn(1, 4, 64, 64), torch.randn(4, 4, 1, 1), (1, 1), (0, 0))  # any 1x1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not ops._im2col_conv(small, w, (1, 1), (1, 1))
+        assert not ops._im2col_conv(small.to("meta"), w.to("meta"), (1, 1), (1, 1))  # CPU only
     for mode in ("torch", "triton"):
         with ops.kernels(mode):
             assert not ops._im2col_conv(small, w, (1, 1), (1, 1))
+
+
+def test_conv2d_im2col_path_needs_a_batch_that_fills_the_threads(monkeypatch):
+    """ATen's im2col conv runs one image per thread: taken for batch 1 or a multiple of the
+    thread count, not for a batch that would leave threads idle."""
+    w = torch.randn(4, 4, 1, 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    with ops.kernels("auto"):
+        taken = {b: ops._im2col_conv(torch.randn(b, 4, 8, 8), w, (1, 1), (0, 0)) for b in (1, 2, 3, 4, 8)}
+    assert taken == {1: True, 2: False, 3: False, 4: True, 8: True}
 
 
 def test_unet_fp16_close_to_fp32(unet_pair):
