@@ -598,6 +598,45 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
     assert len(fake_ms) == len(plans)
 
 
+def test_group_norm_tuner_rotates_large_inputs(monkeypatch):
+    """Inputs offered last-first plans are timed over copies, call after call on another one (the
+    same input each call would hand those plans L2 hits the network never gives them); smaller
+    inputs on themselves. Thresholds shrunk so a CPU-sized input counts as large."""
+    _need("cpu")
+    seen = []
+    launch = gn_mod._launch
+
+    def recording_launch(plan, x3, *args):
+        seen.append((plan, x3.data_ptr(), x3.stride()))
+        return launch(plan, x3, *args)
+
+    def fake_time(fn):
+        for _ in range(3):
+            fn()
+        return float(len(seen))
+
+    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "time_ms", fake_time)
+    monkeypatch.setattr(gn_mod, "_launch", recording_launch)
+    shape = (1, 64, 32, 32)
+    nbytes = 4 * 64 * 32 * 32
+    for large in (False, True):
+        monkeypatch.setattr(gn_mod, "TUNED", {})
+        monkeypatch.setattr(gn_mod, "_LAST_FIRST_MIN_BYTES", nbytes if large else nbytes + 1)
+        monkeypatch.setattr(gn_mod, "_ROTATE_BYTES", 3 * nbytes)  # three inputs in turn
+        seen.clear()
+        _group_norm_case(shape, 8, torch.float32, "cpu", channels_last=True)  # tunes, then runs the choice
+        timed, (final_plan, final_ptr, _) = seen[:-1], seen[-1]
+        assert {stride[1:] for _, _, stride in seen} == {(1, 64)}  # the copies keep channels-last
+        assert any(p.last_first for p, _, _ in timed) == large
+        ptrs = [ptr for _, ptr, _ in timed]
+        assert len(set(ptrs)) == (3 if large else 1)
+        assert all(a != b for a, b in zip(ptrs, ptrs[1:])) == large  # a different input each call
+        ((chosen, _),) = gn_mod.TUNED.values()
+        assert final_plan == chosen
+
+
 def test_time_ms_sizes_its_graph_and_divides_by_what_it_captured(monkeypatch):
     """The timer's sizing on the CPU, graphs and events stood in: each capture's GPU time per call
     falls (clocks ramping up), so the loop re-sizes three times; the result must be the last
