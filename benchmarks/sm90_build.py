@@ -90,10 +90,11 @@ def cases() -> dict:
                 gn._group_norm_stats_kernel, dict(X="*fp16", **split, **x_strides), meta, gn._NUM_WARPS, 3,
             )  # fmt: skip
             io = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **x_strides, **y_strides)
-            apply_meta = dict(meta, BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True, LAST_FIRST=True)  # the "r" plans
-            out[f"group_norm_apply_{layout}{suffix}"] = (
-                gn._group_norm_apply_kernel, dict(io, **split), apply_meta, gn._NUM_WARPS, 3,
-            )  # fmt: skip
+            for last_first, r in ((False, ""), (True, "_r")):  # "_r": the plans' last-first second pass
+                apply_meta = dict(meta, BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True, LAST_FIRST=last_first)
+                out[f"group_norm_apply_{layout}{suffix}{r}"] = (
+                    gn._group_norm_apply_kernel, dict(io, **split), apply_meta, gn._NUM_WARPS, 3,
+                )  # fmt: skip
             fused = dict(io, HW=HW, num_groups=G)
             out[f"group_norm_fused_{layout}{suffix}"] = (
                 gn._group_norm_kernel, fused, dict(meta, SILU=True), gn._NUM_WARPS, 3,
@@ -119,22 +120,24 @@ def cases() -> dict:
              BLOCK_SPLIT=gn._finalize_rows(C // G)),
         gn._NUM_WARPS, 3,
     )  # fmt: skip
-    out["group_norm_nhwc_apply"] = (
-        gn._group_norm_nhwc_apply_kernel,
-        dict(X="*fp16", Y="*fp16", ScaleShift="*fp32", **chunks, **strides), dict(tiles, SILU=True, LAST_FIRST=True), gn._NUM_WARPS, 3,
-    )  # fmt: skip
+    for last_first, r in ((False, ""), (True, "_r")):
+        out[f"group_norm_nhwc_apply{r}"] = (
+            gn._group_norm_nhwc_apply_kernel, dict(X="*fp16", Y="*fp16", ScaleShift="*fp32", **chunks, **strides),
+            dict(tiles, SILU=True, LAST_FIRST=last_first), gn._NUM_WARPS, 3,
+        )  # fmt: skip
 
     # The NCHW flat plan's apply at the same shape (its statistics kernel is group_norm_stats_nchw_c1's).
     plan = list(gn._plans(B, C, HW, G, torch.device("cpu"), "nchw").values())[-1]
     row = gn._row(HW)
-    out["group_norm_flat_apply"] = (
-        gn._group_norm_flat_apply_kernel,
-        dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", Partials="*fp32", stride_b=C * HW, HW=HW,
-             num_groups=G, PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, eps=1e-5),
-        dict(CHANNELS_PER_GROUP=C // G, ROW=row, BLOCK_R=gn._TILE // row,
-             BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True, LAST_FIRST=True),
-        gn._NUM_WARPS, 3,
-    )  # fmt: skip
+    for last_first, r in ((False, ""), (True, "_r")):
+        out[f"group_norm_flat_apply{r}"] = (
+            gn._group_norm_flat_apply_kernel,
+            dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", Partials="*fp32", stride_b=C * HW, HW=HW,
+                 num_groups=G, PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, eps=1e-5),
+            dict(CHANNELS_PER_GROUP=C // G, ROW=row, BLOCK_R=gn._TILE // row,
+                 BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True, LAST_FIRST=last_first),
+            gn._NUM_WARPS, 3,
+        )  # fmt: skip
 
     block_m, block_n = geglu._plan(1280)
     args = dict(H="*fp16", Out="*fp16", stride_hm=2560, M=8192, N=1280)

@@ -827,7 +827,8 @@ def test_sm90_overlap_puts_softmax_under_the_next_matmul(sm90_builds):
 @pytest.mark.parametrize(
     "name",
     ["geglu", "group_norm_stats_nchw", "group_norm_apply_nchw", "group_norm_fused_nchw"]
-    + ["group_norm_nhwc_stats", "group_norm_nhwc_apply", "group_norm_flat_apply", "group_norm_stats_nchw_c1"],
+    + ["group_norm_nhwc_stats", "group_norm_nhwc_apply", "group_norm_flat_apply", "group_norm_stats_nchw_c1"]
+    + ["group_norm_apply_nchw_r", "group_norm_nhwc_apply_r", "group_norm_flat_apply_r"],  # the last-first passes
 )
 def test_sm90_memory_bound_kernels_move_16_byte_vectors(sm90_builds, name):
     """The bulk of the bytes move as 16-byte loads (and, for geglu, stores): the memory-bound
