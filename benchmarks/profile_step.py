@@ -10,7 +10,8 @@ eager forwards run under torch.profiler; each GPU kernel's time is summed into a
 name (attention, GroupNorm, GEGLU, LayerNorm, convolution, matmul, other). Kernel time does not
 include launch gaps, so the total is close to what the captured CUDA-graph step costs. Run once
 with the Triton kernels and once with torch's ops, so each category's change is side by side.
-On CPU the rows are aten operators' own (self) CPU time instead of kernels.
+On CPU the rows are aten operators' own (self) CPU time instead of kernels, in "auto" mode (the
+CPU default) and "torch" mode.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
         torch.tensor(500.0, device=device),
         torch.randn(2, 77, cfg.cross_attention_dim, device=device, dtype=dtype),
     )
-    modes = ["triton", "torch"] if device.type == "cuda" else ["torch"]
+    # On the CPU "auto" differs from "torch" only in the convolutions (ops.SMALL_CONV_PIXELS).
+    modes = ["triton", "torch"] if device.type == "cuda" else ["auto", "torch"]
     results = {m: profile(unet, inputs, m, device, args.calls) for m in modes}
     print(f"UNet {args.arch}, {args.size}x{args.size}, batch 2, {dtype}, {device}: time per forward by category")
     print(format_table(results))

@@ -228,8 +228,14 @@ def test_profile_categories_of_real_kernel_names():
 def test_profile_step_runs_on_cpu(tmp_path, capsys):
     out = tmp_path / "profile.json"
     assert profile_step.main(["--device", "cpu", "--arch", "tiny", "--size", "64", "--calls", "1", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())["results"]["torch"]
-    cats = result["categories"]
-    assert {"convolution", "matmul", "attention (sdpa)", "group_norm (torch)"} <= set(cats)
-    assert result["total_ms"] == pytest.approx(sum(c["ms"] for c in cats.values()))
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"auto", "torch"}  # the CPU default and the reference ops
+    for result in results.values():
+        cats = result["categories"]
+        assert {"convolution", "matmul", "attention (sdpa)", "group_norm (torch)"} <= set(cats)
+        assert result["total_ms"] == pytest.approx(sum(c["ms"] for c in cats.values()))
+    names = {mode: {k["name"] for k in result["top"]} for mode, result in results.items()}
+    assert "aten::mkldnn_convolution" in names["torch"]
+    if 2 % torch.get_num_threads() == 0:  # batch 2 fills the threads: ops' im2col path (thnn_conv2d)
+        assert "aten::_slow_conv2d_forward" in names["auto"]
     assert "convolution" in capsys.readouterr().out
