@@ -881,12 +881,14 @@ def test_kernels_benchmark_rows_on_cpu(monkeypatch):
     monkeypatch.setattr(bench, "n_sets", lambda nbytes: 2)
     monkeypatch.setattr(bench, "ATTENTION_SHAPES", [(1, 2, 40, 40, 40), (1, 2, 33, 77, 80)])
     monkeypatch.setattr(bench, "GROUP_NORM_SHAPES", [(1, 64, 5, 7)])
+    monkeypatch.setattr(bench, "VAE_GROUP_NORM_SHAPES", [(1, 32, 9, 9)])
     monkeypatch.setattr(bench, "GEGLU_SHAPES", [(1, 5, 96)])
     monkeypatch.setattr(bench, "LAYER_NORM_SHAPES", [(1, 9, 64)])
     dtype = torch.float16
     rows = [*bench.run_attention(dtype), *bench.run_group_norm(dtype), *bench.run_geglu(dtype)]
-    rows += bench.run_layer_norm(dtype)
-    assert [r["kernel"] for r in rows] == ["attention"] * 2 + ["group_norm+silu"] * 2 + ["geglu", "layer_norm"]
+    rows += [*bench.run_layer_norm(dtype), *bench.run_group_norm_vae(dtype)]
+    assert [r["kernel"] for r in rows] == ["attention"] * 2 + ["group_norm+silu"] * 2 + ["geglu", "layer_norm"] + ["group_norm+silu"] * 2
+    assert [r["shape"] for r in rows[-2:]] == ["[1, 32, 9, 9] nchw", "[1, 32, 9, 9] nhwc"]
     for r in rows:
         assert r["torch_ms"] > 0 and r["torch_rate"] > 0, r
         if r["kernel"] != "layer_norm":  # the others compare the kernel with torch on the same inputs
