@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -363,6 +364,10 @@ def goal_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _stopped(signum, frame):
+    raise SystemExit(124)  # as `timeout` reports it, after main's finally has printed the goal lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
@@ -385,15 +390,18 @@ def main(argv=None) -> int:
     print_header()
     env = _common.environment(torch.device(DEVICE)) if args.json else None
     rows = []
-    for name in args.only or list(runners):
-        for r in runners[name](dtype):  # each row printed and saved as it lands: a cut run keeps them
-            finish_row(r, ceil)
-            rows.append(r)
-            if args.json:
-                result = {"dtype": args.dtype, "ceilings": ceil, "rows": rows, "environment": env}
-                args.json.write_text(json.dumps(result, indent=2) + "\n")
-    for line in goal_lines(rows):
-        print(line)
+    signal.signal(signal.SIGTERM, _stopped)  # device_check's `timeout`: the goal lines still print
+    try:
+        for name in args.only or list(runners):
+            for r in runners[name](dtype):  # each row printed and saved as it lands: a cut run keeps them
+                finish_row(r, ceil)
+                rows.append(r)
+                if args.json:
+                    result = {"dtype": args.dtype, "ceilings": ceil, "rows": rows, "environment": env}
+                    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    finally:  # over the rows measured (a cut run: its goal lines count fewer shapes)
+        for line in goal_lines(rows):
+            print(line, flush=True)
     if args.json:
         print(f"saved {args.json}")
     return 0

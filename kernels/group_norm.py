@@ -691,8 +691,10 @@ def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -
         return _default_plan(B, C, HW, num_groups, x3.device)
     nbytes = x3.numel() * x3.element_size()
     plans = _plans(B, C, HW, num_groups, x3.device, _layout(x3, y3), nbytes)
-    copies = math.ceil(_ROTATE_BYTES / nbytes) if nbytes >= _LAST_FIRST_MIN_BYTES else 1
-    inputs = itertools.cycle([x3] + [x3.clone() for _ in range(copies - 1)])  # clone keeps the strides
+    copies = max(2, math.ceil(_ROTATE_BYTES / nbytes)) if nbytes >= _LAST_FIRST_MIN_BYTES else 1
+    # Copies with x3's exact strides (clone would pack a batch-strided view): the plans key on them.
+    twins = [torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device) for _ in range(copies - 1)]
+    inputs = itertools.cycle([x3] + [t.copy_(x3) for t in twins])
     best, times = _tuning.fastest(
         plans, lambda plan: _launch(plan, next(inputs), y3, weight, bias, num_groups, eps, silu)
     )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -621,20 +622,38 @@ def test_group_norm_tuner_rotates_large_inputs(monkeypatch):
     monkeypatch.setattr(gn_mod, "_launch", recording_launch)
     shape = (1, 64, 32, 32)
     nbytes = 4 * 64 * 32 * 32
-    for large in (False, True):
+    for large, rotate_bytes, copies in ((False, 3 * nbytes, 1), (True, 3 * nbytes, 3), (True, nbytes, 2)):
         monkeypatch.setattr(gn_mod, "TUNED", {})
         monkeypatch.setattr(gn_mod, "_LAST_FIRST_MIN_BYTES", nbytes if large else nbytes + 1)
-        monkeypatch.setattr(gn_mod, "_ROTATE_BYTES", 3 * nbytes)  # three inputs in turn
+        monkeypatch.setattr(gn_mod, "_ROTATE_BYTES", rotate_bytes)  # inputs in turn; at least two when large
         seen.clear()
         _group_norm_case(shape, 8, torch.float32, "cpu", channels_last=True)  # tunes, then runs the choice
         timed, (final_plan, final_ptr, _) = seen[:-1], seen[-1]
         assert {stride[1:] for _, _, stride in seen} == {(1, 64)}  # the copies keep channels-last
         assert any(p.last_first for p, _, _ in timed) == large
         ptrs = [ptr for _, ptr, _ in timed]
-        assert len(set(ptrs)) == (3 if large else 1)
+        assert len(set(ptrs)) == copies
         assert all(a != b for a, b in zip(ptrs, ptrs[1:])) == large  # a different input each call
         ((chosen, _),) = gn_mod.TUNED.values()
         assert final_plan == chosen
+
+
+def test_group_norm_tuner_copies_keep_a_batch_strided_input_in_place(monkeypatch):
+    """A batch-strided input (a channel slice of a wider tensor, out likewise) has the "nchw"
+    layout, whose flat plan uses one batch stride for x and out: the timing copies must keep that
+    stride, or the timed calls write outside `out` (a review's repro)."""
+    _need("cpu")
+    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "time_ms", lambda fn: (fn(), fn(), 1.0)[-1])
+    monkeypatch.setattr(gn_mod, "TUNED", {})
+    monkeypatch.setattr(gn_mod, "_LAST_FIRST_MIN_BYTES", 0)
+    big, big_out = torch.randn(2, 64, 16, 16), torch.full((2, 64, 16, 16), float("nan"))
+    x, out = big[:, :32], big_out[:, :32]  # [2, 32, 16, 16], batch stride 64 * 256
+    w, b = torch.randn(32), torch.randn(32)
+    K.group_norm(x, 8, w, b, 1e-5, silu=True, out=out)
+    _check(out, F.silu(F.group_norm(x.double(), 8, w.double(), b.double(), 1e-5)))
+    assert torch.isnan(big_out[:, 32:]).all()  # nothing written past the slice
 
 
 def test_time_ms_sizes_its_graph_and_divides_by_what_it_captured(monkeypatch):
@@ -858,7 +877,7 @@ def test_sm90_geglu_issues_few_instructions_per_element(sm90_builds):
 # row code must not be found there.
 
 
-def test_kernels_benchmark_rows_on_cpu(monkeypatch):
+def test_kernels_benchmark_rows_on_cpu(monkeypatch, capsys):
     _need("cpu")
     import importlib.util
     import time
@@ -908,6 +927,28 @@ def test_kernels_benchmark_rows_on_cpu(monkeypatch):
         dict(kernel="attention", shape="b", speedup=0.78, of_ceiling=0.5),
         dict(kernel="group_norm+silu", shape="c", speedup=3.0, of_ceiling=0.72),
     ]
+    # A step cut at its time limit (SIGTERM from `timeout`) still prints the goal lines so far.
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "fake")
+    monkeypatch.setattr(bench, "ceilings", lambda dtype: {"matmul_tflops": 1.0, "copy_gbps": 1.0})
+    monkeypatch.setattr(bench, "finish_row", lambda r, ceil: None)
+    monkeypatch.setattr(bench, "run_attention", lambda dtype: iter(fake[:2]))
+
+    def cut(dtype):
+        yield fake[2]
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at the next bytecode
+        yield fake[2]
+
+    monkeypatch.setattr(bench, "run_group_norm", cut)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--only", "attention", "--only", "group_norm"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 124
+    assert bench.goal_lines(fake)[1] in capsys.readouterr().out
     assert bench.goal_lines(fake) == [
         "goal attention >= 1.00x SDPA: 1/2 shapes met; worst 0.78x SDPA at b",
         "goal group_norm+silu >= 70% of copy: 1/1 shapes met; worst 72% of copy at c",
