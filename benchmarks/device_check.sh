@@ -48,8 +48,10 @@ step() {  # step NAME TIMEOUT_S CMD...: run if NAME is in $STEPS, log to $OUT/NA
 # (GroupNorm shapes and kernels the kernels step did not tune or compile: a review estimated 20-45
 # s); its log prints each runner's first call as it ends.
 # The kernels step includes the first-call tuning: attention's autotuner compiles and times up to 15
-# configs per shape (64 over the 8 shapes), GroupNorm's tuner up to 9 launch plans per shape.
-# Rows are printed and saved as they land, so a step cut at its limit keeps what it measured.
+# configs per shape (64 over the 8 shapes), GroupNorm's tuner up to 9 launch plans per shape (17
+# from 16 MB: the last-first variants, timed over rotating copies). The VAE's (1,128,512,512)
+# GroupNorm rows come last. Rows are printed and saved as they land, so a step cut at its limit
+# keeps what it measured, and its goal lines still print (over the rows measured).
 step kernels 160 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
 # SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff's default (graphs + Triton + NHWC on CUDA,
 # SDPA at attention shapes where it timed faster), with the Triton kernels at every shape, and
