@@ -75,8 +75,13 @@ def kernels(mode: str | None):
         _state.mode = prev
 
 
+def _tracing() -> bool:
+    """Inside a trace, an ONNX export or a torch.compile: the torch reference ops only."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
+
 def _use_triton(x: torch.Tensor) -> bool:
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+    if _tracing():
         return False
     mode = get_kernels()
     if mode == "torch":
@@ -141,9 +146,7 @@ SMALL_CONV_PIXELS = 64
 def _im2col_conv(x, weight, stride, padding) -> bool:
     """Whether `conv2d` takes the im2col + GEMM path: fp32 on the CPU in "auto" mode, outside
     tracing, export and autocast, a batch that fills the threads, a 1x1 kernel or a small output."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or get_kernels() != "auto":
-        return False
-    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+    if x.device.type != "cpu" or x.dtype != torch.float32 or get_kernels() != "auto" or _tracing():
         return False
     if torch.is_autocast_enabled("cpu") or (x.shape[0] > 1 and x.shape[0] % torch.get_num_threads()):
         return False
