@@ -369,9 +369,11 @@ def _stopped(signum, frame):
 
 
 def main(argv=None) -> int:
+    runners = {"attention": run_attention, "group_norm": run_group_norm, "geglu": run_geglu, "layer_norm": run_layer_norm,
+               "group_norm_vae": run_group_norm_vae}  # in this order; read at the call (tests replace some)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16")
-    parser.add_argument("--only", choices=["attention", "group_norm", "geglu", "layer_norm", "group_norm_vae"], action="append")
+    parser.add_argument("--only", choices=list(runners), action="append")
     parser.add_argument("--json", type=Path, help="save the results (and the environment) here")
     args = parser.parse_args(argv)
 
@@ -385,8 +387,6 @@ def main(argv=None) -> int:
     ceil = ceilings(dtype)
     print(f"{torch.cuda.get_device_name()}  {args.dtype}  ceilings: matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
           f"copy {ceil['copy_gbps']:.0f} GB/s")  # fmt: skip
-    runners = {"attention": run_attention, "group_norm": run_group_norm, "geglu": run_geglu, "layer_norm": run_layer_norm,
-               "group_norm_vae": run_group_norm_vae}  # fmt: skip
     print_header()
     env = _common.environment(torch.device(DEVICE)) if args.json else None
     rows = []

@@ -25,6 +25,11 @@ import tempfile
 from pathlib import Path
 
 
+# GroupNorm's second passes in both grid orders: (LAST_FIRST, name suffix); "_r" builds the
+# last-first variant the tuner offers for inputs beyond L2.
+ORDERS = ((False, ""), (True, "_r"))
+
+
 def cases() -> dict:
     """name -> (kernel, args, constexprs, num_warps, num_stages) at SD1.5 shapes, fp16.
 
@@ -90,7 +95,7 @@ def cases() -> dict:
                 gn._group_norm_stats_kernel, dict(X="*fp16", **split, **x_strides), meta, gn._NUM_WARPS, 3,
             )  # fmt: skip
             io = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **x_strides, **y_strides)
-            for last_first, r in ((False, ""), (True, "_r")):  # "_r": the plans' last-first second pass
+            for last_first, r in ORDERS:
                 apply_meta = dict(meta, BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True, LAST_FIRST=last_first)
                 out[f"group_norm_apply_{layout}{suffix}{r}"] = (
                     gn._group_norm_apply_kernel, dict(io, **split), apply_meta, gn._NUM_WARPS, 3,
@@ -120,7 +125,7 @@ def cases() -> dict:
              BLOCK_SPLIT=gn._finalize_rows(C // G)),
         gn._NUM_WARPS, 3,
     )  # fmt: skip
-    for last_first, r in ((False, ""), (True, "_r")):
+    for last_first, r in ORDERS:
         out[f"group_norm_nhwc_apply{r}"] = (
             gn._group_norm_nhwc_apply_kernel, dict(X="*fp16", Y="*fp16", ScaleShift="*fp32", **chunks, **strides),
             dict(tiles, SILU=True, LAST_FIRST=last_first), gn._NUM_WARPS, 3,
@@ -129,7 +134,7 @@ def cases() -> dict:
     # The NCHW flat plan's apply at the same shape (its statistics kernel is group_norm_stats_nchw_c1's).
     plan = list(gn._plans(B, C, HW, G, torch.device("cpu"), "nchw").values())[-1]
     row = gn._row(HW)
-    for last_first, r in ((False, ""), (True, "_r")):
+    for last_first, r in ORDERS:
         out[f"group_norm_flat_apply{r}"] = (
             gn._group_norm_flat_apply_kernel,
             dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", Partials="*fp32", stride_b=C * HW, HW=HW,
