@@ -16,18 +16,15 @@ import argparse
 import collections
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from fastdiff import iospec, ops  # noqa: E402
-from fastdiff.models import UNet2DConditionModel, UNetConfig  # noqa: E402
-from fastdiff.models.common import Conv2d  # noqa: E402
+from fastdiff import iospec, ops
+from fastdiff.models import UNet2DConditionModel, UNetConfig
+from fastdiff.models.common import Conv2d
 
 
 def unet_conv_shapes(size: int, batch: int) -> collections.Counter:

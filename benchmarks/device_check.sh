@@ -52,7 +52,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run if NAME is in $STEPS, log to $OUT/NA
 # from 16 MB: the last-first variants, timed over rotating copies). The VAE's (1,128,512,512)
 # GroupNorm rows come last. Rows are printed and saved as they land, so a step cut at its limit
 # keeps what it measured, and its goal lines still print (over the rows measured).
-step kernels 160 python3 benchmarks/kernels.py --dtype fp16 --json "$OUT/kernels.json"
+step kernels 160 python3 benchmarks/kernel_bench.py --dtype fp16 --json "$OUT/kernels.json"
 # SD1.5 at 512x512 fp16: diffusers (SDPA) vs fastdiff's default (graphs + Triton + NHWC on CUDA,
 # SDPA at attention shapes where it timed faster), with the Triton kernels at every shape, and
 # with torch's ops in place of the Triton kernels, interleaved in one run. The NCHW and

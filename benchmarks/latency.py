@@ -42,8 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+from fastdiff import testing
 
 REF = "diffusers"
 STAGES = ("text_encoder", "unet_step", "denoise", "vae_decode", "end_to_end")
@@ -117,14 +116,14 @@ def resolve_folder(args, tmp: Path) -> tuple[Path, str]:
     """The diffusers-format folder both sides load, and a line saying what it is."""
     if args.random_weights:
         print("building SD1.5 architecture with random weights (seed %d) ..." % args.seed, file=sys.stderr)
-        folder = _common.build_random_folder(tmp / "sd15-random", "sd15", seed=args.seed)
+        folder = testing.build_random_folder(tmp / "sd15-random", "sd15", seed=args.seed)
         return folder, f"sd15 architecture, random weights (seed {args.seed})"
     if args.model is None or args.model == "tiny-shapes":
-        if (_common.TINY_SHAPES / "model_index.json").exists():
-            return _common.TINY_SHAPES, "tiny-shapes (embedded, trained)"
+        if (testing.TINY_SHAPES / "model_index.json").exists():
+            return testing.TINY_SHAPES, "tiny-shapes (embedded, trained)"
         if args.model == "tiny-shapes":
-            raise FileNotFoundError(f"{_common.TINY_SHAPES} is not in this checkout")
-        folder = _common.build_random_folder(tmp / "tiny-random", "tiny", seed=args.seed)
+            raise FileNotFoundError(f"{testing.TINY_SHAPES} is not in this checkout")
+        folder = testing.build_random_folder(tmp / "tiny-random", "tiny", seed=args.seed)
         return folder, f"tiny-shapes architecture, random weights (seed {args.seed}; embedded model not present)"
     if Path(args.model).is_dir():
         return Path(args.model), str(args.model)
@@ -135,8 +134,8 @@ def resolve_folder(args, tmp: Path) -> tuple[Path, str]:
 
 def image_size(folder: Path, height: int | None, width: int | None) -> tuple[int, int]:
     """The size diffusers and fastdiff both default to: UNet sample_size x VAE scale factor."""
-    unet = _common.read_json(folder / "unet" / "config.json")
-    vae = _common.read_json(folder / "vae" / "config.json")
+    unet = testing.read_json(folder / "unet" / "config.json")
+    vae = testing.read_json(folder / "vae" / "config.json")
     side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     return height or side, width or side
 
@@ -320,7 +319,7 @@ def count_unet_flops(folder: Path, args) -> int:
     from fastdiff.models import UNet2DConditionModel, UNetConfig
 
     config = UNetConfig.from_json(folder / "unet" / "config.json")
-    vae_cfg = _common.read_json(folder / "vae" / "config.json")
+    vae_cfg = testing.read_json(folder / "vae" / "config.json")
     scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     n = args.batch * (2 if args.guidance_scale > 1.0 else 1)
     cross = config.cross_attention_dim if isinstance(config.cross_attention_dim, int) else config.cross_attention_dim[0]
@@ -663,7 +662,7 @@ def _run(args, gate) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
 
-    env = _common.environment(device)  # before the runs: the load average they start under
+    env = testing.environment(device)  # before the runs: the load average they start under
     with tempfile.TemporaryDirectory(prefix="fastdiff-bench-") as tmp:
         folder, description = resolve_folder(args, Path(tmp))
         kept = not folder.is_relative_to(tmp)
@@ -683,7 +682,7 @@ def _run(args, gate) -> int:
         "environment": env,
         "stages": list(STAGES),
         "skipped": skipped,
-        "load_avg_1min_after": _common.load_avg(),
+        "load_avg_1min_after": testing.load_avg(),
         "first_call_s": first_call,
         "attention_choice": attention_choices(),
         **summarize(times, images, flops, rate),

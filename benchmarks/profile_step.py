@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 # (category, pattern on the kernel or aten op name), first match wins. Triton kernels are named
 # after their @triton.jit function; cuDNN convolutions say fprop/conv, cuBLAS/cuDNN matmuls
 # gemm/nvjet/cutlass; torch's own norms name themselves.
@@ -66,11 +64,10 @@ def aggregate(kernels: list[tuple[str, float, int]], calls: int) -> dict:
 
 
 def build_unet(arch: str, device: torch.device, dtype: torch.dtype):
-    import _common
-
+    from fastdiff import testing
     from fastdiff.models.unet import UNet2DConditionModel, UNetConfig
 
-    unet_cfg = _common.architecture(arch)[0]
+    unet_cfg = testing.architecture(arch)[0]
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: SD1.5's 860M parameters init slowly on CPU
         unet = UNet2DConditionModel(UNetConfig.from_dict(unet_cfg)).eval().to(dtype)

@@ -351,7 +351,7 @@ def _attention_combine_kernel(
 
 
 # (B, H, Sq, Sk, D, dtype, q/k/v/out strides, device) -> (chosen key splits, {name: ms}); filled
-# once per shape by _tuned_splits. Read by benchmarks/kernels.py.
+# once per shape by _tuned_splits. Read by benchmarks/kernel_bench.py.
 TUNED_SPLITS: dict = {}
 _SPLIT_CANDIDATES = (2, 4)  # key-axis splits timed against none where the grid leaves SMs idle
 

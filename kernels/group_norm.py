@@ -602,7 +602,7 @@ def _default_plan(batch: int, channels: int, hw: int, num_groups: int, device: t
 
 
 # (B, C, HW, G, x strides, y strides, dtype, silu, device) -> (chosen Plan, {name: ms}); filled once
-# per shape by _tuned_plan. Read by benchmarks/kernels.py to print what was chosen and why.
+# per shape by _tuned_plan. Read by benchmarks/kernel_bench.py to print what was chosen and why.
 TUNED: dict = {}
 
 

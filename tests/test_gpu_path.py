@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,6 @@ from _tiny import make_sd_folder
 
 from fastdiff.pipeline import Pipeline
 
-HERE = Path(__file__).resolve().parent
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/device_check.sh)")
 
 
@@ -35,8 +33,7 @@ def test_triton_kernels_in_pipeline_match_torch(folder, tmp_path):
     """FASTDIFF_KERNELS=triton (interpreter on CPU, compiled on CUDA) vs the torch reference ops."""
     script = textwrap.dedent(
         f"""
-        import json, sys, numpy as np, torch
-        sys.path.insert(0, {str(HERE)!r})
+        import numpy as np, torch
         from fastdiff.pipeline import Pipeline
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # fp32 means fp32: with TF32 convolutions (cuDNN's default) a 1e-6 difference from the

@@ -872,20 +872,18 @@ def test_sm90_geglu_issues_few_instructions_per_element(sm90_builds):
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmarks/kernels.py's table code, on the CPU: interpreted kernels, wall-clock timers in place
+# benchmarks/kernel_bench.py's table code, on the CPU: interpreted kernels, wall-clock timers in place
 # of the CUDA-graph ones, tiny shapes. A GPU run costs minutes of a scarce loan; a typo in the
 # row code must not be found there.
 
 
 def test_kernels_benchmark_rows_on_cpu(monkeypatch, capsys):
     _need("cpu")
-    import importlib.util
     import time
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
-    spec = importlib.util.spec_from_file_location("kernels_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from fastdiff import testing
+
+    bench = testing.load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_bench.py")
 
     def wall_ms(fn, calls=1, reps=1):
         fn()

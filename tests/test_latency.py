@@ -9,7 +9,6 @@ import importlib.util
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,25 +16,18 @@ import numpy as np
 import pytest
 import torch
 
+from fastdiff import testing
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-latency = _load("latency")
-common = _load("_common")
+latency = testing.load_script(BENCH / "latency.py")
 STEPS, REPEATS = 2, 2
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return common.build_random_folder(tmp_path_factory.mktemp("tiny-sd"), "tiny", seed=3)
+    return testing.build_random_folder(tmp_path_factory.mktemp("tiny-sd"), "tiny", seed=3)
 
 
 def _argv(folder, *extra):
@@ -191,7 +183,7 @@ def test_backend_variants_parse_and_reject_unknown_suffixes():
 # ----------------------------------------------------------------------------------------------
 # benchmarks/profile_step.py: kernel names into categories, and its CPU path end to end.
 
-profile_step = _load("profile_step")
+profile_step = testing.load_script(BENCH / "profile_step.py")
 
 
 def test_profile_categories_of_real_kernel_names():

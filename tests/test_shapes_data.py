@@ -2,14 +2,14 @@
 split keeps whole (shape, colour, background) triples out of training but no single attribute or pair."""
 
 import itertools
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
-import shapes  # noqa: E402
+from fastdiff import testing
+
+shapes = testing.load_script(Path(__file__).resolve().parents[1] / "training" / "shapes_data.py")
 
 
 @pytest.mark.parametrize("triples", ["train", "heldout"])

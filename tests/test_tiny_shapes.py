@@ -6,19 +6,18 @@ the data set's own pixel classifier: the colour of the shape and its kind.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "training"))
-import shapes  # noqa: E402
+from fastdiff import testing
+from fastdiff.pipeline import Pipeline
+from fastdiff.weights import resolve_model
 
-from fastdiff.pipeline import Pipeline  # noqa: E402
-from fastdiff.weights import resolve_model  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+shapes = testing.load_script(ROOT / "training" / "shapes_data.py")
 
 MODEL = ROOT / "fastdiff" / "assets" / "tiny-shapes"
 PROMPTS = shapes.heldout_prompts()

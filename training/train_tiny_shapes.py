@@ -3,7 +3,7 @@
 A scaled-down Stable Diffusion 1.5: an AutoencoderKL (4 latent channels, downsampling 4), a CLIP
 text encoder on the real CLIP vocabulary (so any prompt tokenizes) and a UNet2DConditionModel
 with the SD block types (cross-attention down/up blocks, plain resnet blocks, GEGLU
-feed-forward), trained on the procedural shapes of training/shapes.py. The folder loads with
+feed-forward), trained on the procedural shapes of training/shapes_data.py. The folder loads with
 diffusers' StableDiffusionPipeline.from_pretrained and with fastdiff's own loader.
 
     python training/train_tiny_shapes.py                 # stage 1: train + save (~35 min on 2 cores)
@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,8 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import shapes  # noqa: E402
+import shapes_data as shapes  # the sibling script: this folder is sys.path[0]
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "fastdiff" / "assets" / "tiny-shapes"

@@ -1,7 +1,7 @@
 """Triton kernels vs torch's own ops on SD1.5's shapes (512x512, batch 2 for classifier-free guidance).
 
-    python benchmarks/kernels.py                     # fp16, prints a table
-    python benchmarks/kernels.py --dtype bf16 --json kernels.json
+    python benchmarks/kernel_bench.py                     # fp16, prints a table
+    python benchmarks/kernel_bench.py --dtype bf16 --json kernels.json
 
 Pairs timed, same inputs for both sides:
   attention   fastdiff.kernels.attention  vs F.scaled_dot_product_attention   (TFLOP/s: 4 B H Sq Sk D)
@@ -35,8 +35,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # (B, heads, Sq, Sk, head_dim): down/up blocks at 64/32/16 latents and the mid block at 8, self and cross.
 ATTENTION_SHAPES = [
@@ -378,17 +376,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA device: the Triton kernels only run compiled there.")
+        print("benchmarks/kernel_bench.py needs a CUDA device: the Triton kernels only run compiled there.")
         return 0
 
-    import _common
+    from fastdiff import testing
 
     dtype = DTYPES[args.dtype]
     ceil = ceilings(dtype)
     print(f"{torch.cuda.get_device_name()}  {args.dtype}  ceilings: matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
           f"copy {ceil['copy_gbps']:.0f} GB/s")  # fmt: skip
     print_header()
-    env = _common.environment(torch.device(DEVICE)) if args.json else None
+    env = testing.environment(torch.device(DEVICE)) if args.json else None
     rows = []
     signal.signal(signal.SIGTERM, _stopped)  # device_check's `timeout`: the goal lines still print
     try:

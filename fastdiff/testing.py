@@ -1,6 +1,6 @@
-"""Model folders and machine facts shared by the benchmarks.
+"""Model folders, machine facts and script loading shared by the benchmarks and the tests.
 
-The benchmarks need a diffusers-format folder that both diffusers and fastdiff load. Without
+Not used by the runtime. The benchmarks need a diffusers-format folder that both diffusers and fastdiff load. Without
 downloads there are two kinds: the embedded trained model (fastdiff/assets/tiny-shapes) and
 random-weight models built here with diffusers/transformers (benchmarks may import them, the
 runtime may not) and saved with `save_pretrained`, so fastdiff reads exactly the files a real
@@ -9,16 +9,17 @@ download holds. Random weights time the architecture, not the picture quality.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT / "fastdiff" / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_SHAPES = ASSETS / "tiny-shapes"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"
 
@@ -174,3 +175,25 @@ def environment(device: torch.device) -> dict:
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def load_script(path: Path) -> ModuleType:
+    """Import a script of benchmarks/ or training/ by its path, as `<folder>_<stem>`.
+
+    Putting the script's folder on sys.path instead would make every file there importable
+    under its bare name for the rest of the process, shadowing any installed package of that
+    name (Hugging Face's `kernels` was shadowed so). The module is registered in sys.modules,
+    which dataclasses and pickle look up."""
+    path = Path(path).resolve()
+    name = f"{path.parent.name}_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
