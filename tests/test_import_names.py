@@ -54,7 +54,11 @@ def origin(folder: Path, name: str) -> str:
 
 
 def in_checkout(path: str) -> bool:
-    return not path.startswith("ModuleNotFoundError") and Path(path).resolve().is_relative_to(ROOT)
+    """A project file, not an installed one (the venv may live inside the checkout, as CI's .venv)."""
+    if path.startswith("ModuleNotFoundError"):
+        return False
+    path = Path(path).resolve()
+    return path.is_relative_to(ROOT) and not path.is_relative_to(Path(sys.prefix).resolve())
 
 
 @pytest.mark.parametrize("sub", FOLDERS, ids=lambda s: s or "root")
