@@ -43,6 +43,7 @@ from torch import nn
 from fastdiff import iospec, ops
 from fastdiff.export import cache
 from fastdiff.export.cache import ExportOptions, Shapes
+from fastdiff.weights import read_config
 
 log = logging.getLogger("fastdiff.export")
 
@@ -109,7 +110,7 @@ def wrap(name: str, module: nn.Module, configs: dict, precision: str) -> nn.Modu
 
 
 def read_configs(model_root: Path) -> dict[str, dict]:
-    return {k: json.loads((Path(model_root) / k / "config.json").read_text()) for k in ("text_encoder", "unet", "vae")}
+    return {k: read_config(Path(model_root) / k / "config.json") for k in ("text_encoder", "unet", "vae")}
 
 
 def load_networks(model_root: Path) -> dict[str, nn.Module]:
@@ -412,7 +413,7 @@ def _write_side_files(folder: Path, model_root: Path | None, configs: dict) -> N
     if model_root is not None:
         shutil.copytree(model_root / "tokenizer", folder / "tokenizer")
         shutil.copytree(model_root / "scheduler", folder / "scheduler")
-        source_index = json.loads((model_root / "model_index.json").read_text())
+        source_index = read_config(model_root / "model_index.json")
     else:
         from fastdiff.weights import ASSETS
 

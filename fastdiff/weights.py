@@ -9,6 +9,7 @@ checkpoints (.bin, .ckpt, .pt) can execute code when loaded, so they are refused
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -71,6 +72,24 @@ class CheckpointMismatchError(RuntimeError):
     """The weights file's keys or shapes do not match the module built from the config."""
 
 
+class ModelFileError(ValueError):
+    """A model file is there but damaged: not valid JSON, not a JSON object, not safetensors."""
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A JSON object from `path`; a damaged file raises ModelFileError naming it."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path}: not valid JSON ({e}); restore the file from the model's source") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(f"{path}: holds a JSON {type(value).__name__}, expected an object; restore the file")
+    return value
+
+
 # ----------------------------------------------------------------------------------------------
 # model resolution
 
@@ -126,21 +145,13 @@ def _find_in_hub_cache(repos: tuple[str, ...], looked: list[str]) -> Path | None
 
 
 def default_model() -> Path:
-    """What model=None means: $FASTDIFF_MODEL if set, else the source of the newest export in the
-    cache (what the user ran `python -m fastdiff.export` on), else the embedded model; logs which."""
+    """What model=None means: $FASTDIFF_MODEL if set, else the embedded model; logs which. Never
+    what the export cache holds: a product's default must not change when something is exported,
+    nor break when a cache entry is damaged. A product that wants an exported model names it."""
     env = os.environ.get("FASTDIFF_MODEL")
     if env:
         log.info("fastdiff: model=None -> $FASTDIFF_MODEL=%s", env)
         return resolve_model(env)
-    try:
-        from fastdiff.export.cache import newest_export_source
-
-        exported = newest_export_source()
-    except ImportError:
-        exported = None
-    if exported is not None:
-        log.info("fastdiff: model=None -> %s (the newest export in the cache)", exported)
-        return exported
     log.info("fastdiff: model=None -> %s (the embedded model)", DEFAULT_MODEL)
     return resolve_model(DEFAULT_MODEL)
 
@@ -258,7 +269,12 @@ def load_module(
     weights_path = Path(weights_path)
     with torch.device("meta"):
         module = cls(config)
-    state = safetensors.torch.load_file(weights_path, device=str(torch.device(device)))
+    try:
+        state = safetensors.torch.load_file(weights_path, device=str(torch.device(device)))
+    except (safetensors.SafetensorError, OSError) as e:
+        raise ModelFileError(
+            f"{weights_path}: not a readable safetensors file ({e}); the download may be truncated: fetch it again"
+        ) from None
     for k, v in state.items():  # one tensor at a time, so at most one extra copy is alive
         if v.is_floating_point():
             state[k] = v.to(dtype)

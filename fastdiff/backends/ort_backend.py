@@ -8,7 +8,6 @@ the pipeline's device, in the export's precision.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 
 from fastdiff import iospec
 from fastdiff.export.cache import read_manifest
+from fastdiff.weights import read_config
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32}
 
@@ -45,9 +45,9 @@ class OnnxRuntimeBackend:
         self.latent_multiple = manifest.get("latent_multiple")
         self.static = (manifest.get("options") or {}).get("static")
         self.configs = {
-            "text_encoder": json.loads((self.export_dir / "text_encoder" / "config.json").read_text()),
-            "unet": json.loads((self.export_dir / "unet" / "config.json").read_text()),
-            "vae": json.loads((self.export_dir / "vae_decoder" / "config.json").read_text()),
+            "text_encoder": read_config(self.export_dir / "text_encoder" / "config.json"),
+            "unet": read_config(self.export_dir / "unet" / "config.json"),
+            "vae": read_config(self.export_dir / "vae_decoder" / "config.json"),
         }
         if self.device.type == "cuda":
             if not cuda_provider_available():

@@ -10,13 +10,13 @@ buffers are shared.
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
 import torch
 
 from fastdiff import iospec
+from fastdiff.weights import read_config
 
 _TORCH = {}  # tensorrt.DataType -> torch dtype, filled on first use
 
@@ -105,9 +105,9 @@ class TensorRTBackend:
         trt = require_tensorrt()
         self.device, self.dtype = torch.device(device), torch.float16
         self.configs = {
-            "text_encoder": json.loads((export_dir / "text_encoder" / "config.json").read_text()),
-            "unet": json.loads((export_dir / "unet" / "config.json").read_text()),
-            "vae": json.loads((export_dir / "vae_decoder" / "config.json").read_text()),
+            "text_encoder": read_config(export_dir / "text_encoder" / "config.json"),
+            "unet": read_config(export_dir / "unet" / "config.json"),
+            "vae": read_config(export_dir / "vae_decoder" / "config.json"),
         }
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._trt_logger)
@@ -169,7 +169,7 @@ def _default_profile(root: Path):
     """Dynamic profile: 1-4 images, 256-1024 px, optimised for the model's default size."""
     from fastdiff.export.tensorrt import Profile
 
-    unet = json.loads((Path(root) / "unet" / "config.json").read_text())
-    vae = json.loads((Path(root) / "vae" / "config.json").read_text())
+    unet = read_config(Path(root) / "unet" / "config.json")
+    vae = read_config(Path(root) / "vae" / "config.json")
     side = int(unet.get("sample_size", 64)) * iospec.vae_scale_factor(vae)
     return Profile.for_request(1, side, side)

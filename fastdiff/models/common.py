@@ -9,7 +9,6 @@ has that pair.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdiff import ops
+from fastdiff.weights import read_config
 
 # ----------------------------------------------------------------------------------------------
 # configs
@@ -45,7 +45,7 @@ class ConfigBase:
 
     @classmethod
     def from_json(cls, path: str | Path):
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_config(path))
 
 
 def _accepted(value, accepted: tuple) -> bool:
