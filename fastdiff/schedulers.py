@@ -35,13 +35,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastdiff.weights import read_config
 
 SCHEDULERS = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m")
 
@@ -109,7 +110,7 @@ class SchedulerConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "SchedulerConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_config(path))
 
     def for_scheduler(self, name: str) -> "SchedulerConfig":
         """Every field filled in as the diffusers class for `name` sees it (a field that class
@@ -285,6 +286,26 @@ def _spaced_timesteps(cfg: SchedulerConfig, n: int, *, round_linspace: bool) -> 
     return np.ascontiguousarray(ts, dtype=np.float64)
 
 
+def check_spacing(name: str, cfg: SchedulerConfig, num_steps: int, timesteps_for) -> None:
+    """Refuse a step count whose timesteps (`timesteps_for(n)`, descending) repeat one or leave
+    [0, T - 1]: a repeated timestep is a zero step size (DPM-Solver then divides by it and returns
+    NaN), and one past T - 1 indexes outside the training schedule (an IndexError, or a clamped,
+    wrong sigma). The error names the largest step count this spacing supports."""
+    T = cfg.num_train_timesteps
+
+    def ok(n: int) -> bool:
+        ts = timesteps_for(n)
+        return len(ts) == n and ts.min() >= 0 and ts.max() <= T - 1 and bool(np.all(np.diff(ts) < 0))
+
+    if ok(num_steps):
+        return
+    top = next((n for n in range(min(num_steps, T), 0, -1) if ok(n)), 0)
+    raise ValueError(
+        f"steps={num_steps}: {name} with timestep_spacing={cfg.timestep_spacing!r} over the model's {T} "
+        f"training timesteps supports 1 to {top} steps (more would repeat timesteps or leave the trained range)"
+    )
+
+
 def _karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022 eq. 5: sigma_i = (s_max^(1/rho) + i/(N-1) (s_min^(1/rho) - s_max^(1/rho)))^rho."""
     ramp = np.linspace(0, 1, n)
@@ -416,8 +437,7 @@ class DDIM(Scheduler):
             raise ValueError("ddim: thresholding=True is not supported (it is meant for pixel-space models)")
         _require(cfg, "ddim", "prediction_type", ("epsilon", "v_prediction", "sample"))
         T = cfg.num_train_timesteps
-        if num_steps > T:
-            raise ValueError(f"ddim: num_steps={num_steps} cannot exceed num_train_timesteps={T}")
+        check_spacing("ddim", cfg, num_steps, lambda n: _spaced_timesteps(cfg, n, round_linspace=True))
         ac = _alphas_cumprod(cfg).double().numpy()
         final = 1.0 if cfg.set_alpha_to_one else ac[0]  # alpha_bar "before" t = 0
 
@@ -479,6 +499,7 @@ class PNDM(Scheduler):
             raise ValueError("pndm: only skip_prk_steps=True (the Stable Diffusion setting) is supported")
         _require(cfg, "pndm", "prediction_type", ("epsilon", "v_prediction"))
         T = cfg.num_train_timesteps
+        check_spacing("pndm", cfg, num_steps, lambda n: _spaced_timesteps(cfg, n, round_linspace=True))
         r = T // num_steps  # diffusers' step size for prev_timestep, whatever the spacing
         ac = _alphas_cumprod(cfg).double().numpy()
         final = 1.0 if cfg.set_alpha_to_one else ac[0]
@@ -538,9 +559,10 @@ class PNDM(Scheduler):
 # Euler and Euler ancestral (Karras et al. 2022, variance-exploding parametrisation)
 
 
-def _euler_sigmas(cfg: SchedulerConfig, num_steps: int, ac: torch.Tensor, *, karras: bool):
+def _euler_sigmas(name: str, cfg: SchedulerConfig, num_steps: int, ac: torch.Tensor, *, karras: bool):
     """(timesteps float32 [N], sigmas float64 [N + 1]) as EulerDiscreteScheduler.set_timesteps."""
     sig_train = (((1 - ac) / ac) ** 0.5).numpy()  # float32 [T], sigma = sqrt((1 - a) / a)
+    check_spacing(name, cfg, num_steps, lambda n: _spaced_timesteps(cfg, n, round_linspace=False))
     ts = _spaced_timesteps(cfg, num_steps, round_linspace=False)
     sigmas = np.interp(ts.astype(np.float32), np.arange(len(sig_train)), sig_train)  # float64 [N]
     if karras:
@@ -596,7 +618,7 @@ class Euler(Scheduler):
         karras = karras or bool(cfg.use_karras_sigmas)
 
         # 1. Timesteps and sigmas (Karras eq. 5 spacing when karras).
-        ts, s = _euler_sigmas(cfg, num_steps, ac, karras=karras)
+        ts, s = _euler_sigmas(self.name, cfg, num_steps, ac, karras=karras)
         s_i, s_next = s[:-1], s[1:]
 
         # 2. x0 from the model output, d = (x - x0) / sigma_i, x_next = x + (sigma_{i+1} - sigma_i) d.
@@ -633,7 +655,7 @@ class EulerAncestral(Scheduler):
         ac = _alphas_cumprod(cfg)
         if cfg.rescale_betas_zero_snr:
             ac[-1] = 2**-24
-        ts, s = _euler_sigmas(cfg, num_steps, ac, karras=False)
+        ts, s = _euler_sigmas(self.name, cfg, num_steps, ac, karras=False)
         s_i, s_next = s[:-1], s[1:]
 
         # 1. Split the step: sigma_up (fresh noise) and sigma_down (deterministic part).
@@ -705,15 +727,19 @@ class DPMSolverPP2M(Scheduler):
         lambdas = (torch.log(ac.sqrt()) - torch.log((1 - ac).sqrt())).flip(0).numpy()  # ascending in index
         last_t = T - int(np.searchsorted(lambdas, cfg.lambda_min_clipped, side="left"))
         n = num_steps
-        if cfg.timestep_spacing == "linspace":
-            ts = np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1]
-        elif cfg.timestep_spacing == "leading":
-            ts = (np.arange(0, n + 1) * (last_t // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
-        elif cfg.timestep_spacing == "trailing":
-            ts = np.arange(last_t, 0, -T / n).round() - 1
-        else:
+
+        def spaced(n: int) -> np.ndarray:
+            if cfg.timestep_spacing == "linspace":
+                return np.linspace(0, last_t - 1, n + 1).round()[::-1][:-1]
+            if cfg.timestep_spacing == "leading":
+                return (np.arange(0, n + 1) * (last_t // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
+            if cfg.timestep_spacing == "trailing":
+                return np.arange(last_t, 0, -T / n).round() - 1
             raise ValueError(f"dpmpp_2m: timestep_spacing={cfg.timestep_spacing!r} is not supported")
-        ts = ts.astype(np.int64)
+
+        if not karras:  # Karras sigmas are distinct whatever their rounded timesteps
+            check_spacing("dpmpp_2m", cfg, n, spaced)
+        ts = spaced(n).astype(np.int64)
 
         # 2. Sigmas (VE) at those timesteps, or Karras et al. eq. 5 over the whole training range.
         sig_train = (((1 - ac) / ac) ** 0.5).numpy()  # float32 [T]
