@@ -215,27 +215,6 @@ def read_manifest(folder: Path) -> dict | None:
     return m if isinstance(m, dict) else None
 
 
-def newest_export_source() -> Path | None:
-    """The source model folder of the most recently written real-weights export in the cache.
-
-    Cheap (manifests only, no hashing): `model=None` uses it to prefer what the user exported;
-    the backend then validates the export fully before running it.
-    """
-    parent = exports_dir()
-    if not parent.is_dir():
-        return None
-    best = None
-    for folder in parent.iterdir():
-        m = read_manifest(folder)
-        root = (m or {}).get("model", {}).get("root")
-        if not root or m.get("random_weights") or not (Path(root) / "model_index.json").is_file():
-            continue
-        written = (folder / MANIFEST).stat().st_mtime
-        if best is None or written > best[0]:
-            best = (written, Path(root))
-    return None if best is None else best[1]
-
-
 def write_manifest(folder: Path, manifest: dict) -> None:
     """Written last, through a temp file and a rename: its presence marks a complete folder."""
     folder = Path(folder)

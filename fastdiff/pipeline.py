@@ -8,11 +8,14 @@ initial noise is drawn exactly as diffusers' StableDiffusionPipeline draws it fr
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import numbers
+import os
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +24,7 @@ import torch
 from fastdiff import ops, schedulers
 from fastdiff.backends import BACKENDS, make_backend
 from fastdiff.tokenizer import CLIPTokenizer
-from fastdiff.weights import resolve_model
+from fastdiff.weights import read_config, resolve_model
 
 log = logging.getLogger("fastdiff")
 
@@ -38,38 +41,144 @@ class Result:
     timings: dict = field(default_factory=dict)
 
 
-def check_args(prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type):
-    """Every argument error is raised here, before any model work; returns (prompts, negatives)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+class NonFiniteError(RuntimeError):
+    """A stage produced NaN or inf: raised instead of returning a black image."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Caps on the work of one call, each refused with a ValueError naming it. The defaults keep a
+    mistyped argument from allocating tens of GB; raise them with the environment variable named in
+    `ENV` or with `Pipeline.from_pretrained(limits=Limits(...))`."""
+
+    max_pixels: int = 1024 * 1024  # height * width of one image
+    max_images: int = 16  # images per call: prompts x num_images
+    max_steps: int = 1000  # denoising steps (each scheduler may support fewer: see check_spacing)
+
+    ENV = {"max_pixels": "FASTDIFF_MAX_PIXELS", "max_images": "FASTDIFF_MAX_IMAGES", "max_steps": "FASTDIFF_MAX_STEPS"}
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        values = {}
+        for f in fields(cls):
+            var = cls.ENV[f.name]
+            if os.environ.get(var):
+                try:
+                    values[f.name] = int(os.environ[var])
+                except ValueError:
+                    raise ValueError(f"{var}={os.environ[var]!r}: must be an integer") from None
+                if values[f.name] < 1:
+                    raise ValueError(f"{var}={values[f.name]}: must be >= 1")
+        return cls(**values)
+
+    def hint(self, name: str) -> str:
+        return f"raise it with {self.ENV[name]} or Pipeline.from_pretrained(limits=Limits({name}=...))"
+
+
+def _integer(name: str, value, lo: int, hi: int | None = None, what: str = "") -> int:
+    """`value` as an int if it is an integer (numpy's too; bool is not) in [lo, hi], else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r}: must be an integer{what}")
+    value = int(value)
+    if value < lo or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise ValueError(f"{name}={value}: must be {bounds}{what}")
+    return value
+
+
+def _texts(name: str, value) -> list[str]:
+    """A prompt argument as a list of str: one string, or a non-empty list or tuple of strings."""
+    if isinstance(value, str):
+        items = [value]
+    elif isinstance(value, (list, tuple)) and value:
+        items = list(value)
+    else:
+        raise ValueError(f"{name}={value!r}: give a string or a non-empty list of strings")
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise ValueError(f"{name}: item {i} is a {type(text).__name__} ({text!r}); every prompt must be a str")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"{name}: item {i} is not valid Unicode text (an unpaired surrogate at index {e.start})") from None
+    return items
+
+
+def check_args(
+    prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type,
+    seed=None, limits: Limits | None = None,
+):
+    """Every argument's type and range, checked before any model work; returns (prompts,
+    negatives). The model's own rules (sizes, a scheduler's step range) are `Pipeline.plan`'s."""
+    limits = limits or Limits.from_env()
+    prompts = _texts("prompt", prompt)
     negative = None
     if negative_prompt is not None:
-        negative = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    if not prompts:
-        raise ValueError("prompt: give a string or a non-empty list of strings")
-    if not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompt: every prompt must be a str")
-    if negative is not None:
-        if not all(isinstance(p, str) for p in negative):
-            raise ValueError("negative_prompt: every negative prompt must be a str")
+        negative = _texts("negative_prompt", negative_prompt)
+        if isinstance(negative_prompt, str):
+            negative = negative * len(prompts)
         if len(negative) != len(prompts):
             raise ValueError(
                 f"negative_prompt: got {len(negative)} negative prompts for {len(prompts)} prompts; "
                 "give one string, or a list of the same length as prompt"
             )
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps={steps!r}: must be an integer >= 1")
-    if not guidance_scale >= 0:
+    if _integer("steps", steps, 1) > limits.max_steps:
+        raise ValueError(f"steps={steps}: over the limit of {limits.max_steps} ({limits.hint('max_steps')})")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) or not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale={guidance_scale!r}: must be a finite number")
+    if guidance_scale < 0:
         raise ValueError(f"guidance_scale={guidance_scale!r}: must be >= 0 (<= 1 turns guidance off)")
     for name, v in (("height", height), ("width", width)):
-        if v is not None and (not isinstance(v, int) or v < 8 or v % 8):
-            raise ValueError(f"{name}={v!r}: must be a positive multiple of 8 (e.g. 512)")
+        if v is not None and _integer(name, v, 8, what=" (a multiple of 8, e.g. 512)") % 8:
+            raise ValueError(f"{name}={v!r}: must be a multiple of 8 (e.g. 512)")
+    if height is not None and width is not None:
+        check_pixels(int(height), int(width), limits)
     if scheduler not in SCHEDULER_NAMES:
         raise ValueError(f"scheduler={scheduler!r}: allowed values are {', '.join(SCHEDULER_NAMES)}")
-    if not isinstance(num_images, int) or num_images < 1:
-        raise ValueError(f"num_images={num_images!r}: must be an integer >= 1")
+    num_images = _integer("num_images", num_images, 1)
+    if len(prompts) * num_images > limits.max_images:
+        raise ValueError(
+            f"num_images={num_images} for {len(prompts)} prompt(s) makes {len(prompts) * num_images} images, over "
+            f"the limit of {limits.max_images} per call ({limits.hint('max_images')})"
+        )
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r}: allowed values are {', '.join(OUTPUT_TYPES)}")
+    if seed is not None and not 0 <= _integer("seed", seed, 0, what=" (or None for a random seed)") < 2**64:
+        raise ValueError(f"seed={seed}: must be below 2**64 (torch.Generator's range)")
     return prompts, negative
+
+
+def check_pixels(height: int, width: int, limits: Limits) -> None:
+    if height * width > limits.max_pixels:
+        raise ValueError(
+            f"height={height}, width={width}: {height * width} pixels per image, over the limit of "
+            f"{limits.max_pixels} ({limits.hint('max_pixels')})"
+        )
+
+
+def read_model_facts(root: Path) -> dict:
+    """What the pipeline reads from a model folder's small files; a damaged one raises
+    ModelFileError naming it."""
+    index = read_config(root / "model_index.json")
+    unet = read_config(root / "unet" / "config.json")
+    vae = read_config(root / "vae" / "config.json")
+    f = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+    return dict(
+        scheduler_config=schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
+        vae_scale_factor=f,
+        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+        latent_channels=int(unet.get("in_channels", 4)),
+        default_size=int(unet.get("sample_size", 64)) * f,
+        model_name=index.get("_name_or_path") or root.name,
+    )
+
+
+def check_steps(root: Path, steps: int, scheduler: str) -> None:
+    """The scheduler's step range for the model at `root`, read from its small scheduler file:
+    refused before a first load (`Pipeline.plan` checks it again per call)."""
+    name = scheduler[: -len("_karras")] if scheduler.endswith("_karras") else scheduler
+    config = schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
+    schedulers.make_scheduler(name, config, int(steps), karras=scheduler.endswith("_karras"))
 
 
 def _default_device() -> torch.device:
@@ -92,22 +201,46 @@ class Pipeline:
         device: torch.device,
         dtype: torch.dtype,
         cuda_graph: bool = True,
+        limits: Limits | None = None,
     ):
         self.root, self.backend, self.tokenizer = root, backend, tokenizer
         self.device, self.dtype = device, dtype
         self.cuda_graph = cuda_graph
+        self.limits = limits or Limits.from_env()
         self._graphs: dict = {}  # GraphKey -> GraphedStep
         self._calls: dict = {}  # (network, input shape, dtype, kernel mode) -> GraphedCall
         self._graphs_lock = threading.Lock()
-        index = json.loads((root / "model_index.json").read_text())
-        self.scheduler_config = schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
-        unet_cfg = json.loads((root / "unet" / "config.json").read_text())
-        vae_cfg = json.loads((root / "vae" / "config.json").read_text())
-        self.vae_scale_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-        self.scaling_factor = float(vae_cfg.get("scaling_factor", 0.18215))
-        self.latent_channels = int(unet_cfg.get("in_channels", 4))
-        self.default_size = int(unet_cfg.get("sample_size", 64)) * self.vae_scale_factor
-        self.model_name = index.get("_name_or_path") or root.name
+        facts = read_model_facts(root)
+        self.scheduler_config = facts["scheduler_config"]
+        self.vae_scale_factor, self.scaling_factor = facts["vae_scale_factor"], facts["scaling_factor"]
+        self.latent_channels, self.default_size = facts["latent_channels"], facts["default_size"]
+        self.model_name = facts["model_name"]
+
+    def plan(self, steps: int, height: int | None, width: int | None, scheduler: str):
+        """The model's own rules for one call, checked before any model work: the size rule of
+        this model on this backend, the pixel limit, and the scheduler's step range. Returns
+        (height, width, scheduler object)."""
+        height = height or self.default_size
+        width = width or self.default_size
+        multiple = self.vae_scale_factor * (getattr(self.backend, "latent_multiple", None) or 1)
+        for name, v in (("height", height), ("width", width)):
+            if v % multiple:
+                also = "" if multiple == self.vae_scale_factor else f"; backend='torch' takes multiples of {self.vae_scale_factor} px"
+                raise ValueError(
+                    f"{name}={v}: the {self.backend.name} backend of this model takes multiples of {multiple} px{also}"
+                )
+        static = getattr(self.backend, "static", None)  # an export traced at one size takes only that size
+        if static and (height, width) != (static["height"], static["width"]):
+            raise ValueError(
+                f"height={height}, width={width}: this {self.backend.name} export is static, "
+                f"{static['height']}x{static['width']} px only; export it without --static for other sizes"
+            )
+        check_pixels(height, width, self.limits)
+        name, karras = (scheduler[: -len("_karras")], True) if scheduler.endswith("_karras") else (scheduler, False)
+        sched = schedulers.make_scheduler(
+            name, self.scheduler_config, steps, device=self.device, dtype=torch.float32, karras=karras
+        )
+        return height, width, sched
 
     @classmethod
     def from_pretrained(
@@ -120,6 +253,7 @@ class Pipeline:
         kernels: str | None = None,
         cuda_graph: bool = True,
         channels_last: bool | None = None,
+        limits: Limits | None = None,
     ) -> "Pipeline":
         """Load `model` (a name or a diffusers-format folder) onto `backend`.
 
@@ -128,17 +262,19 @@ class Pipeline:
         channels_last: the torch backend's UNet and VAE in NHWC memory order (same function).
             None: on for CUDA (measured on an H200, SD1.5 512 px fp16 with graph + Triton: UNet step
             7.1 ms vs 11.4 ms NCHW), off on CPU (not measured faster there).
+        limits: caps on one call's work (default: `Limits.from_env()`).
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
         root = resolve_model(model)
+        read_model_facts(root)  # the small files first: a damaged one is named before weights load
+        tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         net = make_backend(backend, root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
-        tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         log.info("fastdiff: loaded %s on %s (%s, backend %s)", root, device, dtype, net.name)
-        return cls(root, net, tokenizer, device=device, dtype=dtype, cuda_graph=cuda_graph)
+        return cls(root, net, tokenizer, device=device, dtype=dtype, cuda_graph=cuda_graph, limits=limits)
 
     # ------------------------------------------------------------------------------------------
     def _graphs_enabled(self) -> bool:
@@ -195,6 +331,18 @@ class Pipeline:
             self._warned_fp32_decode = True
         return self.backend.decode_fp32(latents).float()
 
+    def _nonfinite_message(self, stage: str, where: str, network: str, cause: str = "") -> str:
+        """What went NaN/inf, where, and the likely cause: for the torch backend the first weight
+        tensor of `network` that holds NaN/inf is named (scanned only on this error path)."""
+        bad = getattr(self.backend, "nonfinite_weight", lambda network: None)(network)
+        if bad is not None:
+            cause = f"the {network} weight {bad} holds NaN/inf: the checkpoint is damaged; "
+        return (
+            f"the {stage} produced NaN/inf at {where} ({self.model_name}, backend {self.backend.name}); "
+            f"{cause or 'likely causes: NaN/inf in the weights, or inputs far outside their usual range; '}"
+            "no image was returned"
+        )
+
     def generate(self, prompt, **kwargs):
         """One PIL.Image for one prompt and one image, else a list; output_type="np" gives
         float32 [N, H, W, 3] in [0, 1]. Arguments as in `run`."""
@@ -219,10 +367,11 @@ class Pipeline:
         """Like `generate`, returning a `Result` with per-stage seconds (synchronised when timed)."""
         single = isinstance(prompt, str)
         prompts, negative = check_args(
-            prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type
+            prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type,
+            seed, self.limits,
         )
-        height = height or self.default_size
-        width = width or self.default_size
+        height, width, sched = self.plan(int(steps), height and int(height), width and int(width), scheduler)
+        guidance_scale = float(guidance_scale)
 
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timed, timings)
@@ -235,15 +384,14 @@ class Pipeline:
             if cfg:
                 ids = torch.cat([self.tokenizer(negative or [""] * len(prompts)), ids])  # [2B, 77]
             context = self._call("text_encoder", self.backend.encode_text, ids)  # [(2)B, 77, D]
+            if not torch.isfinite(context).all():
+                raise NonFiniteError(self._nonfinite_message("text encoder", "its output", "text_encoder"))
             context = context.repeat_interleave(num_images, dim=0)  # [(2)N, 77, D]
 
         # 2. Initial noise, drawn like diffusers: CPU generator, network dtype, then scaled.
         generator = torch.Generator("cpu")
-        generator.manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
-        name, karras = (scheduler[: -len("_karras")], True) if scheduler.endswith("_karras") else (scheduler, False)
-        sched = schedulers.make_scheduler(
-            name, self.scheduler_config, steps, device=self.device, dtype=torch.float32, karras=karras
-        )
+        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
+        karras = scheduler.endswith("_karras")
         shape = (n, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
         latents = latents * sched.init_noise_sigma
@@ -255,11 +403,13 @@ class Pipeline:
         # 3. Denoise: one captured CUDA graph per step where possible, else the same loop eagerly.
         with clock("denoise"):
             graphed = self._graphed_step(sched, scheduler, karras, steps, cfg, latents, context)
+            first_bad = None  # the first step whose latents are not finite, tracked on the device (no sync)
             if graphed is not None:
                 with graphed.lock:
                     latents = graphed.run(latents, context, guidance_scale, noise)
             else:
                 state = sched.init_state(latents)
+                first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
                 for i in range(n_evals):
                     x = torch.cat([latents, latents]) if cfg else latents  # [(2)N, 4, h, w]
                     x = sched.scale_model_input(x, i)
@@ -268,6 +418,13 @@ class Pipeline:
                         eps_uncond, eps_text = eps.chunk(2)
                         eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
                     latents = sched.step(eps, i, latents, state, noise=None if noise is None else noise[i])
+                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(latents).all(), i, first_bad)
+            if not torch.isfinite(latents).all():
+                at = "a step of the captured graph" if first_bad is None else f"step {int(first_bad) + 1} of {n_evals}"
+                cause = ""
+                if cfg and abs(guidance_scale) > 100:
+                    cause = f"guidance_scale={guidance_scale:g} (usual: 1-20) overflows the guided noise prediction; "
+                raise NonFiniteError(self._nonfinite_message("denoising loop", at, "unet", cause))
         timings["unet_step"] = timings["denoise"] / n_evals if timed else 0.0
 
         # 4. Decode to [0, 1] NHWC float32.
@@ -276,6 +433,8 @@ class Pipeline:
             image = self._call("vae_decode", self.backend.decode, latents).float()
             if self.dtype == torch.float16 and not torch.isfinite(image).all():
                 image = self._decode_fp32(latents)
+            if not torch.isfinite(image).all():
+                raise NonFiniteError(self._nonfinite_message("VAE decode", "its output", "vae"))
             image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, 3]
         if timed:
             timings["end_to_end"] = sum(timings[k] for k in ("text_encoder", "denoise", "vae_decode"))
@@ -320,8 +479,30 @@ class _Clock:
 
 
 # ----------------------------------------------------------------------------------------------
-_cache: dict = {}
-_cache_lock = threading.Lock()
+# Loaded pipelines of generate(), one Future per (model folder, backend): a load or export runs
+# outside the lock, so calls to pipelines already loaded never wait on it, and two threads asking
+# for the same new pipeline share one load.
+_cache: dict[tuple[str, str], Future] = {}
+_cache_lock = threading.Lock()  # guards _cache itself, never held during a load
+
+
+def cached_pipeline(root: Path, backend: str) -> Pipeline:
+    """The shared Pipeline for (root, backend), loaded on first use. A failed load is not kept:
+    every caller waiting on it gets its error, and the next call tries again."""
+    key = (str(Path(root).resolve()), backend)
+    with _cache_lock:
+        future = _cache.get(key)
+        owner = future is None
+        if owner:
+            future = _cache[key] = Future()
+    if owner:
+        try:
+            future.set_result(Pipeline.from_pretrained(root, backend=backend))
+        except BaseException as e:
+            with _cache_lock:
+                _cache.pop(key, None)
+            future.set_exception(e)
+    return future.result()
 
 
 def generate(
@@ -340,16 +521,14 @@ def generate(
     output_type: str = "pil",
 ):
     """Text to image in one call; keeps one loaded Pipeline per (model, backend) for reuse."""
-    check_args(prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type)
+    check_args(
+        prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type, seed
+    )
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
     root = resolve_model(model)
-    key = (str(root), backend)
-    with _cache_lock:
-        pipe = _cache.get(key)
-        if pipe is None:
-            pipe = _cache[key] = Pipeline.from_pretrained(root, backend=backend)
-    return pipe.generate(
+    check_steps(root, steps, scheduler)
+    return cached_pipeline(root, backend).generate(
         prompt,
         negative_prompt=negative_prompt,
         steps=steps,

@@ -61,11 +61,23 @@ def test_unet_size_the_graph_cannot_take_is_a_clear_error(pipes):
         ours.backend.unet(torch.randn(1, 4, 9, 12), torch.tensor(10.0), ctx)
 
 
-def test_auto_on_cpu_uses_a_cached_export(exported, cache_root, tmp_path, monkeypatch):
+def test_export_size_rule_is_named_before_model_work(pipes, monkeypatch):
+    """A size the export's UNet cannot take is refused before the text encoder runs, with the
+    export's rule and the torch backend's. (This tiny UNet downsamples once, so a multiple of 8 px
+    always fits; a deeper UNet's rule is set on the instance to reach the check.)"""
+    _, ours = pipes
+    monkeypatch.setattr(ours.backend, "latent_multiple", 8)  # a 4-level UNet, as SD1.5's
+    monkeypatch.setattr(ours.backend, "encode_text", lambda ids: pytest.fail("model work before the size check"))
+    with pytest.raises(ValueError, match=r"height=40: the onnxruntime backend of this model takes multiples of 16 px; backend='torch' takes multiples of 2 px"):
+        ours.generate("x", height=40, width=48, steps=1)
+
+
+def test_auto_is_torch_whatever_the_cache_holds(exported, cache_root, tmp_path, monkeypatch):
+    """auto never picks the export: its UNet narrows the sizes the model accepts (see pick_auto)."""
     folder = exported[0]
-    assert make_backend("auto", folder, device=torch.device("cpu"), dtype=torch.float32).name == "onnxruntime"
-    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "empty"))  # nothing cached: torch, and no export started
     monkeypatch.setattr(ox, "export", lambda *a, **k: pytest.fail("auto must not start an export"))
+    assert make_backend("auto", folder, device=torch.device("cpu"), dtype=torch.float32).name == "torch"
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "empty"))
     assert make_backend("auto", folder, device=torch.device("cpu"), dtype=torch.float32).name == "torch"
 
 

@@ -141,7 +141,7 @@ def test_default_is_the_bundled_model(tmp_path, monkeypatch, hub):
 
 
 def test_default_model_order(tmp_path, monkeypatch, hub, caplog):
-    """model=None: $FASTDIFF_MODEL, else the newest real export's source, else the embedded model."""
+    """model=None: $FASTDIFF_MODEL, else the embedded model, whatever the export cache holds."""
     import json
     import logging
     import os
@@ -160,10 +160,12 @@ def test_default_model_order(tmp_path, monkeypatch, hub, caplog):
         manifest = {"model": {"root": str(src)}, "random_weights": random}
         (folder / "manifest.json").write_text(json.dumps(manifest))
         os.utime(folder / "manifest.json", (1000 + i, 1000 + i))
+    (tmp_path / "cache" / "exports" / "export-3").mkdir()
+    (tmp_path / "cache" / "exports" / "export-3" / "manifest.json").write_text('{"model": "x"}')  # damaged
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="fastdiff"):
-        assert resolve_model(None) == sources[1]  # newest real one; the random-weights export never counts
-    assert "newest export" in caplog.text
+        assert resolve_model(None) == bundled  # exports never change (or break) the default
+    assert "embedded" in caplog.text
 
     monkeypatch.setenv("FASTDIFF_MODEL", str(sources[0]))
     assert resolve_model(None) == sources[0]

@@ -32,9 +32,7 @@ def make_backend(
 
     "onnxruntime" uses a matching export from the cache, exporting first when there is none.
     "tensorrt" likewise builds fp16 engines for the model's default size (minutes, once per GPU).
-    "auto" takes the fastest backend that is ready without a build step:
-      CUDA: tensorrt (engines cached) > onnxruntime-cuda (export cached) > torch;
-      CPU:  onnxruntime when a matching export is already cached, else torch.
+    "auto" is the torch backend (`pick_auto` says why): name onnxruntime or tensorrt to use an export.
     """
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: allowed values are {', '.join(BACKENDS)}")
@@ -44,7 +42,7 @@ def make_backend(
     if channels_last and name not in ("auto", "torch"):
         raise ValueError(f"channels_last=True is a torch-backend setting; backend={name!r} picks its own layouts")
     if name == "auto":
-        name = _pick_auto(root, device, dtype)
+        name = pick_auto()
         log.info("fastdiff: backend auto -> %s", name)
         if channels_last and name != "torch":
             log.info("fastdiff: channels_last applies to the torch backend only; %s picks its own layouts", name)
@@ -56,7 +54,7 @@ def make_backend(
     if name == "onnxruntime":
         from fastdiff.backends.ort_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(_onnx_export(root, dtype, attention="mha", create=True), device=device, dtype=dtype)
+        return OnnxRuntimeBackend(_onnx_export(root, dtype, attention="mha"), device=device, dtype=dtype)
     from fastdiff.backends.trt_backend import TensorRTBackend
 
     return TensorRTBackend.from_model(root, device=device, dtype=dtype, create=True)
@@ -69,18 +67,13 @@ def _precision(dtype: torch.dtype) -> str:
     return precisions[dtype]
 
 
-def _onnx_export(root: Path, dtype: torch.dtype, *, attention: str, create: bool) -> Path | None:
-    """The cached dynamic export of `root` for `dtype`; made (and logged) when missing and `create`."""
-    precision = _precision(dtype)
-    try:
-        from fastdiff.export.cache import find_export
+def _onnx_export(root: Path, dtype: torch.dtype, *, attention: str) -> Path:
+    """The cached dynamic export of `root` for `dtype`; made (and logged) when missing."""
+    from fastdiff.export.cache import find_export
 
-        found = find_export(root, precision, attention=attention)
-    except ImportError:  # onnx / onnxruntime not installed (the optional "onnx" extra)
-        if create:
-            raise
-        return None
-    if found is not None or not create:
+    precision = _precision(dtype)
+    found = find_export(root, precision, attention=attention)
+    if found is not None:
         return found
     from fastdiff.export.onnx_export import export
 
@@ -88,18 +81,12 @@ def _onnx_export(root: Path, dtype: torch.dtype, *, attention: str, create: bool
     return export(root, precision=precision, attention=attention)
 
 
-def _pick_auto(root: Path, device: torch.device, dtype: torch.dtype) -> str:
-    if dtype not in (torch.float32, torch.float16):
-        return "torch"
-    if device.type == "cuda":
-        from fastdiff.backends.trt_backend import TensorRTBackend
-        from fastdiff.backends.ort_backend import cuda_provider_available
+def pick_auto() -> str:
+    """The backend "auto" means: torch, on every device and whatever the cache holds.
 
-        if dtype == torch.float16 and TensorRTBackend.ready(root):
-            return "tensorrt"
-        if cuda_provider_available() and _onnx_export(root, dtype, attention="mha", create=False):
-            return "onnxruntime"
-        return "torch"
-    # CPU: onnxruntime was measured faster than torch (SD1.5 UNet, 512 px, CFG batch 2, 2 cores:
-    # 15.9 s against 22.0 s per step), but exporting takes minutes: only a cached export is used.
-    return "onnxruntime" if _onnx_export(root, dtype, attention="mha", create=False) else "torch"
+    auto used to take onnxruntime or tensorrt when an export was cached, which changed the sizes a
+    call accepts (the exported UNet takes latent sides in multiples of 2 ** (down blocks - 1), an
+    engine only its profile's sizes) and the code that ran, depending on the cache. It never picks
+    a backend that narrows what the model accepts; ask for onnxruntime or tensorrt by name (faster
+    on some machines: `python benchmarks/latency.py` measures yours)."""
+    return "torch"

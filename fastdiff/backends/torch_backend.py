@@ -71,6 +71,13 @@ class TorchBackend:
             return self._vae_fp32.decode(latents.to(torch.float32, memory_format=self.memory_format))
 
 
+    def nonfinite_weight(self, network: str) -> str | None:
+        """The first parameter of `network` ("text_encoder", "unet", "vae") holding NaN/inf, or None:
+        the pipeline's NaN guard names it (a scan of every weight, so only on that error path)."""
+        module = {"text_encoder": self.text_encoder, "unet": self.unet_model, "vae": self.vae}[network]
+        return next((name for name, p in module.named_parameters() if not torch.isfinite(p).all()), None)
+
+
 def _load(cls, config_cls, folder: Path, device, dtype):
     config = config_cls.from_json(folder / "config.json")
     return load_module(cls, config, find_weights(folder), device=device, dtype=dtype)
