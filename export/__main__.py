@@ -11,9 +11,10 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
+
+from fastdiff.__main__ import configure_logging
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,13 +34,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine", choices=("onnx", "tensorrt"), default="onnx")
     p.add_argument("--random-weights", action="store_true", help="with sd15: SD1.5 architecture, random weights (timing)")
     p.add_argument("--force", action="store_true", help="rebuild even if a valid export with the same key exists")
+    p.add_argument("-v", "--verbose", action="store_true", help="also show the exporter's own log messages and warnings")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("fastdiff").setLevel(logging.INFO)
+    configure_logging(args.verbose)
 
     if args.engine == "tensorrt":
         from fastdiff.export.tensorrt import TensorRTUnavailable, require_tensorrt

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
@@ -25,39 +26,98 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a name (sd15, tiny-shapes) or a diffusers-format folder")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None)
+    p.add_argument("-v", "--verbose", action="store_true", help="also show other libraries' log messages")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from fastdiff.pipeline import Pipeline, check_args
+    configure_logging(args.verbose)
 
     try:
-        check_args(
-            args.prompt, args.negative_prompt, args.steps, args.guidance_scale, args.height, args.width,
-            args.scheduler, args.num_images, "pil",
-        )
-        t0 = time.perf_counter()
-        pipe = Pipeline.from_pretrained(args.model, backend=args.backend, device=args.device)
-        load_s = time.perf_counter() - t0
-        result = pipe.run(
-            args.prompt,
-            negative_prompt=args.negative_prompt,
-            steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            height=args.height,
-            width=args.width,
-            seed=args.seed,
-            scheduler=args.scheduler,
-            num_images=args.num_images,
-            output_type="pil",
-            timed=True,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line per error for a command-line user; --debug for the rest
+        if args.debug:
+            raise
+        message = str(e).strip().splitlines() or [""]
+        kind = "" if isinstance(e, (ValueError, FileNotFoundError)) else f"{type(e).__name__}: "
+        print(f"error: {kind}{message[0]}" + (" (more with --debug)" if len(message) > 1 else ""), file=sys.stderr)
+        return 2 if isinstance(e, (ValueError, FileNotFoundError)) else 1
+
+
+def configure_logging(verbose: bool) -> None:
+    """fastdiff's own progress at INFO; other libraries' logs and Python warnings (torch's ONNX
+    exporter prints dozens of lines per network on a first export) only with -v, else errors only."""
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("fastdiff").setLevel(logging.INFO)
+    logging.captureWarnings(True)  # warnings.warn -> the "py.warnings" logger
+    for name in ("py.warnings", "torch", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
+
+
+def check_output(path: str, count: int) -> list[str]:
+    """The PNG paths to write, checked before any model work: the folder exists and is writable,
+    and PIL knows the extension."""
+    from PIL import Image
+
+    paths = [path] if count == 1 else [_numbered(path, i) for i in range(count)]
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in Image.registered_extensions():
+        raise ValueError(f"--output {path!r}: unknown image extension {ext or '(none)'!r}; use e.g. out.png")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--output {path!r}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--output {path!r}: folder {folder} is not writable")
+    for p in paths:
+        if os.path.isdir(p):
+            raise ValueError(f"--output {p!r} is a folder; give a file name such as out.png")
+    return paths
+
+
+def save_atomically(image, path: str) -> None:
+    """Write to a temporary file beside `path`, then rename: never a half-written image at `path`."""
+    from PIL import Image
+
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        image.save(tmp, format=Image.registered_extensions()[os.path.splitext(path)[1].lower()])
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def run(args) -> int:
+    from fastdiff.pipeline import Pipeline, check_args, check_steps
+    from fastdiff.weights import resolve_model
+
+    check_args(
+        args.prompt, args.negative_prompt, args.steps, args.guidance_scale, args.height, args.width,
+        args.scheduler, args.num_images, "pil", args.seed,
+    )
+    paths = check_output(args.output, args.num_images)
+    model = resolve_model(args.model)
+    check_steps(model, args.steps, args.scheduler)
+    t0 = time.perf_counter()
+    pipe = Pipeline.from_pretrained(model, backend=args.backend, device=args.device)
+    load_s = time.perf_counter() - t0
+    result = pipe.run(
+        args.prompt,
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        num_images=args.num_images,
+        output_type="pil",
+        timed=True,
+    )
     images = result.images if isinstance(result.images, list) else [result.images]
-    paths = [args.output] if len(images) == 1 else [_numbered(args.output, i) for i in range(len(images))]
     for im, path in zip(images, paths):
-        im.save(path)
+        save_atomically(im, path)
     t = result.timings
     print(f"model        {pipe.model_name} ({pipe.backend.name}, {pipe.device}, {str(pipe.dtype).replace('torch.', '')})")
     print(f"load         {load_s:8.3f} s")

@@ -12,15 +12,23 @@ tokenizer.json (what transformers 5 `save_pretrained` writes); both load with `f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+)
 from tokenizers.models import BPE
+
+from fastdiff.weights import ModelFileError, read_config
 
 log = logging.getLogger("fastdiff")
 
@@ -57,7 +65,8 @@ def _added_token(value) -> AddedToken:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """An optional JSON file of the folder: {} when absent, ModelFileError naming it when damaged."""
+    return read_config(path) if path.is_file() else {}
 
 
 def _merges_from_json(merges: list) -> list[tuple[str, str]]:
@@ -129,7 +138,12 @@ class CLIPTokenizer:
         # tokenizer_config.json's added_tokens_decoder: {"49406": {"content": ..., ...}, ...}
         added = [v for _, v in sorted(config.get("added_tokens_decoder", {}).items(), key=lambda kv: int(kv[0]))]
         if vocab_file.is_file() and merges_file.is_file():
-            vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+            try:
+                vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+            except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
+                raise ModelFileError(
+                    f"{vocab_file} / {merges_file}: not a readable BPE vocabulary ({e}); restore the files from the model's source"
+                ) from None
         elif json_file.is_file():
             spec = _read_json(json_file)
             model = spec.get("model", {})
@@ -165,10 +179,15 @@ class CLIPTokenizer:
         for i, enc in enumerate(self._tok.encode_batch(list(prompts), add_special_tokens=False)):
             tokens = enc.ids
             if len(tokens) > room:
+                dropped = self.decode(tokens[room:])
+                words = dropped.split()
                 log.warning(
-                    "prompt truncated to the text encoder's %d tokens; this part was dropped: %r",
+                    "prompt truncated to the text encoder's %d tokens; dropped %d tokens (%d characters) "
+                    "starting %r",
                     self.max_length,
-                    self.decode(tokens[room:]),
+                    len(tokens) - room,
+                    len(dropped),
+                    " ".join(words[:8]) + (" ..." if len(words) > 8 else ""),
                 )
                 tokens = tokens[:room]
             row = [self.bos_id, *tokens, self.eos_id]

@@ -201,14 +201,17 @@ def test_special_tokens_from_config_files(tmp_path, config, special_map):
     assert_same(tok(prompts), ref_ids(ref, prompts), prompts)
 
 
-def test_truncation_warns_with_dropped_text(ours, ref, caplog):
+def test_truncation_warns_with_the_start_and_size_of_the_dropped_text(ours, ref, caplog):
     with caplog.at_level(logging.WARNING, logger="fastdiff"):
         ours([LONG, "short prompt"])
     warnings = [r for r in caplog.records if r.name == "fastdiff" and r.levelno == logging.WARNING]
     assert len(warnings) == 1
     full = ref(LONG).input_ids  # untruncated: bos + tokens + eos
     dropped = ref.decode(full[76:-1])
-    assert dropped and repr(dropped) in warnings[0].getMessage()
+    words, message = dropped.split(), warnings[0].getMessage()
+    assert len(words) > 8 and dropped not in message  # the first words, not all of a long text
+    assert repr(" ".join(words[:8]) + " ...") in message
+    assert f"dropped {len(full) - 2 - 75} tokens ({len(dropped)} characters)" in message
 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fastdiff"):
