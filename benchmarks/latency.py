@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import testing
+from fastdiff import schedulers, testing
 
 REF = "diffusers"
 STAGES = ("text_encoder", "unet_step", "denoise", "vae_decode", "end_to_end")
@@ -52,15 +52,6 @@ LABELS = {
     "denoise": "denoising loop",
     "vae_decode": "VAE decode",
     "end_to_end": "end-to-end",
-}
-# fastdiff scheduler name -> (diffusers class, extra from_config arguments)
-DIFFUSERS_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
 }
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -81,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--scheduler", default="dpmpp_2m", choices=tuple(DIFFUSERS_SCHEDULERS))
+    p.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
     p.add_argument("--batch", type=int, default=1, help="images per call (the prompt repeated)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--prompt", default="a small red circle on the left on a blue background")
@@ -160,8 +151,10 @@ class DiffusersRunner:
         self.args, self.device = args, device
         self.pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        cls_name, extra = DIFFUSERS_SCHEDULERS[args.scheduler]
-        self.pipe.scheduler = getattr(diffusers, cls_name).from_config(self.pipe.scheduler.config, **extra)
+        entry = schedulers.REGISTRY[args.scheduler]
+        self.pipe.scheduler = getattr(diffusers, entry.diffusers_class).from_config(
+            self.pipe.scheduler.config, **entry.diffusers_config
+        )
         self.events: list[tuple[str, float]] = []
         self._hook_stages()
 

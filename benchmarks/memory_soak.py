@@ -20,10 +20,9 @@ import time
 import torch
 
 import fastdiff
-from fastdiff import testing
+from fastdiff import schedulers, testing
 
 SIZES = [(64, 64), (64, 96), (96, 64), (128, 128), (32, 64)]
-SCHEDULERS = ["dpmpp_2m", "ddim", "euler_a", "pndm"]
 IMAGES = [1, 2]
 
 
@@ -42,7 +41,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    combos = list(itertools.product(SIZES, SCHEDULERS, IMAGES))
+    combos = list(itertools.product(SIZES, schedulers.NAMES, IMAGES))
     rounds = max(1, args.calls // len(combos))
     print(f"cpu: {testing.cpu_name()}, torch threads {torch.get_num_threads()}, {args.calls} calls, "
           f"{len(combos)} combinations of size x scheduler x images")

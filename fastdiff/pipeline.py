@@ -30,7 +30,7 @@ log = logging.getLogger("fastdiff")
 
 OUTPUT_TYPES = ("pil", "np")
 _MAX_GRAPHS = 4  # captured step graphs kept per pipeline
-SCHEDULER_NAMES = tuple(schedulers.SCHEDULERS) + ("dpmpp_2m_karras",)
+SCHEDULER_NAMES = schedulers.NAMES
 
 
 @dataclass
@@ -176,9 +176,8 @@ def read_model_facts(root: Path) -> dict:
 def check_steps(root: Path, steps: int, scheduler: str) -> None:
     """The scheduler's step range for the model at `root`, read from its small scheduler file:
     refused before a first load (`Pipeline.plan` checks it again per call)."""
-    name = scheduler[: -len("_karras")] if scheduler.endswith("_karras") else scheduler
     config = schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
-    schedulers.make_scheduler(name, config, int(steps), karras=scheduler.endswith("_karras"))
+    schedulers.make_scheduler(scheduler, config, int(steps))
 
 
 def _default_device() -> torch.device:
@@ -236,10 +235,7 @@ class Pipeline:
                 f"{static['height']}x{static['width']} px only; export it without --static for other sizes"
             )
         check_pixels(height, width, self.limits)
-        name, karras = (scheduler[: -len("_karras")], True) if scheduler.endswith("_karras") else (scheduler, False)
-        sched = schedulers.make_scheduler(
-            name, self.scheduler_config, steps, device=self.device, dtype=torch.float32, karras=karras
-        )
+        sched = schedulers.make_scheduler(scheduler, self.scheduler_config, steps, device=self.device, dtype=torch.float32)
         return height, width, sched
 
     @classmethod
@@ -280,14 +276,14 @@ class Pipeline:
     def _graphs_enabled(self) -> bool:
         return self.cuda_graph and self.device.type == "cuda" and getattr(self.backend, "capturable", False)
 
-    def _graphed_step(self, sched, name, karras, steps, cfg, latents, context):
+    def _graphed_step(self, sched, name, steps, cfg, latents, context):
         """The captured step for these settings (captured on first use), or None when not on CUDA."""
         if not self._graphs_enabled():
             return None
         from fastdiff.graphs import GraphedStep, GraphKey
 
         key = GraphKey(
-            tuple(latents.shape), tuple(context.shape), name, karras, steps, cfg, self.dtype, self._kernel_mode()
+            tuple(latents.shape), tuple(context.shape), name, sched.karras, steps, cfg, self.dtype, self._kernel_mode()
         )
         return self._captured(
             self._graphs, key, _MAX_GRAPHS, lambda: GraphedStep(key, sched, self.backend.unet, self.device)
@@ -391,7 +387,6 @@ class Pipeline:
         # 2. Initial noise, drawn like diffusers: CPU generator, network dtype, then scaled.
         generator = torch.Generator("cpu")
         generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
-        karras = scheduler.endswith("_karras")
         shape = (n, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
         latents = latents * sched.init_noise_sigma
@@ -402,7 +397,7 @@ class Pipeline:
 
         # 3. Denoise: one captured CUDA graph per step where possible, else the same loop eagerly.
         with clock("denoise"):
-            graphed = self._graphed_step(sched, scheduler, karras, steps, cfg, latents, context)
+            graphed = self._graphed_step(sched, scheduler, steps, cfg, latents, context)
             first_bad = None  # the first step whose latents are not finite, tracked on the device (no sync)
             if graphed is not None:
                 with graphed.lock:

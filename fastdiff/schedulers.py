@@ -44,7 +44,6 @@ import torch
 
 from fastdiff.weights import read_config
 
-SCHEDULERS = ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,8 +114,7 @@ class SchedulerConfig:
     def for_scheduler(self, name: str) -> "SchedulerConfig":
         """Every field filled in as the diffusers class for `name` sees it (a field that class
         does not have takes a value that switches its feature off)."""
-        _check_name(name)
-        own = _CLASS_DEFAULTS[name]
+        own = scheduler_entry(name).cls.defaults
         values = dict(_OFF)
         for k, default in own.items():
             given = getattr(self, k)
@@ -133,53 +131,6 @@ _COMMON = dict(
     prediction_type="epsilon",
     steps_offset=0,
 )
-# Defaults of each diffusers class's __init__ (diffusers 0.3x-0.4x), for the fields it has.
-_CLASS_DEFAULTS = {
-    "ddim": dict(
-        _COMMON,
-        clip_sample=True,
-        clip_sample_range=1.0,
-        set_alpha_to_one=True,
-        thresholding=False,
-        timestep_spacing="leading",
-        rescale_betas_zero_snr=False,
-    ),
-    "pndm": dict(_COMMON, skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading"),
-    "euler": dict(
-        _COMMON,
-        interpolation_type="linear",
-        use_karras_sigmas=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
-        sigma_min=None,
-        sigma_max=None,
-        timestep_spacing="linspace",
-        timestep_type="discrete",
-        rescale_betas_zero_snr=False,
-        final_sigmas_type="zero",
-    ),
-    "euler_a": dict(_COMMON, timestep_spacing="linspace", rescale_betas_zero_snr=False),
-    "dpmpp_2m": dict(
-        _COMMON,
-        solver_order=2,
-        thresholding=False,
-        algorithm_type="dpmsolver++",
-        solver_type="midpoint",
-        lower_order_final=True,
-        euler_at_final=False,
-        use_karras_sigmas=False,
-        use_exponential_sigmas=False,
-        use_beta_sigmas=False,
-        use_lu_lambdas=False,
-        use_flow_sigmas=False,
-        final_sigmas_type="zero",
-        lambda_min_clipped=-math.inf,
-        variance_type=None,
-        timestep_spacing="linspace",
-        rescale_betas_zero_snr=False,
-        use_dynamic_shifting=False,
-    ),
-}
 # Values of the fields a class does not have: the feature is off.
 _OFF = dict(
     rescale_betas_zero_snr=False,
@@ -207,11 +158,6 @@ _OFF = dict(
     lambda_min_clipped=-math.inf,
     variance_type=None,
 )
-
-
-def _check_name(name: str) -> None:
-    if name not in SCHEDULERS:
-        raise ValueError(f"scheduler={name!r}: allowed values are {', '.join(SCHEDULERS)}")
 
 
 def _require(cfg: SchedulerConfig, name: str, field: str, allowed: tuple) -> None:
@@ -338,7 +284,12 @@ class Scheduler:
     implement `step`.
     """
 
-    name = ""
+    name = ""  # what `scheduler=` takes
+    diffusers_class = ""  # the diffusers scheduler this one reproduces (the tests' and benchmarks' reference)
+    defaults: dict = {}  # that class's __init__ defaults (diffusers 0.3x-0.4x), for the fields it has
+    supports_karras = False  # takes karras=True (Karras et al. 2022 sigmas)
+    karras_name: str | None = None  # a `scheduler=` name for this class with Karras sigmas
+    karras = False  # whether this instance uses Karras sigmas
     needs_noise = False  # True: `step` takes this step's standard normal noise as `noise`
 
     def __init__(self, config: SchedulerConfig, num_steps: int, *, device, dtype: torch.dtype):
@@ -429,6 +380,16 @@ class DDIM(Scheduler):
     """
 
     name = "ddim"
+    diffusers_class = "DDIMScheduler"
+    defaults = dict(
+        _COMMON,
+        clip_sample=True,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        thresholding=False,
+        timestep_spacing="leading",
+        rescale_betas_zero_snr=False,
+    )
 
     def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32):
         super().__init__(config, num_steps, device=device, dtype=dtype)
@@ -491,6 +452,8 @@ class PNDM(Scheduler):
     """
 
     name = "pndm"
+    diffusers_class = "PNDMScheduler"
+    defaults = dict(_COMMON, skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading")
 
     def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32):
         super().__init__(config, num_steps, device=device, dtype=dtype)
@@ -601,6 +564,21 @@ class Euler(Scheduler):
     """
 
     name = "euler"
+    diffusers_class = "EulerDiscreteScheduler"
+    supports_karras = True
+    defaults = dict(
+        _COMMON,
+        interpolation_type="linear",
+        use_karras_sigmas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        sigma_min=None,
+        sigma_max=None,
+        timestep_spacing="linspace",
+        timestep_type="discrete",
+        rescale_betas_zero_snr=False,
+        final_sigmas_type="zero",
+    )
 
     def __init__(
         self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, karras: bool = False
@@ -615,7 +593,7 @@ class Euler(Scheduler):
         ac = _alphas_cumprod(cfg)
         if cfg.rescale_betas_zero_snr:
             ac[-1] = 2**-24  # keep sigma_max finite
-        karras = karras or bool(cfg.use_karras_sigmas)
+        karras = self.karras = karras or bool(cfg.use_karras_sigmas)
 
         # 1. Timesteps and sigmas (Karras eq. 5 spacing when karras).
         ts, s = _euler_sigmas(self.name, cfg, num_steps, ac, karras=karras)
@@ -646,6 +624,8 @@ class EulerAncestral(Scheduler):
     """
 
     name = "euler_a"
+    diffusers_class = "EulerAncestralDiscreteScheduler"
+    defaults = dict(_COMMON, timestep_spacing="linspace", rescale_betas_zero_snr=False)
     needs_noise = True
 
     def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32):
@@ -702,6 +682,29 @@ class DPMSolverPP2M(Scheduler):
     """
 
     name = "dpmpp_2m"
+    diffusers_class = "DPMSolverMultistepScheduler"
+    supports_karras = True
+    karras_name = "dpmpp_2m_karras"  # "DPM++ 2M Karras"
+    defaults = dict(
+        _COMMON,
+        solver_order=2,
+        thresholding=False,
+        algorithm_type="dpmsolver++",
+        solver_type="midpoint",
+        lower_order_final=True,
+        euler_at_final=False,
+        use_karras_sigmas=False,
+        use_exponential_sigmas=False,
+        use_beta_sigmas=False,
+        use_lu_lambdas=False,
+        use_flow_sigmas=False,
+        final_sigmas_type="zero",
+        lambda_min_clipped=-math.inf,
+        variance_type=None,
+        timestep_spacing="linspace",
+        rescale_betas_zero_snr=False,
+        use_dynamic_shifting=False,
+    )
 
     def __init__(
         self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, karras: bool = False
@@ -721,7 +724,7 @@ class DPMSolverPP2M(Scheduler):
         ac = _alphas_cumprod(cfg)
         if cfg.rescale_betas_zero_snr:
             ac[-1] = 2**-24
-        karras = karras or bool(cfg.use_karras_sigmas)
+        karras = self.karras = karras or bool(cfg.use_karras_sigmas)
 
         # 1. Timesteps: N + 1 spaced points, the last (t = 0 end) dropped.
         lambdas = (torch.log(ac.sqrt()) - torch.log((1 - ac).sqrt())).flip(0).numpy()  # ascending in index
@@ -802,6 +805,41 @@ class DPMSolverPP2M(Scheduler):
 
 
 # ----------------------------------------------------------------------------------------------
+# The registry: every `scheduler=` name, read by the pipeline, the CLI, the tests and the
+# benchmarks. Adding a scheduler = one class (name, diffusers_class, defaults) in KINDS + its
+# parity test.
+
+
+@dataclass(frozen=True)
+class SchedulerEntry:
+    """One `scheduler=` name: the class that runs it, with Karras sigmas or not, and the diffusers
+    scheduler it reproduces."""
+
+    name: str
+    cls: type
+    karras: bool = False
+
+    @property
+    def diffusers_class(self) -> str:
+        return self.cls.diffusers_class
+
+    @property
+    def diffusers_config(self) -> dict:
+        """What the diffusers class gets on top of the model's scheduler config."""
+        return {"use_karras_sigmas": True} if self.karras else {}
+
+
+KINDS = {cls.name: cls for cls in (DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M)}
+SCHEDULERS = tuple(KINDS)  # one per class
+REGISTRY = {name: SchedulerEntry(name, cls) for name, cls in KINDS.items()}
+REGISTRY.update({c.karras_name: SchedulerEntry(c.karras_name, c, karras=True) for c in KINDS.values() if c.karras_name})
+NAMES = tuple(REGISTRY)  # every `scheduler=` value
+
+
+def scheduler_entry(name: str) -> SchedulerEntry:
+    if name not in REGISTRY:
+        raise ValueError(f"scheduler={name!r}: allowed values are {', '.join(NAMES)}")
+    return REGISTRY[name]
 
 
 def make_scheduler(
@@ -813,18 +851,15 @@ def make_scheduler(
     dtype: torch.dtype = torch.float32,
     karras: bool = False,
 ) -> Scheduler:
-    """The scheduler `name` (one of SCHEDULERS) for `num_steps` steps, tables on `device` in `dtype`.
+    """The scheduler `name` (one of NAMES) for `num_steps` steps, tables on `device` in `dtype`.
 
     `config` is the model's scheduler config; missing keys take the defaults of the diffusers class
     `name` stands for. `karras=True` uses Karras sigmas (= use_karras_sigmas=True; euler and
-    dpmpp_2m only); a config that already asks for them gets them either way.
+    dpmpp_2m only), as a `*_karras` name does; a config that already asks for them gets them either way.
     """
-    _check_name(name)
-    if name == "euler":
-        return Euler(config, num_steps, device=device, dtype=dtype, karras=karras)
-    if name == "dpmpp_2m":
-        return DPMSolverPP2M(config, num_steps, device=device, dtype=dtype, karras=karras)
-    if karras:
+    entry = scheduler_entry(name)
+    if not (karras or entry.karras):
+        return entry.cls(config, num_steps, device=device, dtype=dtype)
+    if not entry.cls.supports_karras:
         raise ValueError(f"karras=True: {name} has no Karras sigma schedule (use euler or dpmpp_2m)")
-    cls = {"ddim": DDIM, "pndm": PNDM, "euler_a": EulerAncestral}[name]
-    return cls(config, num_steps, device=device, dtype=dtype)
+    return entry.cls(config, num_steps, device=device, dtype=dtype, karras=True)

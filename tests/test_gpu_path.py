@@ -19,6 +19,7 @@ import torch
 
 from _tiny import make_sd_folder
 
+from fastdiff import schedulers
 from fastdiff.pipeline import Pipeline
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/device_check.sh)")
@@ -104,7 +105,7 @@ def test_fp16_vae_overflow_decodes_again_in_fp32(folder, caplog):
     assert sum("fp32" in r.getMessage() for r in caplog.records) == 1
 
 
-ALL_SCHEDULERS = ["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras"]
+ALL_SCHEDULERS = schedulers.NAMES
 
 
 def _graph_body_on_cpu(pipe, monkeypatch):

@@ -12,6 +12,7 @@ import torch
 from _tiny import make_sd_folder
 
 import fastdiff
+from fastdiff import schedulers
 from fastdiff.pipeline import Pipeline
 
 PROMPTS = ["a red circle on the left", "a photo of a cat, 4k, highly detailed"]
@@ -40,21 +41,13 @@ def pipes(model):
 def _diffusers_scheduler(name, config):
     import diffusers
 
-    cls = {
-        "ddim": diffusers.DDIMScheduler,
-        "pndm": diffusers.PNDMScheduler,
-        "euler": diffusers.EulerDiscreteScheduler,
-        "euler_a": diffusers.EulerAncestralDiscreteScheduler,
-        "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
-        "dpmpp_2m_karras": diffusers.DPMSolverMultistepScheduler,
-    }[name]
-    extra = {"use_karras_sigmas": True} if name.endswith("karras") else {}
-    return cls.from_config(config, **extra)
+    entry = schedulers.REGISTRY[name]
+    return getattr(diffusers, entry.diffusers_class).from_config(config, **entry.diffusers_config)
 
 
 CASES = [
     (sched, steps, neg)
-    for sched in ("ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+    for sched in schedulers.NAMES
     for steps, neg in ((3, False), (3, True), (8, False), (8, True))
 ]
 

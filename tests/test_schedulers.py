@@ -41,13 +41,6 @@ LINEAR_TRAILING = dict(
 )  # fmt: skip
 CONFIGS = {"sd15": SD15, "vpred": VPRED, "linear_trailing": LINEAR_TRAILING}
 
-DIFFUSERS = {
-    "ddim": diffusers.DDIMScheduler,
-    "pndm": diffusers.PNDMScheduler,
-    "euler": diffusers.EulerDiscreteScheduler,
-    "euler_a": diffusers.EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
-}
 STEPS = (1, 2, 10, 25, 50)
 SHAPE = (2, 4, 8, 8)
 
@@ -62,8 +55,12 @@ def _fake_model(seed):
     return model
 
 
+def _diffusers_class(name):
+    return getattr(diffusers, schedulers.REGISTRY[name].diffusers_class)
+
+
 def _reference(name, cfg: dict, **extra):
-    return DIFFUSERS[name].from_config(cfg, **extra)
+    return _diffusers_class(name).from_config(cfg, **extra)
 
 
 def _compare_loops(name, cfg: dict, steps, *, karras=False, seed=0):
@@ -176,8 +173,8 @@ def test_tensor_index_matches_int_index(name):
 def test_missing_keys_take_the_diffusers_class_defaults(name):
     """An empty config resolves to the defaults of the diffusers class `name` stands for."""
     resolved = SchedulerConfig.from_dict({}).for_scheduler(name)
-    ref = DIFFUSERS[name]().config
-    for field in schedulers._CLASS_DEFAULTS[name]:
+    ref = _diffusers_class(name)().config
+    for field in schedulers.KINDS[name].defaults:
         assert getattr(resolved, field) == ref[field], field
 
 
@@ -203,7 +200,7 @@ def test_trained_betas_match_diffusers():
 
 def test_errors():
     cfg = SchedulerConfig.from_dict(SD15)
-    with pytest.raises(ValueError, match="allowed values are ddim, pndm, euler, euler_a, dpmpp_2m"):
+    with pytest.raises(ValueError, match="allowed values are ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras"):
         make_scheduler("lms", cfg, 10)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="num_steps"):
