@@ -1,22 +1,34 @@
-"""Backends that run the three networks (text encoder, UNet, VAE decoder) for `Pipeline`.
+"""Backends run the three networks (text encoder, UNet, VAE decoder) for `Pipeline`.
 
-Each backend object has `name`, `device`, `dtype` and three calls:
-  encode_text(input_ids [B, 77] int64)            -> [B, 77, D]
-  unet(sample [B, 4, h, w], t 0-dim, context)     -> [B, 4, h, w]
-  decode(latents [B, 4, h, w], already unscaled)  -> [B, 3, H, W] in about [-1, 1]
-so the scheduler loop and classifier-free guidance are shared code in `fastdiff.pipeline`.
+The contract is `fastdiff.backends.base.Backend`. A backend is one file with a Backend subclass
+and one line in REGISTRY, imported on first use (onnxruntime and tensorrt are optional packages).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
 import torch
 
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+from fastdiff.backends.base import Backend
+
+REGISTRY = {  # `backend=` name -> "module:class"
+    "torch": "fastdiff.backends.torch_backend:TorchBackend",
+    "onnxruntime": "fastdiff.backends.ort_backend:OnnxRuntimeBackend",
+    "tensorrt": "fastdiff.backends.trt_backend:TensorRTBackend",
+}
+BACKENDS = ("auto", *REGISTRY)
 
 log = logging.getLogger("fastdiff")
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in REGISTRY:
+        raise ValueError(f"backend={name!r}: allowed values are {', '.join(BACKENDS)}")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), cls)
 
 
 def make_backend(
@@ -27,7 +39,7 @@ def make_backend(
     dtype: torch.dtype,
     kernels: str | None = None,
     channels_last: bool | None = None,
-):
+) -> Backend:
     """Build the backend `name` for the diffusers-format model folder `root`.
 
     "onnxruntime" uses a matching export from the cache, exporting first when there is none.
@@ -37,48 +49,14 @@ def make_backend(
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: allowed values are {', '.join(BACKENDS)}")
     device = torch.device(device)
-    if channels_last is None:  # NHWC convolutions measured faster on CUDA; not on CPU
-        channels_last = device.type == "cuda" and name in ("auto", "torch")
-    if channels_last and name not in ("auto", "torch"):
-        raise ValueError(f"channels_last=True is a torch-backend setting; backend={name!r} picks its own layouts")
     if name == "auto":
         name = pick_auto()
         log.info("fastdiff: backend auto -> %s", name)
-        if channels_last and name != "torch":
-            log.info("fastdiff: channels_last applies to the torch backend only; %s picks its own layouts", name)
-            channels_last = False
-    if name == "torch":
-        from fastdiff.backends.torch_backend import TorchBackend
-
-        return TorchBackend(root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
-    if name == "onnxruntime":
-        from fastdiff.backends.ort_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(_onnx_export(root, dtype, attention="mha"), device=device, dtype=dtype)
-    from fastdiff.backends.trt_backend import TensorRTBackend
-
-    return TensorRTBackend.from_model(root, device=device, dtype=dtype, create=True)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    precisions = {torch.float32: "fp32", torch.float16: "fp16"}
-    if dtype not in precisions:
-        raise ValueError(f"dtype={dtype}: ONNX exports are float32 or float16")
-    return precisions[dtype]
-
-
-def _onnx_export(root: Path, dtype: torch.dtype, *, attention: str) -> Path:
-    """The cached dynamic export of `root` for `dtype`; made (and logged) when missing."""
-    from fastdiff.export.cache import find_export
-
-    precision = _precision(dtype)
-    found = find_export(root, precision, attention=attention)
-    if found is not None:
-        return found
-    from fastdiff.export.onnx_export import export
-
-    log.info("fastdiff: no %s ONNX export of %s in the cache: exporting (once; takes minutes for SD1.5)", precision, root)
-    return export(root, precision=precision, attention=attention)
+    if channels_last is None:  # NHWC convolutions measured faster on CUDA; not on CPU
+        channels_last = device.type == "cuda" and name == "torch"
+    if channels_last and name != "torch":
+        raise ValueError(f"channels_last=True is a torch-backend setting; backend={name!r} picks its own layouts")
+    return backend_class(name).create(root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
 
 
 def pick_auto() -> str:

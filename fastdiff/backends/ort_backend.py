@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import logging
+
 from fastdiff import iospec
+from fastdiff.backends.base import Backend
 from fastdiff.export.cache import read_manifest
 from fastdiff.weights import read_config
 
@@ -28,10 +31,37 @@ def cuda_provider_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-class OnnxRuntimeBackend:
-    """Same three calls as TorchBackend (see fastdiff.backends), on onnxruntime sessions."""
+log = logging.getLogger("fastdiff")
+
+
+def precision(dtype: torch.dtype) -> str:
+    precisions = {torch.float32: "fp32", torch.float16: "fp16"}
+    if dtype not in precisions:
+        raise ValueError(f"dtype={dtype}: ONNX exports are float32 or float16")
+    return precisions[dtype]
+
+
+def cached_or_new_export(root: Path, dtype: torch.dtype, *, attention: str) -> Path:
+    """The cached dynamic export of `root` for `dtype`; made (and logged) when missing."""
+    from fastdiff.export.cache import find_export
+
+    found = find_export(root, precision(dtype), attention=attention)
+    if found is not None:
+        return found
+    from fastdiff.export.onnx_export import export
+
+    log.info("fastdiff: no %s ONNX export of %s in the cache: exporting (once; takes minutes for SD1.5)", precision(dtype), root)
+    return export(root, precision=precision(dtype), attention=attention)
+
+
+class OnnxRuntimeBackend(Backend):
+    """The three networks on onnxruntime sessions, from an export of the model."""
 
     name = "onnxruntime"
+
+    @classmethod
+    def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "OnnxRuntimeBackend":
+        return cls(cached_or_new_export(root, dtype, attention="mha"), device=device, dtype=dtype)
 
     def __init__(self, export_dir: Path, *, device: torch.device, dtype: torch.dtype, session_options=None):
         import onnxruntime as ort
@@ -42,8 +72,9 @@ class OnnxRuntimeBackend:
         self.dtype = iospec.PRECISIONS[self.precision]
         if dtype != self.dtype:
             raise ValueError(f"{export_dir} is a {self.precision} export; the pipeline asked for {dtype}")
-        self.latent_multiple = manifest.get("latent_multiple")
-        self.static = (manifest.get("options") or {}).get("static")
+        self.latent_multiple = manifest.get("latent_multiple") or 1
+        static = (manifest.get("options") or {}).get("static")
+        self.static_size = (static["height"], static["width"]) if static else None
         self.configs = {
             "text_encoder": read_config(self.export_dir / "text_encoder" / "config.json"),
             "unet": read_config(self.export_dir / "unet" / "config.json"),

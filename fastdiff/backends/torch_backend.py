@@ -8,21 +8,20 @@ from pathlib import Path
 import torch
 
 from fastdiff import ops
+from fastdiff.backends.base import Backend
 from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 from fastdiff.weights import find_weights, load_module
 
 
-class TorchBackend:
-    """Runs the three networks with plain PyTorch modules (plus the ops seam's kernels).
-
-    Every backend exposes the same three calls, so the scheduler loop and classifier-free
-    guidance in `Pipeline` are shared code:
-      encode_text(input_ids [B, 77] int64)            -> [B, 77, D]
-      unet(sample [B, 4, h, w], t 0-dim, context)     -> [B, 4, h, w]
-      decode(latents [B, 4, h, w], already unscaled)  -> [B, 3, 8h, 8w] in about [-1, 1]
-    """
+class TorchBackend(Backend):
+    """Runs the three networks with plain PyTorch modules (plus the ops seam's kernels)."""
 
     name = "torch"
+    fp32_decode = True
+
+    @classmethod
+    def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "TorchBackend":
+        return cls(root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
 
     def __init__(
         self,

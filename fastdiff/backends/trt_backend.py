@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fastdiff import iospec
+from fastdiff.backends.base import Backend
 from fastdiff.weights import read_config
 
 _TORCH = {}  # tensorrt.DataType -> torch dtype, filled on first use
@@ -94,10 +95,14 @@ def _numel(shape) -> int:
     return n
 
 
-class TensorRTBackend:
-    """Same three calls as TorchBackend (see fastdiff.backends), on TensorRT engines."""
+class TensorRTBackend(Backend):
+    """The three networks on fp16 TensorRT engines built from an export of the model."""
 
     name = "tensorrt"
+
+    @classmethod
+    def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "TensorRTBackend":
+        return cls.from_model(root, device=device, dtype=dtype)
 
     def __init__(self, engine_dir: Path, export_dir: Path, *, device: torch.device):
         from fastdiff.export.tensorrt import require_tensorrt
@@ -127,7 +132,7 @@ class TensorRTBackend:
         return export_dir is not None and find_engines(export_dir, _default_profile(root)) is not None
 
     @classmethod
-    def from_model(cls, root: Path, *, device: torch.device, dtype: torch.dtype, create: bool = True) -> "TensorRTBackend":
+    def from_model(cls, root: Path, *, device: torch.device, dtype: torch.dtype) -> "TensorRTBackend":
         """Engines for `root` (fp16, dynamic profile around the model's default size), built when missing."""
         from fastdiff.export.cache import find_export
         from fastdiff.export.tensorrt import build_engines, require_tensorrt

@@ -1,0 +1,58 @@
+"""The contract between `Pipeline` and a backend: three networks as calls on torch tensors, and
+the optional capabilities a backend declares (with defaults here), so the pipeline never probes
+for attributes. A backend is one file with a `Backend` subclass plus one line in
+`fastdiff.backends.REGISTRY`."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+
+
+class Backend(ABC):
+    """Runs the text encoder, the UNet and the VAE decoder of one model on one device.
+
+    The scheduler loop and classifier-free guidance are the pipeline's, shared by every backend.
+    Calls take and return torch tensors; outputs are on `device` in the backend's dtype.
+    """
+
+    name: str  # what `backend=` takes
+    device: torch.device
+    dtype: torch.dtype
+
+    # Optional capabilities: override where the backend has them.
+    capturable: bool = False  # unet() may be captured in a CUDA graph (reads its weights by address)
+    kernels: str | None = None  # the ops mode its modules run under: part of a CUDA graph's key
+    latent_multiple: int = 1  # latent sides must be multiples of this (an exported UNet's rule)
+    static_size: tuple[int, int] | None = None  # the only (height, width) in px it takes, if fixed
+    fp32_decode: bool = False  # decode_fp32() exists: the pipeline's retry when an fp16 decode overflows
+
+    @classmethod
+    @abstractmethod
+    def create(cls, root: Path, *, device: torch.device, dtype: torch.dtype, kernels: str | None = None,
+               channels_last: bool = False) -> "Backend":
+        """The backend for the diffusers-format model folder `root`, building what it needs
+        (an export, engines) when it is not cached."""
+
+    @abstractmethod
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, 77] int64 -> hidden states [B, 77, D]."""
+
+    @abstractmethod
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """sample [B, 4, h, w], timestep 0-dim, context [B, 77, D] -> noise prediction [B, 4, h, w]."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, 4, h, w], already divided by the scaling factor -> image [B, 3, f h, f w] in about [-1, 1]."""
+
+    def decode_fp32(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode` with a float32 VAE (only where `fp32_decode`)."""
+        raise NotImplementedError(f"the {self.name} backend has no fp32 VAE")
+
+    def nonfinite_weight(self, network: str) -> str | None:
+        """The first weight of `network` ("text_encoder", "unet", "vae") holding NaN/inf, where the
+        backend can tell (the pipeline's NaN guard names it); None otherwise."""
+        return None
