@@ -89,7 +89,7 @@ def save_atomically(image, path: str) -> None:
 
 
 def run(args) -> int:
-    from fastdiff.pipeline import Pipeline, check_args, check_steps
+    from fastdiff.pipeline import Limits, ModelFacts, Pipeline, check_args, check_request
     from fastdiff.weights import resolve_model
 
     check_args(
@@ -98,7 +98,8 @@ def run(args) -> int:
     )
     paths = check_output(args.output, args.num_images)
     model = resolve_model(args.model)
-    check_steps(model, args.steps, args.scheduler)
+    check_request(ModelFacts.read(model), Limits.from_env(), args.steps, args.height, args.width, args.scheduler,
+                  args.num_images)  # fmt: skip
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(model, backend=args.backend, device=args.device)
     load_s = time.perf_counter() - t0

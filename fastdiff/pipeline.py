@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fastdiff import ops, schedulers
-from fastdiff.backends import BACKENDS, make_backend
+from fastdiff.backends import BACKENDS, Backend, make_backend
 from fastdiff.tokenizer import CLIPTokenizer
 from fastdiff.weights import read_config, resolve_model
 
@@ -52,10 +52,11 @@ class Limits:
     `ENV` or with `Pipeline.from_pretrained(limits=Limits(...))`."""
 
     max_pixels: int = 1024 * 1024  # height * width of one image
-    max_images: int = 16  # images per call: prompts x num_images
+    max_batch_pixels: int = 16 * 512 * 512  # images per call x height x width: 16 images at SD1.5's 512 px
     max_steps: int = 1000  # denoising steps (each scheduler may support fewer: see check_spacing)
 
-    ENV = {"max_pixels": "FASTDIFF_MAX_PIXELS", "max_images": "FASTDIFF_MAX_IMAGES", "max_steps": "FASTDIFF_MAX_STEPS"}
+    ENV = {"max_pixels": "FASTDIFF_MAX_PIXELS", "max_batch_pixels": "FASTDIFF_MAX_BATCH_PIXELS",
+           "max_steps": "FASTDIFF_MAX_STEPS"}  # fmt: skip
 
     @classmethod
     def from_env(cls) -> "Limits":
@@ -131,16 +132,11 @@ def check_args(
     for name, v in (("height", height), ("width", width)):
         if v is not None and _integer(name, v, 8, what=" (a multiple of 8, e.g. 512)") % 8:
             raise ValueError(f"{name}={v!r}: must be a multiple of 8 (e.g. 512)")
-    if height is not None and width is not None:
-        check_pixels(int(height), int(width), limits)
     if scheduler not in SCHEDULER_NAMES:
         raise ValueError(f"scheduler={scheduler!r}: allowed values are {', '.join(SCHEDULER_NAMES)}")
     num_images = _integer("num_images", num_images, 1)
-    if len(prompts) * num_images > limits.max_images:
-        raise ValueError(
-            f"num_images={num_images} for {len(prompts)} prompt(s) makes {len(prompts) * num_images} images, over "
-            f"the limit of {limits.max_images} per call ({limits.hint('max_images')})"
-        )
+    if height is not None and width is not None:
+        check_pixels(int(height), int(width), len(prompts) * num_images, limits)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r}: allowed values are {', '.join(OUTPUT_TYPES)}")
     if seed is not None and not 0 <= _integer("seed", seed, 0, what=" (or None for a random seed)") < 2**64:
@@ -148,36 +144,68 @@ def check_args(
     return prompts, negative
 
 
-def check_pixels(height: int, width: int, limits: Limits) -> None:
+def check_pixels(height: int, width: int, images: int, limits: Limits) -> None:
     if height * width > limits.max_pixels:
         raise ValueError(
             f"height={height}, width={width}: {height * width} pixels per image, over the limit of "
             f"{limits.max_pixels} ({limits.hint('max_pixels')})"
         )
+    if images * height * width > limits.max_batch_pixels:
+        raise ValueError(
+            f"num_images: {images} images of {height}x{width} in one call are {images * height * width} pixels, over "
+            f"the limit of {limits.max_batch_pixels} ({limits.hint('max_batch_pixels')})"
+        )
 
 
-def read_model_facts(root: Path) -> dict:
-    """What the pipeline reads from a model folder's small files; a damaged one raises
-    ModelFileError naming it."""
-    index = read_config(root / "model_index.json")
-    unet = read_config(root / "unet" / "config.json")
-    vae = read_config(root / "vae" / "config.json")
-    f = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
-    return dict(
-        scheduler_config=schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
-        vae_scale_factor=f,
-        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-        latent_channels=int(unet.get("in_channels", 4)),
-        default_size=int(unet.get("sample_size", 64)) * f,
-        model_name=index.get("_name_or_path") or root.name,
-    )
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the pipeline reads from a model folder's small files (read once, before any weights)."""
+
+    scheduler_config: schedulers.SchedulerConfig
+    vae_scale_factor: int
+    scaling_factor: float
+    latent_channels: int
+    default_size: int  # px
+    model_name: str
+
+    @classmethod
+    def read(cls, root: Path) -> "ModelFacts":
+        """A damaged file raises ModelFileError naming it."""
+        index = read_config(root / "model_index.json")
+        unet = read_config(root / "unet" / "config.json")
+        vae = read_config(root / "vae" / "config.json")
+        f = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+        return cls(
+            scheduler_config=schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
+            vae_scale_factor=f,
+            scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+            latent_channels=int(unet.get("in_channels", 4)),
+            default_size=int(unet.get("sample_size", 64)) * f,
+            model_name=index.get("_name_or_path") or root.name,
+        )
 
 
-def check_steps(root: Path, steps: int, scheduler: str) -> None:
-    """The scheduler's step range for the model at `root`, read from its small scheduler file:
-    refused before a first load (`Pipeline.plan` checks it again per call)."""
-    config = schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json")
-    schedulers.make_scheduler(scheduler, config, int(steps))
+def check_request(facts: ModelFacts, limits: Limits, steps: int, height, width, scheduler: str, images: int,
+                  backend: Backend | None = None, device="cpu"):
+    """The model's own rules for one call, from its small files, checked before any model work:
+    its size rule (on `backend`, whose export may narrow it), the pixel limits, and the scheduler's
+    step range for its timestep spacing. Returns (height, width, scheduler object on `device`)."""
+    height, width = int(height or facts.default_size), int(width or facts.default_size)
+    f = facts.vae_scale_factor
+    multiple = f * (backend.latent_multiple if backend is not None else 1)
+    for name, v in (("height", height), ("width", width)):
+        if v % multiple:
+            also = "" if multiple == f else f"; backend='torch' takes multiples of {f} px"
+            raise ValueError(f"{name}={v}: the {backend.name if backend else 'torch'} backend of this model takes multiples of {multiple} px{also}")
+    static = backend.static_size if backend is not None else None  # an export traced at one size takes only it
+    if static and (height, width) != static:
+        raise ValueError(
+            f"height={height}, width={width}: this {backend.name} export is static, {static[0]}x{static[1]} px only; "
+            "export it without --static for other sizes"
+        )
+    check_pixels(height, width, images, limits)
+    sched = schedulers.make_scheduler(scheduler, facts.scheduler_config, int(steps), device=device, dtype=torch.float32)
+    return height, width, sched
 
 
 def _default_device() -> torch.device:
@@ -209,34 +237,10 @@ class Pipeline:
         self._graphs: dict = {}  # GraphKey -> GraphedStep
         self._calls: dict = {}  # (network, input shape, dtype, kernel mode) -> GraphedCall
         self._graphs_lock = threading.Lock()
-        facts = read_model_facts(root)
-        self.scheduler_config = facts["scheduler_config"]
-        self.vae_scale_factor, self.scaling_factor = facts["vae_scale_factor"], facts["scaling_factor"]
-        self.latent_channels, self.default_size = facts["latent_channels"], facts["default_size"]
-        self.model_name = facts["model_name"]
-
-    def plan(self, steps: int, height: int | None, width: int | None, scheduler: str):
-        """The model's own rules for one call, checked before any model work: the size rule of
-        this model on this backend, the pixel limit, and the scheduler's step range. Returns
-        (height, width, scheduler object)."""
-        height = height or self.default_size
-        width = width or self.default_size
-        multiple = self.vae_scale_factor * (getattr(self.backend, "latent_multiple", None) or 1)
-        for name, v in (("height", height), ("width", width)):
-            if v % multiple:
-                also = "" if multiple == self.vae_scale_factor else f"; backend='torch' takes multiples of {self.vae_scale_factor} px"
-                raise ValueError(
-                    f"{name}={v}: the {self.backend.name} backend of this model takes multiples of {multiple} px{also}"
-                )
-        static = getattr(self.backend, "static", None)  # an export traced at one size takes only that size
-        if static and (height, width) != (static["height"], static["width"]):
-            raise ValueError(
-                f"height={height}, width={width}: this {self.backend.name} export is static, "
-                f"{static['height']}x{static['width']} px only; export it without --static for other sizes"
-            )
-        check_pixels(height, width, self.limits)
-        sched = schedulers.make_scheduler(scheduler, self.scheduler_config, steps, device=self.device, dtype=torch.float32)
-        return height, width, sched
+        self.facts = facts = ModelFacts.read(root)
+        self.scheduler_config, self.vae_scale_factor = facts.scheduler_config, facts.vae_scale_factor
+        self.scaling_factor, self.latent_channels = facts.scaling_factor, facts.latent_channels
+        self.default_size, self.model_name = facts.default_size, facts.model_name
 
     @classmethod
     def from_pretrained(
@@ -263,7 +267,7 @@ class Pipeline:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
         root = resolve_model(model)
-        read_model_facts(root)  # the small files first: a damaged one is named before weights load
+        ModelFacts.read(root)  # the small files first: a damaged one is named before weights load
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
@@ -274,7 +278,7 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------
     def _graphs_enabled(self) -> bool:
-        return self.cuda_graph and self.device.type == "cuda" and getattr(self.backend, "capturable", False)
+        return self.cuda_graph and self.device.type == "cuda" and self.backend.capturable
 
     def _graphed_step(self, sched, name, steps, cfg, latents, context):
         """The captured step for these settings (captured on first use), or None when not on CUDA."""
@@ -291,7 +295,7 @@ class Pipeline:
 
     def _kernel_mode(self) -> str:
         """The ops mode the backend's calls run under now: part of every capture's key."""
-        return getattr(self.backend, "kernels", None) or ops.get_kernels()
+        return self.backend.kernels or ops.get_kernels()
 
     def _captured(self, cache: dict, key, limit: int, make):
         """cache[key], made by `make()` on first use; the oldest capture is dropped past `limit`."""
@@ -317,9 +321,9 @@ class Pipeline:
 
     def _decode_fp32(self, latents):
         """fp16 VAE overflowed (NaN/inf): decode again in fp32, warning once per pipeline."""
-        if not hasattr(self.backend, "decode_fp32"):
+        if not self.backend.fp32_decode:
             raise RuntimeError(
-                f"the fp16 VAE decode gave NaN/inf and the {getattr(self.backend, 'name', 'current')!r} backend "
+                f"the fp16 VAE decode gave NaN/inf and the {self.backend.name!r} backend "
                 "has no fp32 VAE to decode again with; use backend='torch' or dtype=torch.float32 for this model"
             )
         if not getattr(self, "_warned_fp32_decode", False):
@@ -330,7 +334,7 @@ class Pipeline:
     def _nonfinite_message(self, stage: str, where: str, network: str, cause: str = "") -> str:
         """What went NaN/inf, where, and the likely cause: for the torch backend the first weight
         tensor of `network` that holds NaN/inf is named (scanned only on this error path)."""
-        bad = getattr(self.backend, "nonfinite_weight", lambda network: None)(network)
+        bad = self.backend.nonfinite_weight(network)
         if bad is not None:
             cause = f"the {network} weight {bad} holds NaN/inf: the checkpoint is damaged; "
         return (
@@ -366,7 +370,9 @@ class Pipeline:
             prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type,
             seed, self.limits,
         )
-        height, width, sched = self.plan(int(steps), height and int(height), width and int(width), scheduler)
+        height, width, sched = check_request(
+            self.facts, self.limits, steps, height, width, scheduler, len(prompts) * int(num_images), self.backend, self.device
+        )
         guidance_scale = float(guidance_scale)
 
         timings: dict[str, float] = {}
@@ -516,13 +522,14 @@ def generate(
     output_type: str = "pil",
 ):
     """Text to image in one call; keeps one loaded Pipeline per (model, backend) for reuse."""
-    check_args(
+    prompts, _ = check_args(
         prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type, seed
     )
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
     root = resolve_model(model)
-    check_steps(root, steps, scheduler)
+    check_request(ModelFacts.read(root), Limits.from_env(), steps, height, width, scheduler,
+                  len(prompts) * int(num_images))  # fmt: skip
     return cached_pipeline(root, backend).generate(
         prompt,
         negative_prompt=negative_prompt,

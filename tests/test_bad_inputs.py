@@ -63,8 +63,8 @@ ARGUMENTS = [
     (dict(num_images=0), "num_images"),
     (dict(num_images=True), "num_images"),
     (dict(num_images=2.0), "num_images"),
-    (dict(num_images=10**6), "FASTDIFF_MAX_IMAGES"),
-    (dict(prompt=["a"] * 17), "FASTDIFF_MAX_IMAGES"),
+    (dict(num_images=10**6, height=64, width=64), "FASTDIFF_MAX_BATCH_PIXELS"),
+    (dict(prompt=["a"] * 17, height=512, width=512), "FASTDIFF_MAX_BATCH_PIXELS"),
     (dict(height=100_000, width=512), "FASTDIFF_MAX_PIXELS"),
     (dict(height=33), "height"),
     (dict(height="64"), "height"),
@@ -85,8 +85,10 @@ def test_bad_argument_is_named_before_model_work(kwargs, names, monkeypatch):
         fastdiff.generate(args.pop("prompt"), **args)
 
 
-# The model's own rules: a scheduler's step range (from its timestep spacing), before any load.
+# The model's own rules: a scheduler's step range (from its timestep spacing), and the default
+# size against the per-call pixel limit, before any load.
 STEP_RANGES = [
+    (dict(num_images=10**6), r"num_images: 1000000 images of 64x64 .*FASTDIFF_MAX_BATCH_PIXELS"),
     (dict(scheduler="ddim", steps=1000), r"steps=1000: ddim .* 1 to 999 steps"),
     (dict(scheduler="pndm", steps=1000), r"steps=1000: pndm .* 1 to 999 steps"),
     (dict(scheduler="pndm", steps=1001), r"steps=1001: pndm"),
@@ -95,7 +97,7 @@ STEP_RANGES = [
 
 
 @pytest.mark.parametrize("kwargs,message", STEP_RANGES, ids=[f"{k}" for k, _ in STEP_RANGES])
-def test_steps_outside_the_schedulers_range_are_refused_before_loading(kwargs, message, monkeypatch):
+def test_model_rules_are_checked_before_loading(kwargs, message, monkeypatch):
     no_model_work(monkeypatch, allow_resolve=True)
     monkeypatch.setenv("FASTDIFF_MAX_STEPS", "100000")  # the scheduler's range, not the general cap
     with pytest.raises(ValueError, match=message):
@@ -112,9 +114,9 @@ def test_limits_come_from_the_environment_or_the_pipeline(monkeypatch):
         fastdiff.generate("a cat", **RUN)
     monkeypatch.delenv("FASTDIFF_MAX_STEPS")
     pipe = Pipeline.__new__(Pipeline)  # only the limits are read before model work
-    pipe.limits = P.Limits(max_images=1)
-    with pytest.raises(ValueError, match=r"2 images, over the limit of 1 per call"):
-        Pipeline.run(pipe, "a cat", num_images=2, **RUN)
+    pipe.limits = P.Limits(max_batch_pixels=64 * 64)
+    with pytest.raises(ValueError, match=r"num_images: 2 images of 64x64 in one call are 8192 pixels, over the limit of 4096"):
+        Pipeline.run(pipe, "a cat", num_images=2, height=64, width=64, **RUN)
 
 
 @pytest.fixture(scope="module")
