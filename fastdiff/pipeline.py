@@ -378,65 +378,16 @@ class Pipeline:
         timings: dict[str, float] = {}
         clock = _Clock(self.device, timed, timings)
         cfg = guidance_scale > 1.0  # as diffusers: guidance off at <= 1
-        n = len(prompts) * num_images
-
-        # 1. Text: [negative; positive] embeddings, each prompt repeated num_images times.
         with clock("text_encoder"):
-            ids = self.tokenizer(prompts)  # [B, 77]
-            if cfg:
-                ids = torch.cat([self.tokenizer(negative or [""] * len(prompts)), ids])  # [2B, 77]
-            context = self._call("text_encoder", self.backend.encode_text, ids)  # [(2)B, 77, D]
-            if not torch.isfinite(context).all():
-                raise NonFiniteError(self._nonfinite_message("text encoder", "its output", "text_encoder"))
-            context = context.repeat_interleave(num_images, dim=0)  # [(2)N, 77, D]
-
-        # 2. Initial noise, drawn like diffusers: CPU generator, network dtype, then scaled.
+            context = self.encode_prompt(prompts, negative if cfg else None, num_images, cfg)
         generator = torch.Generator("cpu")
         generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
-        shape = (n, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
-        latents = latents * sched.init_noise_sigma
-        n_evals = len(sched.timesteps)
-        noise = None
-        if getattr(sched, "needs_noise", False):  # ancestral sampling: per-step noise, drawn up front in order
-            noise = torch.randn((n_evals, *shape), generator=generator, dtype=self.dtype).to(self.device, torch.float32)
-
-        # 3. Denoise: one captured CUDA graph per step where possible, else the same loop eagerly.
+        latents, noise = self.initial_latents(generator, sched, len(prompts) * num_images, height, width)
         with clock("denoise"):
-            graphed = self._graphed_step(sched, scheduler, steps, cfg, latents, context)
-            first_bad = None  # the first step whose latents are not finite, tracked on the device (no sync)
-            if graphed is not None:
-                with graphed.lock:
-                    latents = graphed.run(latents, context, guidance_scale, noise)
-            else:
-                state = sched.init_state(latents)
-                first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
-                for i in range(n_evals):
-                    x = torch.cat([latents, latents]) if cfg else latents  # [(2)N, 4, h, w]
-                    x = sched.scale_model_input(x, i)
-                    eps = self.backend.unet(x, sched.timesteps[i], context).float()
-                    if cfg:
-                        eps_uncond, eps_text = eps.chunk(2)
-                        eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-                    latents = sched.step(eps, i, latents, state, noise=None if noise is None else noise[i])
-                    first_bad = torch.where((first_bad < 0) & ~torch.isfinite(latents).all(), i, first_bad)
-            if not torch.isfinite(latents).all():
-                at = "a step of the captured graph" if first_bad is None else f"step {int(first_bad) + 1} of {n_evals}"
-                cause = ""
-                if cfg and abs(guidance_scale) > 100:
-                    cause = f"guidance_scale={guidance_scale:g} (usual: 1-20) overflows the guided noise prediction; "
-                raise NonFiniteError(self._nonfinite_message("denoising loop", at, "unet", cause))
-        timings["unet_step"] = timings["denoise"] / n_evals if timed else 0.0
-
-        # 4. Decode to [0, 1] NHWC float32.
+            latents = self.denoise(sched, scheduler, latents, context, guidance_scale, noise)
+        timings["unet_step"] = timings["denoise"] / len(sched.timesteps) if timed else 0.0
         with clock("vae_decode"):
-            latents = latents / self.scaling_factor
-            image = self._call("vae_decode", self.backend.decode, latents).float()
-            if self.dtype == torch.float16 and not torch.isfinite(image).all():
-                image = self._decode_fp32(latents)
-            if not torch.isfinite(image).all():
-                raise NonFiniteError(self._nonfinite_message("VAE decode", "its output", "vae"))
-            image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, 3]
+            image = self.decode(latents)
         if timed:
             timings["end_to_end"] = sum(timings[k] for k in ("text_encoder", "denoise", "vae_decode"))
 
@@ -444,6 +395,75 @@ class Pipeline:
             return Result(image, timings)
         pil = to_pil(image)
         return Result(pil[0] if single and num_images == 1 else pil, timings)
+
+    # ------------------------------------------------------------------------------------------
+    # The stages of a run, each usable on its own (img2img and inpainting start denoising from
+    # other latents; the text and decode stages are the same).
+
+    def encode_prompt(self, prompts: list[str], negative: list[str] | None, num_images: int, cfg: bool) -> torch.Tensor:
+        """Text embeddings [(2)N, 77, D]: with guidance the negative (or empty) prompts first, each
+        prompt repeated num_images times."""
+        ids = self.tokenizer(prompts)  # [B, 77]
+        if cfg:
+            ids = torch.cat([self.tokenizer(negative or [""] * len(prompts)), ids])  # [2B, 77]
+        context = self._call("text_encoder", self.backend.encode_text, ids)  # [(2)B, 77, D]
+        if not torch.isfinite(context).all():
+            raise NonFiniteError(self._nonfinite_message("text encoder", "its output", "text_encoder"))
+        return context.repeat_interleave(num_images, dim=0)  # [(2)N, 77, D]
+
+    def initial_latents(self, generator: torch.Generator, sched, n: int, height: int, width: int):
+        """(latents [N, C, h, w], per-step noise [steps, N, C, h, w] or None), float32 on the device,
+        drawn as diffusers draws them: CPU generator, network dtype, then scaled; an ancestral
+        sampler's per-step noise next, in step order."""
+        shape = (n, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
+        latents = latents * sched.init_noise_sigma
+        noise = None
+        if sched.needs_noise:
+            steps = len(sched.timesteps)
+            noise = torch.randn((steps, *shape), generator=generator, dtype=self.dtype).to(self.device, torch.float32)
+        return latents, noise
+
+    def denoise(self, sched, scheduler: str, latents, context, guidance_scale: float, noise=None) -> torch.Tensor:
+        """Every step of `sched` from `latents`: one captured CUDA graph per step where possible,
+        else the same loop eagerly. NaN/inf in the result raises NonFiniteError naming the step."""
+        cfg = guidance_scale > 1.0
+        n_evals = len(sched.timesteps)
+        graphed = self._graphed_step(sched, scheduler, sched.num_steps, cfg, latents, context)
+        first_bad = None  # the first step whose latents are not finite, tracked on the device (no sync)
+        if graphed is not None:
+            with graphed.lock:
+                latents = graphed.run(latents, context, guidance_scale, noise)
+        else:
+            state = sched.init_state(latents)
+            first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+            for i in range(n_evals):
+                x = torch.cat([latents, latents]) if cfg else latents  # [(2)N, 4, h, w]
+                x = sched.scale_model_input(x, i)
+                eps = self.backend.unet(x, sched.timesteps[i], context).float()
+                if cfg:
+                    eps_uncond, eps_text = eps.chunk(2)
+                    eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+                latents = sched.step(eps, i, latents, state, noise=None if noise is None else noise[i])
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(latents).all(), i, first_bad)
+        if not torch.isfinite(latents).all():
+            at = "a step of the captured graph" if first_bad is None else f"step {int(first_bad) + 1} of {n_evals}"
+            cause = ""
+            if cfg and abs(guidance_scale) > 100:
+                cause = f"guidance_scale={guidance_scale:g} (usual: 1-20) overflows the guided noise prediction; "
+            raise NonFiniteError(self._nonfinite_message("denoising loop", at, "unet", cause))
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> images [N, H, W, 3] float32 in [0, 1]; an fp16 decode that overflows is
+        redone in fp32, and NaN/inf left after that raises NonFiniteError."""
+        latents = latents / self.scaling_factor
+        image = self._call("vae_decode", self.backend.decode, latents).float()
+        if self.dtype == torch.float16 and not torch.isfinite(image).all():
+            image = self._decode_fp32(latents)
+        if not torch.isfinite(image).all():
+            raise NonFiniteError(self._nonfinite_message("VAE decode", "its output", "vae"))
+        return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # [N, H, W, 3]
 
 
 def to_pil(images: np.ndarray):
