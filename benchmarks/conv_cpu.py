@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastdiff import iospec, ops
+from fastdiff import ops, sd15
 from fastdiff.models import UNet2DConditionModel, UNetConfig
 from fastdiff.models.common import Conv2d
 
@@ -31,7 +31,7 @@ def unet_conv_shapes(size: int, batch: int) -> collections.Counter:
     """(input shape, out channels, kernel, stride, padding) -> calls in one UNet forward, found by
     running SD1.5's UNet on the meta device (no weights, no compute)."""
     with torch.device("meta"):
-        unet = UNet2DConditionModel(UNetConfig.from_dict(iospec.SD15_UNET)).eval()
+        unet = UNet2DConditionModel(UNetConfig.from_dict(sd15.SD15_UNET)).eval()
     shapes: collections.Counter = collections.Counter()
 
     def record(mod, args, _out):

@@ -19,7 +19,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fastdiff import iospec
+from fastdiff import iospec, sd15
 
 FORMAT = 1  # bump when the export layout or its meaning changes
 MANIFEST = "manifest.json"
@@ -152,7 +152,7 @@ def source_hash(model_root: Path) -> str:
 
 def random_source_hash(seed: int) -> str:
     """Stand-in source hash of a `--random-weights` export: the SD1.5 configs and the seed."""
-    blob = json.dumps({"random_weights": True, "seed": seed, "configs": iospec.SD15_CONFIGS}, sort_keys=True)
+    blob = json.dumps({"random_weights": True, "seed": seed, "configs": sd15.SD15_CONFIGS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -40,10 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastdiff import iospec, ops
+from fastdiff import iospec, ops, sd15
 from fastdiff.export import cache
 from fastdiff.export.cache import ExportOptions, Shapes
-from fastdiff.weights import read_config
+from fastdiff.weights import read_config, read_configs
 
 log = logging.getLogger("fastdiff.export")
 
@@ -109,10 +109,6 @@ def wrap(name: str, module: nn.Module, configs: dict, precision: str) -> nn.Modu
 # loading the torch modules
 
 
-def read_configs(model_root: Path) -> dict[str, dict]:
-    return {k: read_config(Path(model_root) / k / "config.json") for k in ("text_encoder", "unet", "vae")}
-
-
 def load_networks(model_root: Path) -> dict[str, nn.Module]:
     """fastdiff's three modules with the model's weights, float32 on the CPU, keyed by iospec name."""
     from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
@@ -135,7 +131,7 @@ def random_networks(seed: int = 0) -> dict[str, nn.Module]:
     from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 
     torch.manual_seed(seed)
-    c = iospec.SD15_CONFIGS
+    c = sd15.SD15_CONFIGS
     return {
         "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(c["text_encoder"])).eval().requires_grad_(False),
         "unet": UNet2DConditionModel(UNetConfig.from_dict(c["unet"])).eval().requires_grad_(False),
@@ -419,7 +415,7 @@ def _write_side_files(folder: Path, model_root: Path | None, configs: dict) -> N
 
         shutil.copytree(ASSETS / "clip-tokenizer", folder / "tokenizer")
         (folder / "scheduler").mkdir()
-        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(iospec.SD15_SCHEDULER, indent=2))
+        (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd15.SD15_SCHEDULER, indent=2))
         source_index = {
             "_class_name": "StableDiffusionPipeline",
             "scheduler": ["diffusers", "PNDMScheduler"],
@@ -450,7 +446,7 @@ def export(
     if random_weights:
         if str(model) != "sd15":
             raise ValueError("--random-weights builds SD1.5's architecture: use it with MODEL sd15")
-        model_root, configs, source_sha = None, iospec.SD15_CONFIGS, cache.random_source_hash(seed)
+        model_root, configs, source_sha = None, sd15.SD15_CONFIGS, cache.random_source_hash(seed)
     else:
         from fastdiff.weights import resolve_model
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from fastdiff import iospec
 from fastdiff.export import cache
+from fastdiff.weights import read_configs
 
 log = logging.getLogger("fastdiff.export")
 
@@ -141,8 +142,7 @@ def build_engines(export_dir: Path, profile: Profile) -> Path:
     if found is not None:
         log.info("fastdiff.export: reusing TensorRT engines in %s", found)
         return found
-    configs = {k: json.loads((export_dir / n / "config.json").read_text()) for n, k in
-               (("text_encoder", "text_encoder"), ("unet", "unet"), ("vae_decoder", "vae"))}
+    configs = read_configs(export_dir, exported=True)
     folder, key = _profile_dir(export_dir, profile, trt)
     timing_path = folder.parent / "timing.cache"
     folder.parent.mkdir(parents=True, exist_ok=True)

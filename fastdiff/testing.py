@@ -65,17 +65,17 @@ TINY_TEXT = dict(
 
 def architecture(arch: str) -> tuple[dict, dict, dict, dict]:
     """(unet, vae, text encoder, scheduler) constructor arguments for `arch` ("tiny" or "sd15");
-    SD1.5's come from fastdiff.iospec, the one place that holds them."""
-    from fastdiff import iospec
+    SD1.5's come from fastdiff.sd15, the one place that holds them."""
+    from fastdiff import sd15
 
     def args(cfg: dict) -> dict:  # config.json bookkeeping keys are not constructor arguments
         return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
 
-    scheduler = dict(iospec.SD15_SCHEDULER)  # written verbatim: DDIM reads clip_sample, PNDM does not
+    scheduler = dict(sd15.SD15_SCHEDULER)  # written verbatim: DDIM reads clip_sample, PNDM does not
     if arch == "tiny":
         return TINY_UNET, TINY_VAE, TINY_TEXT, scheduler
     if arch == "sd15":
-        c = iospec.SD15_CONFIGS
+        c = sd15.SD15_CONFIGS
         return args(c["unet"]), args(c["vae"]), args(c["text_encoder"]), scheduler
     raise ValueError(f"arch={arch!r}: tiny or sd15")
 

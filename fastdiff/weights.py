@@ -90,6 +90,18 @@ def read_config(path: str | os.PathLike) -> dict:
     return value
 
 
+def read_configs(folder: str | os.PathLike, *, exported: bool = False) -> dict[str, dict]:
+    """The three networks' configs, keyed text_encoder / unet / vae: from a diffusers-format model
+    folder, or from an export (`exported`: its VAE decoder's folder is vae_decoder/)."""
+    folder = Path(folder)
+    vae = "vae_decoder" if exported else "vae"
+    return {
+        "text_encoder": read_config(folder / "text_encoder" / "config.json"),
+        "unet": read_config(folder / "unet" / "config.json"),
+        "vae": read_config(folder / vae / "config.json"),
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # model resolution
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff.iospec import SD15_SCHEDULER
+from fastdiff.sd15 import SD15_SCHEDULER
 
 ASSETS = Path(__file__).resolve().parents[1] / "fastdiff" / "assets"
 TOKENIZER_DIR = ASSETS / "clip-tokenizer"

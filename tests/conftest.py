@@ -9,7 +9,7 @@ import tempfile
 import pytest
 import torch
 
-from fastdiff import iospec
+from fastdiff import sd15
 
 # Tests never read or write the user's cache, nor follow their default-model setting.
 os.environ["FASTDIFF_CACHE"] = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
@@ -76,10 +76,10 @@ CLIP_SMALL = {
     ),
 }
 
-# SD1.5's configs live once, in fastdiff.iospec (as the files hold them); here as constructor kwargs.
-SD15_UNET = {k: v for k, v in iospec.SD15_UNET.items() if not k.startswith("_")}
-SD15_VAE = {k: v for k, v in iospec.SD15_VAE.items() if not k.startswith("_")}
-SD15_CLIP = {k: v for k, v in iospec.SD15_TEXT_ENCODER.items() if k not in ("architectures", "model_type")}
+# SD1.5's configs live once, in fastdiff.sd15 (as the files hold them); here as constructor kwargs.
+SD15_UNET = {k: v for k, v in sd15.SD15_UNET.items() if not k.startswith("_")}
+SD15_VAE = {k: v for k, v in sd15.SD15_VAE.items() if not k.startswith("_")}
+SD15_CLIP = {k: v for k, v in sd15.SD15_TEXT_ENCODER.items() if k not in ("architectures", "model_type")}
 
 
 @pytest.fixture(params=sorted(UNET_SMALL))

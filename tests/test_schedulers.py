@@ -19,7 +19,7 @@ import math
 import diffusers
 import pytest
 
-from fastdiff import iospec
+from fastdiff import sd15
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -31,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 TOL = 2e-6
 
-SD15 = iospec.SD15_SCHEDULER
+SD15 = sd15.SD15_SCHEDULER
 # v-prediction, leading spacing for every class (Euler's init_noise_sigma takes its other branch).
 VPRED = dict(SD15, prediction_type="v_prediction", timestep_spacing="leading")
 # Linear betas, trailing spacing, alpha_bar_prev = 1 at the end.

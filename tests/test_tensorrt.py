@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import iospec
+from fastdiff import iospec, sd15
 from fastdiff.export import tensorrt as trt_export
+from fastdiff.weights import read_configs
 
 
 def _has_tensorrt() -> str | None:
@@ -47,7 +48,7 @@ def test_backend_refuses_without_tensorrt(tmp_path):
 
 def test_profile_shapes():
     """Text encoder / UNet rows are doubled for CFG (min 1 row: guidance off); the VAE's are not."""
-    configs = iospec.SD15_CONFIGS
+    configs = sd15.SD15_CONFIGS
     dyn = trt_export.Profile.for_request(2, 512, 768)
     assert not dyn.static
     unet = dyn.shapes(iospec.UNET, configs)
@@ -85,7 +86,7 @@ def test_engines_match_torch(tmp_path, monkeypatch):
 
     backend = TensorRTBackend(engines, export_dir, device=torch.device("cuda"))
     nets = ox.load_networks(folder)
-    configs = ox.read_configs(folder)
+    configs = read_configs(folder)
     for name in iospec.NETWORKS:
         net = iospec.NETWORKS[name]
         rows = 2 if name != "vae_decoder" else 1

@@ -18,7 +18,7 @@ import logging
 from fastdiff import iospec
 from fastdiff.backends.base import Backend
 from fastdiff.export.cache import read_manifest
-from fastdiff.weights import read_config
+from fastdiff.weights import read_configs
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32}
 
@@ -75,11 +75,7 @@ class OnnxRuntimeBackend(Backend):
         self.latent_multiple = manifest.get("latent_multiple") or 1
         static = (manifest.get("options") or {}).get("static")
         self.static_size = (static["height"], static["width"]) if static else None
-        self.configs = {
-            "text_encoder": read_config(self.export_dir / "text_encoder" / "config.json"),
-            "unet": read_config(self.export_dir / "unet" / "config.json"),
-            "vae": read_config(self.export_dir / "vae_decoder" / "config.json"),
-        }
+        self.configs = read_configs(self.export_dir, exported=True)
         if self.device.type == "cuda":
             if not cuda_provider_available():
                 raise RuntimeError("onnxruntime on CUDA needs the onnxruntime-gpu package (CUDAExecutionProvider)")

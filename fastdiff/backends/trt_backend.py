@@ -17,7 +17,7 @@ import torch
 
 from fastdiff import iospec
 from fastdiff.backends.base import Backend
-from fastdiff.weights import read_config
+from fastdiff.weights import read_configs
 
 _TORCH = {}  # tensorrt.DataType -> torch dtype, filled on first use
 
@@ -109,11 +109,7 @@ class TensorRTBackend(Backend):
 
         trt = require_tensorrt()
         self.device, self.dtype = torch.device(device), torch.float16
-        self.configs = {
-            "text_encoder": read_config(export_dir / "text_encoder" / "config.json"),
-            "unet": read_config(export_dir / "unet" / "config.json"),
-            "vae": read_config(export_dir / "vae_decoder" / "config.json"),
-        }
+        self.configs = read_configs(export_dir, exported=True)
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._trt_logger)
         with torch.cuda.device(self.device):
@@ -174,7 +170,6 @@ def _default_profile(root: Path):
     """Dynamic profile: 1-4 images, 256-1024 px, optimised for the model's default size."""
     from fastdiff.export.tensorrt import Profile
 
-    unet = read_config(Path(root) / "unet" / "config.json")
-    vae = read_config(Path(root) / "vae" / "config.json")
-    side = int(unet.get("sample_size", 64)) * iospec.vae_scale_factor(vae)
+    configs = read_configs(root)
+    side = int(configs["unet"].get("sample_size", 64)) * iospec.vae_scale_factor(configs["vae"])
     return Profile.for_request(1, side, side)
