@@ -26,6 +26,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# It stays set for the rest of this process: Triton reads it again during launches
+# (knobs.runtime.interpret), so an interpreted kernel fails once it is unset. Child processes that
+# need compiled kernels set TRITON_INTERPRET=0 themselves (sm90_builds below).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -252,12 +255,8 @@ def test_attention_configs_pruned_to_sequence_and_registers():
     assert len(attn_mod._prune_configs(ahead + configs[-1:], {**chunked, "NUM_SPLITS": 8}, HEAD_DIM=64)) == 1
 
 
-def test_attention_bf16_cpu():
-    _need("cpu")
-    pytest.skip(
-        "Triton's interpreter computes tl.dot on bf16 by multiplying the raw uint16 bit patterns "
-        "(runtime/interpreter.py create_dot), so bf16 attention is checked by the CUDA cases only"
-    )
+# No bf16 attention case on the CPU: Triton's interpreter computes tl.dot on bf16 by multiplying the
+# raw uint16 bit patterns (runtime/interpreter.py create_dot); the CUDA cases check bf16 attention.
 
 
 # SD1.5 at 512x512 with CFG: self-attention 4096/1024/256/64 tokens at head dims 40/80/160/160,
@@ -333,10 +332,10 @@ def test_attention_cuda_fp32_odd_lengths():
 gn_mod = importlib.import_module("fastdiff.kernels.group_norm")
 
 
-def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=1e-5, silu=True, plan=None):
-    """One launch against float64 torch; `plan` (a name from _plans) forces that launch plan,
-    else the launcher picks as in use."""
-    x = (torch.randn(shape, device=device) + mean).to(dtype)
+def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=1e-5, silu=True, plan=None, scale=1.0):
+    """One launch against float64 torch on `scale` * randn + `mean`; `plan` (a name from _plans)
+    forces that launch plan, else the launcher picks as in use."""
+    x = (scale * torch.randn(shape, device=device) + mean).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     C = shape[1]
@@ -364,12 +363,34 @@ def test_group_norm_cpu_dtypes_layouts(dtype, channels_last):
     _group_norm_case((1, 320, 5, 7), 32, dtype, "cpu", channels_last, eps=1e-6, silu=True)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("silu", [False, True])
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
-def test_group_norm_cpu_eps_silu(eps, silu):
-    """960 channels (30 per group), both eps values, with and without SiLU."""
+def test_group_norm_cpu_eps_silu(eps, silu, channels_last):
+    """960 channels (30 per group), both eps values, with and without SiLU, in both layouts."""
     _need("cpu")
-    _group_norm_case((1, 960, 3, 5), 32, torch.float32, "cpu", channels_last=silu, eps=eps, silu=silu)
+    _group_norm_case((1, 960, 3, 5), 32, torch.float32, "cpu", channels_last=channels_last, eps=eps, silu=silu)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_cpu_variance_near_eps_every_plan(channels_last):
+    """1e-3 * randn has a variance of 1e-6, SD's eps: rstd = 1 / sqrt(var + eps) then depends on eps
+    as much as on the data, so every plan's use of eps is checked (inputs of variance ~1 hide it)."""
+    _need("cpu")
+    shape, groups = (2, 320, 16, 16), 32  # a shape with every plan kind: fused, split, flat / nhwc, last-first
+    layout = "nhwc" if channels_last else "nchw"
+    plans = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], groups, torch.device("cpu"), layout, gn_mod._LAST_FIRST_MIN_BYTES)
+    assert {"fused", "split8", "flat8" if layout == "nchw" else "nhwc8", "split8r"} <= set(plans), plans
+    for plan in plans:
+        _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, eps=1e-6, silu=False, plan=plan, scale=1e-3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_group_norm_cpu_constant_groups(channels_last):
+    """Zero variance: every group constant (a flat region), so y = bias exactly, with no NaN from
+    the statistics (a naive E[x^2] - E[x]^2 can go negative there)."""
+    _need("cpu")
+    _group_norm_case((2, 64, 5, 7), 32, torch.float32, "cpu", channels_last, mean=0.37, eps=1e-6, silu=True, scale=0.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
