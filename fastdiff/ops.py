@@ -182,16 +182,16 @@ def _attention_choice(q, k, v, scale) -> str:
     key = (q.shape, k.shape, q.stride(), k.stride(), v.stride(), q.dtype, q.device, scale)
     if key in ATTENTION_CHOICE:
         return ATTENTION_CHOICE[key][0]
-    from fastdiff.kernels import _tuning
+    from fastdiff.kernels import tuning
     from fastdiff.kernels import attention as _k
     from fastdiff.kernels.attention import MAX_HEAD_DIM
 
-    if not _tuning.can_time(q.device) or q.shape[-1] > MAX_HEAD_DIM:
+    if not tuning.can_time(q.device) or q.shape[-1] > MAX_HEAD_DIM:
         return "triton"  # over the kernel's largest head dim the launcher runs SDPA itself
     _k(q, k, v, scale=scale)  # the kernel's own tuning (tile configs, key split) before the timing
     B, H, N, D = q.shape
     runs = {"triton": lambda: _k(q, k, v, scale=scale), "torch": lambda: attention_ref(q, k, v, scale)}
-    best, times = _tuning.fastest(runs, lambda run: run().transpose(1, 2).reshape(B, N, H * D))
+    best, times = tuning.fastest(runs, lambda run: run().transpose(1, 2).reshape(B, N, H * D))
     ATTENTION_CHOICE[key] = (best, times)
     return best
 

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import _tuning
+from . import tuning
 
 # Head dims above this run through torch's SDPA instead: the only such case in SD1.5 is the VAE
 # mid-block (one head of 512 channels, once per decode), whose [BLOCK_M, 512] fp32 accumulator does
@@ -393,13 +393,13 @@ def _tuned_splits(q, k, v, out, scale: float) -> int:
     key = (B, H, Sq, Sk, D, q.dtype, q.stride(), k.stride(), v.stride(), out.stride(), q.device)
     if key in TUNED_SPLITS:
         return TUNED_SPLITS[key][0]
-    if not _tuning.can_time(q.device) or q.dtype == torch.float32:
+    if not tuning.can_time(q.device) or q.dtype == torch.float32:
         return 1
     plans = {"1": 1}
-    if triton.cdiv(Sq, 64) * B * H < _tuning.num_sms(q.device):
+    if triton.cdiv(Sq, 64) * B * H < tuning.num_sms(q.device):
         plans.update({str(n): n for n in _SPLIT_CANDIDATES if n * 64 <= Sk})
     if len(plans) > 1:
-        best, times = _tuning.fastest(plans, lambda n: _launch(q, k, v, out, scale, n))
+        best, times = tuning.fastest(plans, lambda n: _launch(q, k, v, out, scale, n))
     else:
         best, times = "1", {}
     TUNED_SPLITS[key] = (plans[best], times)

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _tuning
+from . import tuning
 
 _TILE = 2048  # elements per [BLOCK_HW, BLOCK_C] tile: 16 per thread at 4 warps
 _NUM_WARPS = 4
@@ -520,7 +520,7 @@ def _chunks(length: int, block: int, programs: int, device: torch.device, per_sm
     `programs` programs per chunk make about `per_sm` programs per SM: whole tiles per chunk, no
     empty chunk (the count may come out 1)."""
     tiles = triton.cdiv(length, block)
-    split = min(tiles, max(1, triton.cdiv(per_sm * _tuning.num_sms(device), programs)))
+    split = min(tiles, max(1, triton.cdiv(per_sm * tuning.num_sms(device), programs)))
     per_split = triton.cdiv(tiles, split) * block
     return per_split, triton.cdiv(length, per_split)
 
@@ -682,12 +682,12 @@ def _layout(x3, y3) -> str:
 
 def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> Plan:
     """The fastest candidate plan for this call's shape, layout and dtype, timed once. Where
-    timing is impossible (see _tuning.can_time), the untimed default, not remembered."""
+    timing is impossible (see tuning.can_time), the untimed default, not remembered."""
     B, C, HW = x3.shape
     key = (B, C, HW, num_groups, x3.stride(), y3.stride(), x3.dtype, silu, x3.device)
     if key in TUNED:
         return TUNED[key][0]
-    if not _tuning.can_time(x3.device):
+    if not tuning.can_time(x3.device):
         return _default_plan(B, C, HW, num_groups, x3.device)
     nbytes = x3.numel() * x3.element_size()
     plans = _plans(B, C, HW, num_groups, x3.device, _layout(x3, y3), nbytes)
@@ -695,7 +695,7 @@ def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -
     # Copies with x3's exact strides (clone would pack a batch-strided view): the plans key on them.
     twins = [torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device) for _ in range(copies - 1)]
     inputs = itertools.cycle([x3] + [t.copy_(x3) for t in twins])
-    best, times = _tuning.fastest(
+    best, times = tuning.fastest(
         plans, lambda plan: _launch(plan, next(inputs), y3, weight, bias, num_groups, eps, silu)
     )
     TUNED[key] = (plans[best], times)

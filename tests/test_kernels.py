@@ -169,7 +169,7 @@ def test_attention_split_tuner(monkeypatch):
     """The key-split choice (CUDA-only in use) with a stand-in timer: only where the query tiles
     leave SMs idle, each candidate timed once, the fastest kept, the result still right."""
     _need("cpu")
-    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    tuning = importlib.import_module("fastdiff.kernels.tuning")
     timed = []
 
     def fake_time(fn):
@@ -605,7 +605,7 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
         fake_ms[len(fake_ms)] = 1.0 / (1 + len(fake_ms))  # later candidates "faster": picks the last
         return fake_ms[len(fake_ms) - 1]
 
-    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    tuning = importlib.import_module("fastdiff.kernels.tuning")
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "time_ms", fake_time)
     monkeypatch.setattr(gn_mod, "TUNED", {})
@@ -637,7 +637,7 @@ def test_group_norm_tuner_rotates_large_inputs(monkeypatch):
             fn()
         return float(len(seen))
 
-    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    tuning = importlib.import_module("fastdiff.kernels.tuning")
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "time_ms", fake_time)
     monkeypatch.setattr(gn_mod, "_launch", recording_launch)
@@ -664,7 +664,7 @@ def test_group_norm_tuner_copies_keep_a_batch_strided_input_in_place(monkeypatch
     layout, whose flat plan uses one batch stride for x and out: the timing copies must keep that
     stride, or the timed calls write outside `out` (a review's repro)."""
     _need("cpu")
-    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    tuning = importlib.import_module("fastdiff.kernels.tuning")
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "time_ms", lambda fn: (fn(), fn(), 1.0)[-1])
     monkeypatch.setattr(gn_mod, "TUNED", {})
@@ -684,7 +684,7 @@ def test_time_ms_sizes_its_graph_and_divides_by_what_it_captured(monkeypatch):
     import contextlib
     import types
 
-    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    tuning = importlib.import_module("fastdiff.kernels.tuning")
     per_call_ms = iter([0.0125, 0.005, 0.002])  # per capture
     graphs = []
 
@@ -710,7 +710,7 @@ def test_time_ms_measures_gpu_time_in_graphs():
     cycles must time about 4x; both well above zero. The least of three timings each, and wide
     bounds: device_check runs the CUDA tests in 12 processes sharing the GPU."""
     _need("cuda")
-    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    tuning = importlib.import_module("fastdiff.kernels.tuning")
     short = min(tuning.time_ms(lambda: torch.cuda._sleep(20_000)) for _ in range(3))  # ~10 us at ~2 GHz
     long = min(tuning.time_ms(lambda: torch.cuda._sleep(80_000)) for _ in range(3))
     assert short > 0.002 and 2.5 < long / short < 6.0, (short, long)
@@ -723,7 +723,7 @@ def test_auto_mode_runs_the_attention_that_timed_faster(monkeypatch):
     _need("cpu")
     import fastdiff.ops as ops
 
-    tuning = importlib.import_module("fastdiff.kernels._tuning")
+    tuning = importlib.import_module("fastdiff.kernels.tuning")
     monkeypatch.setattr(ops, "_use_triton", lambda x: True)  # as for a CUDA tensor
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(ops, "ATTENTION_CHOICE", {})
