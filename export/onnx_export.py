@@ -12,8 +12,8 @@ torch reference while exporting.
 Attention: with `attention="mha"` (the default, for onnxruntime) every unmasked
 scaled_dot_product_attention becomes one com.microsoft MultiHeadAttention node, through a custom
 translation; "plain" keeps ONNX's MatMul/Softmax/MatMul (TensorRT fuses that form itself). On
-onnxruntime CPU the node made one SD1.5 512-px self-attention (2 x 4096 tokens) 1.33x faster and
-the whole UNet step 1.36x faster (15.9 s against 21.6 s, batch 2, 2 cores).
+onnxruntime's CPU provider the node made the UNet step faster (README, "Export and backends";
+`python benchmarks/latency.py` measures it).
 
 fp16: the modules are traced in half precision (time embedding angles stay float32 as the model
 computes them), then InstanceNormalization / LayerNormalization / Softmax nodes get Cast nodes so

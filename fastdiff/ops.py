@@ -10,9 +10,9 @@ Which path runs is chosen by the kernel mode:
   - "auto"   (default): Triton on CUDA tensors, torch reference everywhere else; except that
               attention runs torch's SDPA instead at shapes where SDPA timed faster at the
               shape's first call (`ATTENTION_CHOICE`), so the pipeline is never slower for
-              using the kernel where cuDNN's is ahead. GroupNorm (1.75-5x) and GEGLU
-              (2.2-2.9x) measured faster than torch's at every SD shape, so they are not
-              timed against it;
+              using the kernel where cuDNN's is ahead. GroupNorm and GEGLU measured
+              faster than torch's at every SD shape (benchmarks/NOTES-gpu.md, from
+              benchmarks/kernel_bench.py), so they are not timed against it;
   - "torch":  always the torch reference;
   - "triton": always Triton (on CPU tensors this needs TRITON_INTERPRET=1, which is how CI tests
               the kernels).

@@ -260,8 +260,8 @@ class Pipeline:
         kernels: "torch" | "triton" | "auto" | None (FASTDIFF_KERNELS) for the torch backend's ops.
         cuda_graph: capture each denoising step in one CUDA graph on GPU (False: eager, for debugging).
         channels_last: the torch backend's UNet and VAE in NHWC memory order (same function).
-            None: on for CUDA (measured on an H200, SD1.5 512 px fp16 with graph + Triton: UNet step
-            7.1 ms vs 11.4 ms NCHW), off on CPU (not measured faster there).
+            None: on for CUDA (measured faster there: the torch:nchw runner of benchmarks/latency.py,
+            figures in benchmarks/NOTES-gpu.md), off on CPU (not measured faster there).
         limits: caps on one call's work (default: `Limits.from_env()`).
         """
         if backend not in BACKENDS:
