@@ -36,17 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# (B, heads, Sq, Sk, head_dim): down/up blocks at 64/32/16 latents and the mid block at 8, self and cross.
-ATTENTION_SHAPES = [
-    (2, 8, 4096, 4096, 40),
-    (2, 8, 4096, 77, 40),
-    (2, 8, 1024, 1024, 80),
-    (2, 8, 1024, 77, 80),
-    (2, 8, 256, 256, 160),
-    (2, 8, 256, 77, 160),
-    (2, 8, 64, 64, 160),
-    (2, 8, 64, 77, 160),
-]
+from fastdiff.sd15 import ATTENTION_SHAPES
+
 GROUP_NORM_SHAPES = [(2, c, s, s) for c in (320, 640, 1280) for s in (64, 32, 16, 8)]
 # The VAE decoder's largest GroupNorm input (64 MB in fp16, beyond L2, where the last-first plans
 # are offered): its own runner, last, so a step cut at its time limit loses only this row.

@@ -64,3 +64,16 @@ SD15_SCHEDULER = {
     "trained_betas": None,
 }
 SD15_CONFIGS = {"text_encoder": SD15_TEXT_ENCODER, "unet": SD15_UNET, "vae": SD15_VAE}
+
+# The UNet's attention calls at 512x512 with CFG (batch 2): (B, heads, Sq, Sk, head_dim) for the
+# down/up blocks at 64/32/16 latents and the mid block at 8, self- and cross-attention.
+ATTENTION_SHAPES = [
+    (2, 8, 4096, 4096, 40),
+    (2, 8, 4096, 77, 40),
+    (2, 8, 1024, 1024, 80),
+    (2, 8, 1024, 77, 80),
+    (2, 8, 256, 256, 160),
+    (2, 8, 256, 77, 160),
+    (2, 8, 64, 64, 160),
+    (2, 8, 64, 77, 160),
+]

@@ -63,21 +63,64 @@ TINY_TEXT = dict(
 )
 
 
+# Two small architectures for the tests ("a", "b"), differing in every dimension the model code reads.
+UNET_A = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=32,
+)
+UNET_B = dict(
+    block_out_channels=(16, 32, 48),
+    layers_per_block=1,
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=48,
+    attention_head_dim=(2, 4, 4),
+    norm_num_groups=8,
+    use_linear_projection=True,
+)
+TEXT_A = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+              hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu")
+TEXT_B = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+              hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6, hidden_act="gelu")
+SMALL_VAE = dict(
+    block_out_channels=(32, 64),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=32,
+)
+ARCHS = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "a": (UNET_A, SMALL_VAE, TEXT_A), "b": (UNET_B, SMALL_VAE, TEXT_B)}
+
+
 def architecture(arch: str) -> tuple[dict, dict, dict, dict]:
-    """(unet, vae, text encoder, scheduler) constructor arguments for `arch` ("tiny" or "sd15");
-    SD1.5's come from fastdiff.sd15, the one place that holds them."""
+    """(unet, vae, text encoder, scheduler) constructor arguments for `arch` (one of ARCHS, or
+    "sd15"); SD1.5's come from fastdiff.sd15, the one place that holds them."""
     from fastdiff import sd15
 
     def args(cfg: dict) -> dict:  # config.json bookkeeping keys are not constructor arguments
         return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
 
     scheduler = dict(sd15.SD15_SCHEDULER)  # written verbatim: DDIM reads clip_sample, PNDM does not
-    if arch == "tiny":
-        return TINY_UNET, TINY_VAE, TINY_TEXT, scheduler
+    if arch in ARCHS:
+        return (*ARCHS[arch], scheduler)
     if arch == "sd15":
         c = sd15.SD15_CONFIGS
         return args(c["unet"]), args(c["vae"]), args(c["text_encoder"]), scheduler
-    raise ValueError(f"arch={arch!r}: tiny or sd15")
+    raise ValueError(f"arch={arch!r}: one of {', '.join(ARCHS)} or sd15")
 
 
 def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
@@ -89,10 +132,13 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
-def build_random_folder(folder: Path, arch: str = "tiny", seed: int = 0) -> Path:
+def build_random_folder(folder: Path, arch: str = "tiny", seed: int = 0, sd15_layout: bool = True) -> Path:
     """A seeded random-weight StableDiffusionPipeline of architecture `arch`, saved to `folder`
-    in diffusers format (fp32 safetensors, SD1.5's PNDM scheduler config, the CLIP tokenizer).
-    The embedded model's architecture is the default; SD1.5's gives shape-true timings."""
+    in diffusers format (fp32 safetensors, the CLIP tokenizer). The embedded model's architecture
+    is the default; SD1.5's gives shape-true timings. `sd15_layout`: files as SD1.5's download
+    holds them (`text_model.` keys, its scheduler config verbatim); else as save_pretrained writes
+    them (transformers 5's unprefixed keys, PNDMScheduler's own config), the other layout fastdiff
+    must load."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -114,8 +160,9 @@ def build_random_folder(folder: Path, arch: str = "tiny", seed: int = 0) -> Path
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    (Path(folder) / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
-    _sd15_text_keys(Path(folder) / "text_encoder" / "model.safetensors")
+    if sd15_layout:
+        (Path(folder) / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg, indent=2) + "\n")
+        _sd15_text_keys(Path(folder) / "text_encoder" / "model.safetensors")
     return Path(folder)
 
 

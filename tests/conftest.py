@@ -3,13 +3,13 @@ SD1.5 configs, written out here so no download is needed."""
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 
 import pytest
-import torch
 
-from fastdiff import sd15
+from fastdiff import sd15, testing
 
 # Tests never read or write the user's cache, nor follow their default-model setting.
 os.environ["FASTDIFF_CACHE"] = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
@@ -97,18 +97,11 @@ def clip_small(request) -> dict:
     return dict(CLIP_SMALL[request.param])
 
 
-def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
-    """Add noise to every parameter: reference inits zero some layers (conv_out, proj_out...)
-    and would hide bugs behind them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
 @pytest.fixture
 def perturb():
-    return perturb_
+    """testing.perturb_ at 0.05: reference inits zero some layers (conv_out, proj_out...) and would
+    hide bugs behind them."""
+    return functools.partial(testing.perturb_, scale=0.05)
 
 
 @pytest.fixture(scope="session")
@@ -116,12 +109,10 @@ def exported(tmp_path_factory):
     """(model folder, export folder, cache root) for tiny model "a", fp32, dynamic axes, MHA
     attention: exported once per session, shared by the export and onnxruntime tests."""
     pytest.importorskip("onnxruntime")
-    from _tiny import make_sd_folder
-
     from fastdiff.export import onnx_export
 
     base = tmp_path_factory.getbasetemp()
-    folder = make_sd_folder(base / "tiny-sd-a", "a", seed=3)
+    folder = testing.build_random_folder(base / "tiny-sd-a", "a", seed=3, sd15_layout=False)
     root = base / "fastdiff-cache"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTDIFF_CACHE", str(root))

@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import make_sd_folder
-
-from fastdiff import schedulers
+from fastdiff import schedulers, testing
 from fastdiff.pipeline import Pipeline
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/device_check.sh)")
@@ -27,7 +25,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return make_sd_folder(tmp_path_factory.mktemp("sd-gpu"), "a", seed=3)
+    return testing.build_random_folder(tmp_path_factory.mktemp("sd-gpu"), "a", seed=3, sd15_layout=False)
 
 
 def test_triton_kernels_in_pipeline_match_torch(folder, tmp_path):

@@ -36,6 +36,7 @@ triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import fastdiff.kernels as K  # noqa: E402
+from fastdiff import sd15  # noqa: E402
 
 attn_mod = importlib.import_module("fastdiff.kernels.attention")
 geglu_mod = importlib.import_module("fastdiff.kernels.geglu")
@@ -259,19 +260,8 @@ def test_attention_configs_pruned_to_sequence_and_registers():
 # raw uint16 bit patterns (runtime/interpreter.py create_dot); the CUDA cases check bf16 attention.
 
 
-# SD1.5 at 512x512 with CFG: self-attention 4096/1024/256/64 tokens at head dims 40/80/160/160,
-# cross-attention to 77 tokens, and the VAE mid-block's single 512 head.
-CUDA_ATTENTION_SHAPES = [
-    (2, 8, 4096, 4096, 40),
-    (2, 8, 4096, 77, 40),
-    (2, 8, 1024, 1024, 80),
-    (2, 8, 1024, 77, 80),
-    (2, 8, 256, 256, 160),
-    (2, 8, 256, 77, 160),
-    (2, 8, 64, 64, 160),
-    (2, 8, 64, 77, 160),
-    (1, 1, 4096, 4096, 512),
-]
+# SD1.5 at 512x512 with CFG (the UNet's shapes), and the VAE mid-block's single 512 head.
+CUDA_ATTENTION_SHAPES = [*sd15.ATTENTION_SHAPES, (1, 1, 4096, 4096, 512)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

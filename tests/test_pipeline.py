@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from _tiny import make_sd_folder
-
 import fastdiff
-from fastdiff import schedulers
+from fastdiff import schedulers, testing
 from fastdiff.pipeline import Pipeline
 
 PROMPTS = ["a red circle on the left", "a photo of a cat, 4k, highly detailed"]
@@ -22,7 +20,7 @@ H, W = 32, 48  # non-square; the tiny VAE downsamples by 2
 
 @pytest.fixture(scope="module", params=["a", "b"])
 def model(request, tmp_path_factory):
-    folder = make_sd_folder(tmp_path_factory.mktemp(f"sd-{request.param}"), request.param, seed=ord(request.param))
+    folder = testing.build_random_folder(tmp_path_factory.mktemp(f"sd-{request.param}"), request.param, seed=ord(request.param), sd15_layout=False)
     return request.param, folder
 
 

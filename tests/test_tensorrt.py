@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import iospec, sd15
+from fastdiff import iospec, sd15, testing
 from fastdiff.export import tensorrt as trt_export
 from fastdiff.weights import read_configs
 
@@ -70,13 +70,11 @@ def test_profile_shapes():
 
 @pytest.mark.skipif(NO_TRT is not None, reason=f"needs TensorRT and a CUDA GPU: {NO_TRT}")
 def test_engines_match_torch(tmp_path, monkeypatch):
-    from _tiny import make_sd_folder
-
     from fastdiff.backends.trt_backend import TensorRTBackend
     from fastdiff.export import onnx_export as ox
 
     monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path / "cache"))
-    folder = make_sd_folder(tmp_path / "sd", "a", seed=5)
+    folder = testing.build_random_folder(tmp_path / "sd", "a", seed=5, sd15_layout=False)
     export_dir = ox.export(folder, precision="fp16", attention="plain")
     profile = trt_export.Profile.for_request(1, 32, 48, static=True)
     engines = trt_export.build_engines(export_dir, profile)
