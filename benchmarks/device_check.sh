@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call of the lent GPU machine, in under 8 minutes.
 #
-# Prepare once, here (diffusers is missing there; it is pure Python):
+# Prepare once, here (diffusers is missing there; it is pure Python; setuptools >= 77 builds
+# pyproject.toml's SPDX license string, and the install below uses the machine's own or this one):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       diffusers==0.42.1 importlib_metadata
+#       diffusers==0.42.1 importlib_metadata setuptools==84.2.1
 # Then run it there with the device tool: command `bash benchmarks/device_check.sh`, carry [".whl"].
 # Logs and JSON land in $OUT (or /tmp/device_check); the last thing printed is a short table.
 # STEPS="cuda_tests kernels" (a space-separated subset of the step names below) reruns only those.
