@@ -120,7 +120,7 @@ def run(args) -> int:
     for im, path in zip(images, paths):
         save_atomically(im, path)
     t = result.timings
-    print(f"model        {pipe.model_name} ({pipe.backend.name}, {pipe.device}, {str(pipe.dtype).replace('torch.', '')})")
+    print(f"model        {pipe.facts.model_name} ({pipe.backend.name}, {pipe.device}, {str(pipe.dtype).replace('torch.', '')})")
     print(f"load         {load_s:8.3f} s")
     print(f"text encoder {t['text_encoder']:8.3f} s")
     print(f"denoise      {t['denoise']:8.3f} s  ({t['unet_step'] * 1000:.1f} ms per UNet step)")

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import ops, schedulers
+from fastdiff import iospec, ops, schedulers
 from fastdiff.backends import BACKENDS, Backend, make_backend
 from fastdiff.tokenizer import CLIPTokenizer
-from fastdiff.weights import read_config, resolve_model
+from fastdiff.weights import read_config, read_configs, resolve_model
 
 log = logging.getLogger("fastdiff")
 
@@ -110,7 +110,7 @@ def check_args(
     seed=None, limits: Limits | None = None,
 ):
     """Every argument's type and range, checked before any model work; returns (prompts,
-    negatives). The model's own rules (sizes, a scheduler's step range) are `Pipeline.plan`'s."""
+    negatives). The model's own rules (sizes, a scheduler's step range) are `check_request`'s."""
     limits = limits or Limits.from_env()
     prompts = _texts("prompt", prompt)
     negative = None
@@ -172,9 +172,9 @@ class ModelFacts:
     def read(cls, root: Path) -> "ModelFacts":
         """A damaged file raises ModelFileError naming it."""
         index = read_config(root / "model_index.json")
-        unet = read_config(root / "unet" / "config.json")
-        vae = read_config(root / "vae" / "config.json")
-        f = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1)
+        configs = read_configs(root)
+        unet, vae = configs["unet"], configs["vae"]
+        f = iospec.vae_scale_factor(vae)
         return cls(
             scheduler_config=schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
             vae_scale_factor=f,
@@ -229,6 +229,7 @@ class Pipeline:
         dtype: torch.dtype,
         cuda_graph: bool = True,
         limits: Limits | None = None,
+        facts: ModelFacts | None = None,
     ):
         self.root, self.backend, self.tokenizer = root, backend, tokenizer
         self.device, self.dtype = device, dtype
@@ -237,10 +238,7 @@ class Pipeline:
         self._graphs: dict = {}  # GraphKey -> GraphedStep
         self._calls: dict = {}  # (network, input shape, dtype, kernel mode) -> GraphedCall
         self._graphs_lock = threading.Lock()
-        self.facts = facts = ModelFacts.read(root)
-        self.scheduler_config, self.vae_scale_factor = facts.scheduler_config, facts.vae_scale_factor
-        self.scaling_factor, self.latent_channels = facts.scaling_factor, facts.latent_channels
-        self.default_size, self.model_name = facts.default_size, facts.model_name
+        self.facts = facts or ModelFacts.read(root)
 
     @classmethod
     def from_pretrained(
@@ -267,14 +265,14 @@ class Pipeline:
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
         root = resolve_model(model)
-        ModelFacts.read(root)  # the small files first: a damaged one is named before weights load
+        facts = ModelFacts.read(root)  # the small files first: a damaged one is named before weights load
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         device = torch.device(device) if device is not None else _default_device()
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         net = make_backend(backend, root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
         log.info("fastdiff: loaded %s on %s (%s, backend %s)", root, device, dtype, net.name)
-        return cls(root, net, tokenizer, device=device, dtype=dtype, cuda_graph=cuda_graph, limits=limits)
+        return cls(root, net, tokenizer, device=device, dtype=dtype, cuda_graph=cuda_graph, limits=limits, facts=facts)
 
     # ------------------------------------------------------------------------------------------
     def _graphs_enabled(self) -> bool:
@@ -338,7 +336,7 @@ class Pipeline:
         if bad is not None:
             cause = f"the {network} weight {bad} holds NaN/inf: the checkpoint is damaged; "
         return (
-            f"the {stage} produced NaN/inf at {where} ({self.model_name}, backend {self.backend.name}); "
+            f"the {stage} produced NaN/inf at {where} ({self.facts.model_name}, backend {self.backend.name}); "
             f"{cause or 'likely causes: NaN/inf in the weights, or inputs far outside their usual range; '}"
             "no image was returned"
         )
@@ -415,7 +413,8 @@ class Pipeline:
         """(latents [N, C, h, w], per-step noise [steps, N, C, h, w] or None), float32 on the device,
         drawn as diffusers draws them: CPU generator, network dtype, then scaled; an ancestral
         sampler's per-step noise next, in step order."""
-        shape = (n, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        f = self.facts.vae_scale_factor
+        shape = (n, self.facts.latent_channels, height // f, width // f)
         latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
         latents = latents * sched.init_noise_sigma
         noise = None
@@ -457,7 +456,7 @@ class Pipeline:
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents -> images [N, H, W, 3] float32 in [0, 1]; an fp16 decode that overflows is
         redone in fp32, and NaN/inf left after that raises NonFiniteError."""
-        latents = latents / self.scaling_factor
+        latents = latents / self.facts.scaling_factor
         image = self._call("vae_decode", self.backend.decode, latents).float()
         if self.dtype == torch.float16 and not torch.isfinite(image).all():
             image = self._decode_fp32(latents)
@@ -507,10 +506,14 @@ _cache: dict[tuple[str, str], Future] = {}
 _cache_lock = threading.Lock()  # guards _cache itself, never held during a load
 
 
+def cache_key(root: Path, backend: str) -> tuple[str, str]:
+    return str(Path(root).resolve()), backend
+
+
 def cached_pipeline(root: Path, backend: str) -> Pipeline:
     """The shared Pipeline for (root, backend), loaded on first use. A failed load is not kept:
     every caller waiting on it gets its error, and the next call tries again."""
-    key = (str(Path(root).resolve()), backend)
+    key = cache_key(root, backend)
     with _cache_lock:
         future = _cache.get(key)
         owner = future is None
@@ -548,8 +551,9 @@ def generate(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
     root = resolve_model(model)
-    check_request(ModelFacts.read(root), Limits.from_env(), steps, height, width, scheduler,
-                  len(prompts) * int(num_images))  # fmt: skip
+    if cache_key(root, backend) not in _cache:  # before a first load; a loaded pipeline checks in run()
+        check_request(ModelFacts.read(root), Limits.from_env(), steps, height, width, scheduler,
+                      len(prompts) * int(num_images))  # fmt: skip
     return cached_pipeline(root, backend).generate(
         prompt,
         negative_prompt=negative_prompt,
