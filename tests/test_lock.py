@@ -34,19 +34,24 @@ def read_lock(text: str) -> dict[str, Version]:
 
 
 def declared() -> list[Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = pyproject["project"]
     reqs = list(project["dependencies"])
     for extra in LOCKED_EXTRAS:
         reqs += project["optional-dependencies"][extra]
-    reqs += tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    reqs += pyproject["build-system"]["requires"]
     return [Requirement(r) for r in reqs]
 
 
 def test_lock_pins_every_declared_requirement_within_its_range():
     pins = read_lock((ROOT / "constraints.txt").read_text())
-    missing = [str(r) for r in declared() if canonicalize_name(r.name) not in pins]
-    outside = [f"{r} (locked {pins[canonicalize_name(r.name)]})" for r in declared()
-               if canonicalize_name(r.name) in pins and not r.specifier.contains(pins[canonicalize_name(r.name)], prereleases=True)]
+    missing, outside = [], []
+    for r in declared():
+        pin = pins.get(canonicalize_name(r.name))
+        if pin is None:
+            missing.append(str(r))
+        elif not r.specifier.contains(pin, prereleases=True):
+            outside.append(f"{r} (locked {pin})")
     assert not missing, f"not in constraints.txt (run the README's refresh command): {missing}"
     assert not outside, f"locked outside pyproject.toml's range: {outside}"
     assert "pip" in pins  # the README's commands install pip itself from the lock first
