@@ -15,7 +15,6 @@ process, so this must run without TRITON_INTERPRET=1.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -25,148 +24,143 @@ import tempfile
 from pathlib import Path
 
 
-# GroupNorm's second passes in both grid orders: (LAST_FIRST, name suffix); "_r" builds the
-# last-first variant the tuner offers for inputs beyond L2.
-ORDERS = ((False, ""), (True, "_r"))
-
-
 def cases() -> dict:
-    """name -> (kernel, args, constexprs, num_warps, num_stages) at SD1.5 shapes, fp16.
+    """name -> (Launch, tile config or None): the kernel calls the launchers make at SD1.5's shapes
+    in fp16, on meta tensors (shapes and strides only). An autotuned call comes once per config the
+    autotuner keeps at that shape."""
+    import dataclasses
 
-    args: name -> pointer type ("*fp16", assumed 16-byte aligned), float, or int value."""
     import torch
-    import triton
+    from triton.runtime.autotuner import Autotuner
 
-    attn = importlib.import_module("fastdiff.kernels.attention")
-    gn = importlib.import_module("fastdiff.kernels.group_norm")
-    geglu = importlib.import_module("fastdiff.kernels.geglu")
+    from fastdiff.kernels import attention, geglu, group_norm
+
+    def tensor(shape, strides=None, dtype=torch.float16):
+        strides = strides or torch.empty(shape, device="meta").stride()
+        return torch.empty_strided(shape, strides, device="meta", dtype=dtype)
+
     out = {}
 
-    def attention_case(name, B, H, S, Sk, D, strides_qkv, strides_o, align, config, even_n=False, splits=1):
-        args = dict(Q="*fp16", K="*fp16", V="*fp16", Out="*fp16", num_heads=H, SEQ_Q=S, SEQ_K=Sk, qk_scale=0.1)
-        args.update(Partials="*fp32" if splits > 1 else "*fp16", NUM_SPLITS=splits)
-        for t, strides in (("q", strides_qkv), ("k", strides_qkv), ("v", strides_qkv), ("o", strides_o)):
-            args.update({f"stride_{t}{n}": s for n, s in zip("bhmd" if t in "qo" else "bhnd", strides)})
-        a, b = attn._head_dim_parts(D, config.kwargs["SPLIT_D"])
-        meta = dict(HEAD_DIM=D, DOT_PRECISION="tf32", STRIDE_ALIGN=align, EVEN_N=even_n, HEAD_DIM_A=a, HEAD_DIM_B=b)
-        meta["SPLIT_K"] = splits > 1
-        out[name] = (attn._attention_kernel, args, dict(meta, **config.kwargs), config.num_warps, config.num_stages)
+    def attention_cases(name, q, k, v, o, splits=1, keep=None):
+        """Add the call once per tile config (the autotuner's pruned set, or `keep`); returns the
+        configs and the merge call of a key split (if any)."""
+        main, *combine = attention.launches(q, k, v, o, 0.1, splits)
+        configs = [keep] if keep else main.kernel.early_config_prune(main.kernel.configs, named_args(main), **main.meta)
+        for c in configs:
+            tile = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+            tile += ("_split" if c.kwargs["SPLIT_D"] else "") + ("_overlap" if c.kwargs["OVERLAP_QK"] else "")
+            out[name.format(tile=tile)] = (main, c)
+        return configs, combine
 
     # Self-attention over a packed [2, S, 3, 8, D] projection at each head dim's sequence length,
-    # key tail masked (S + 3 keys): every config the autotuner may pick there, padded and split
-    # head dim; the OVERLAP_QK ones also as SD runs them, S keys with no tail ("_even").
+    # key tail masked (S + 3 keys): every config the autotuner may pick there; the OVERLAP_QK ones
+    # also as SD runs them, S keys with no tail ("_even"); at S = 256 also split along the keys.
+    B, H = 2, 8
     for D, S in ((40, 4096), (80, 1024), (160, 256)):
-        B, H = 2, 8
-        named = {"Q": torch.empty(0, dtype=torch.float16), "SEQ_Q": S, "SEQ_K": S}
         qkv = (S * 3 * H * D, D, 3 * H * D, 1)  # batch, head, token, dim strides of q, k and v
-        for c in attn._prune_configs(attn._configs(), named, HEAD_DIM=D):
-            tile = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
-            name = f"attention_d{D}_{tile}" + ("_split" if c.kwargs["SPLIT_D"] else "")
-            name += "_overlap" if c.kwargs["OVERLAP_QK"] else ""
-            attention_case(name, B, H, S, S + 3, D, qkv, (S * H * D, D, H * D, 1), 8, c)
+        q, o = tensor((B, H, S, D), qkv), tensor((B, H, S, D), (S * H * D, D, H * D, 1))
+        kv_tail, kv = tensor((B, H, S + 3, D), qkv), tensor((B, H, S, D), qkv)
+        configs, _ = attention_cases(f"attention_d{D}_{{tile}}", q, kv_tail, kv_tail, o)
+        for c in configs:
             if c.kwargs["OVERLAP_QK"]:
-                attention_case(name + "_even", B, H, S, S, D, qkv, (S * H * D, D, H * D, 1), 8, c, even_n=True)
-            if S == 256:  # short queries: also the key-split variant that writes partial results
-                attention_case(name + "_keysplit", B, H, S, S, D, qkv, (S * H * D, D, H * D, 1), 8, c, even_n=True, splits=2)
-    # The merge of the key-split partial results at D = 160 (padded to 256, 16 rows per program).
-    combine = dict(Partials="*fp32", Out="*fp16", num_heads=8, SEQ_Q=256, NUM_SPLITS=2)
-    combine.update({f"stride_o{n}": s for n, s in zip("bhmd", (256 * 8 * 160, 160, 8 * 160, 1))})
-    out["attention_combine_d160"] = (
-        attn._attention_combine_kernel, combine, dict(HEAD_DIM=160, HEAD_DIM_P2=256, BLOCK_M=16), 4, 3,
-    )  # fmt: skip
+                attention_cases(f"attention_d{D}_{{tile}}_even", q, kv, kv, o, keep=c)
+            if S == 256:
+                _, (combine,) = attention_cases(f"attention_d{D}_{{tile}}_keysplit", q, kv, kv, o, 2, keep=c)
+                out[f"attention_combine_d{D}"] = (combine, None)
     # The embedded model's smallest head (D = 8, padded to 16) with rows padded by one element, so
     # no stride is a multiple of 8 (STRIDE_ALIGN = 1): the generic path the alignment hint skips.
     B, S, H, D = 2, 64, 4, 8
     odd = (S * (H * D + 1), D, H * D + 1, 1)
-    attention_case("attention_d8_unaligned", B, H, S, 77, D, odd, odd, 1, attn._configs()[-1])
+    q, kv = tensor((B, H, S, D), odd), tensor((B, H, 77, D), odd)
+    smallest = attention.launches(q, kv, kv, q, 0.1, 1)[0].kernel.configs[-1]
+    attention_cases("attention_d8_unaligned", q, kv, kv, q, keep=smallest)
 
-    # GroupNorm at SD's first UNet level in both layouts, and one channel per group (BLOCK_C = 1):
-    # the two-pass kernels at their finest split, and the one-program-per-group kernel.
-    for C, G, suffix, layouts in ((320, 32, "", ("nchw", "nhwc")), (32, 32, "_c1", ("nchw",))):
-        B, HW = 2, 64 * 64
-        plan = list(gn._plans(B, C, HW, G, torch.device("cpu")).values())[-1]  # split16: the most chunks
+    # GroupNorm at SD's first UNet level: the two-pass plan at its finest split (both orders of its
+    # second pass; "_r" is the last-first order the tuner offers beyond L2) and one program per
+    # group, in both layouts, and with one channel per group (BLOCK_C = 1).
+    def group_norm_calls(plan, x3):
+        C = x3.shape[1]
+        return group_norm.launches(plan, x3, x3, tensor((C,)), tensor((C,)), 32, 1e-5, True)
+
+    orders = ((False, ""), (True, "_r"))
+    B, HW = 2, 64 * 64
+    for C, suffix, layouts in ((320, "", ("nchw", "nhwc")), (32, "_c1", ("nchw",))):
+        plans = group_norm.plans(B, C, HW, 32, torch.device("cpu"))
+        split = list(plans.values())[-1]  # split16: the most chunks
         for layout in layouts:
-            strides = (C * HW, HW, 1) if layout == "nchw" else (C * HW, 1, C)  # batch, channel, spatial
-            x_strides = {f"stride_x{n}": s for n, s in zip(("b", "c", "hw"), strides)}
-            y_strides = {f"stride_y{n}": s for n, s in zip(("b", "c", "hw"), strides)}
-            meta = dict(CHANNELS_PER_GROUP=C // G, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
-            split = dict(HW=HW, num_groups=G, HW_PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, Partials="*fp32")
-            out[f"group_norm_stats_{layout}{suffix}"] = (
-                gn._group_norm_stats_kernel, dict(X="*fp16", **split, **x_strides), meta, gn._NUM_WARPS, 3,
-            )  # fmt: skip
-            io = dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", eps=1e-5, **x_strides, **y_strides)
-            for last_first, r in ORDERS:
-                apply_meta = dict(meta, BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True, LAST_FIRST=last_first)
-                out[f"group_norm_apply_{layout}{suffix}{r}"] = (
-                    gn._group_norm_apply_kernel, dict(io, **split), apply_meta, gn._NUM_WARPS, 3,
-                )  # fmt: skip
-            fused = dict(io, HW=HW, num_groups=G)
-            out[f"group_norm_fused_{layout}{suffix}"] = (
-                gn._group_norm_kernel, fused, dict(meta, SILU=True), gn._NUM_WARPS, 3,
-            )  # fmt: skip
+            x3 = tensor((B, C, HW), (C * HW, HW, 1) if layout == "nchw" else (C * HW, 1, C))
+            for last_first, r in orders:
+                stats, apply = group_norm_calls(dataclasses.replace(split, last_first=last_first), x3)
+                out[f"group_norm_stats_{layout}{suffix}"] = (stats, None)
+                out[f"group_norm_apply_{layout}{suffix}{r}"] = (apply, None)
+            (out[f"group_norm_fused_{layout}{suffix}"],) = [(c, None) for c in group_norm_calls(plans["fused"], x3)]
+    # The channels-last plan (blocks of 64 channels, 128 bytes, per program) and the NCHW flat
+    # plan's apply (its statistics kernel is group_norm_stats_nchw_c1's) at the same shape.
+    C = 320
+    for layout, strides in (("nhwc", (C * HW, 1, C)), ("flat", (C * HW, HW, 1))):
+        plan = list(group_norm.plans(B, C, HW, 32, torch.device("cpu"), "nhwc" if layout == "nhwc" else "nchw").values())[-1]
+        for last_first, r in orders:
+            calls = group_norm_calls(dataclasses.replace(plan, last_first=last_first), tensor((B, C, HW), strides))
+            if layout == "nhwc":
+                out["group_norm_nhwc_stats"], out["group_norm_nhwc_finalize"] = (calls[0], None), (calls[1], None)
+            out[f"group_norm_{layout}_apply{r}"] = (calls[-1], None)
 
-    # The channels-last plan at the same shape: blocks of 64 channels (128 bytes) per program.
-    B, C, G, HW = 2, 320, 32, 64 * 64
-    plan = list(gn._plans(B, C, HW, G, torch.device("cpu"), "nhwc").values())[-1]
-    strides = dict(stride_xb=C * HW, stride_xc=1, stride_xhw=C, stride_yb=C * HW, stride_yc=1, stride_yhw=C)
-    chunks = dict(C=C, HW=HW, HW_PER_SPLIT=plan.hw_per_split)
-    tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw)
-    out["group_norm_nhwc_stats"] = (
-        gn._group_norm_nhwc_stats_kernel,
-        dict(X="*fp16", Partials="*fp32", SPLIT=plan.split, **chunks, **{n: v for n, v in strides.items() if "_x" in n}),
-        tiles, gn._NUM_WARPS, 3,
-    )  # fmt: skip
-    out["group_norm_nhwc_finalize"] = (
-        gn._group_norm_nhwc_finalize_kernel,
-        dict(X="*fp16", stride_xb=C * HW, stride_xc=1, Partials="*fp32", Weight="*fp16", Bias="*fp16",
-             ScaleShift="*fp32", B=B, HW=HW,
-             HW_PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, num_groups=G, eps=1e-5),
-        dict(CHANNELS_PER_GROUP=C // G, BLOCK_CG=triton.next_power_of_2(C // G),
-             BLOCK_SPLIT=gn._finalize_rows(C // G)),
-        gn._NUM_WARPS, 3,
-    )  # fmt: skip
-    for last_first, r in ORDERS:
-        out[f"group_norm_nhwc_apply{r}"] = (
-            gn._group_norm_nhwc_apply_kernel, dict(X="*fp16", Y="*fp16", ScaleShift="*fp32", **chunks, **strides),
-            dict(tiles, SILU=True, LAST_FIRST=last_first), gn._NUM_WARPS, 3,
-        )  # fmt: skip
-
-    # The NCHW flat plan's apply at the same shape (its statistics kernel is group_norm_stats_nchw_c1's).
-    plan = list(gn._plans(B, C, HW, G, torch.device("cpu"), "nchw").values())[-1]
-    row = gn._row(HW)
-    for last_first, r in ORDERS:
-        out[f"group_norm_flat_apply{r}"] = (
-            gn._group_norm_flat_apply_kernel,
-            dict(X="*fp16", Y="*fp16", Weight="*fp16", Bias="*fp16", Partials="*fp32", stride_b=C * HW, HW=HW,
-                 num_groups=G, PER_SPLIT=plan.hw_per_split, SPLIT=plan.split, eps=1e-5),
-            dict(CHANNELS_PER_GROUP=C // G, ROW=row, BLOCK_R=gn._TILE // row,
-                 BLOCK_SPLIT=gn._MERGE_BLOCK, SILU=True, LAST_FIRST=last_first),
-            gn._NUM_WARPS, 3,
-        )  # fmt: skip
-
-    block_m, block_n = geglu._plan(1280)
-    args = dict(H="*fp16", Out="*fp16", stride_hm=2560, M=8192, N=1280)
-    out["geglu"] = (geglu._geglu_kernel, args, dict(BLOCK_M=block_m, BLOCK_N=block_n), geglu._NUM_WARPS, 3)
+    (out["geglu"],) = [(c, None) for c in geglu.launches(tensor((8192, 2560)), tensor((8192, 1280)))]
+    assert not any(isinstance(launch.kernel, Autotuner) and c is None for launch, c in out.values())
     return out
 
 
-def build(kernel, args: dict, constexprs: dict, num_warps: int, num_stages: int) -> bytes:
-    """The sm_90 cubin of one case."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+def named_args(launch) -> dict:
+    """The call's runtime arguments by the kernel's parameter names."""
+    return dict(zip(jit_function(launch.kernel).arg_names, launch.args))
+
+
+def jit_function(kernel):
     from triton.runtime.jit import JITFunction
 
     while not isinstance(kernel, JITFunction):
         kernel = kernel.fn  # through Autotuner and Heuristics
+    return kernel
+
+
+def specialise(launch, config) -> tuple[dict, dict, int, int]:
+    """(runtime args by name, constexprs, num_warps, num_stages) as Triton's JIT would compile the
+    call: the tile config's values, then the heuristics' (computed from everything before)."""
+    from triton.runtime.autotuner import Heuristics
+    from triton.runtime.jit import JITFunction
+
+    meta = dict(launch.meta)
+    num_warps, num_stages = meta.pop("num_warps", 4), meta.pop("num_stages", 3)
+    if config is not None:
+        meta.update(config.kwargs)
+        num_warps, num_stages = config.num_warps, config.num_stages
+    args = named_args(launch)
+    kernel = launch.kernel
+    while not isinstance(kernel, JITFunction):  # Autotuner, then Heuristics, then the kernel
+        if isinstance(kernel, Heuristics):
+            meta.update({name: rule({**args, **meta}) for name, rule in kernel.values.items()})
+        kernel = kernel.fn
+    return args, meta, num_warps, num_stages
+
+
+def build(launch, config) -> bytes:
+    """The sm_90 cubin of one call, with the specialisation the JIT gives it: ints equal to 1
+    become constants, ints divisible by 16 and pointers (assumed 16-byte aligned) are hinted so."""
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = jit_function(launch.kernel)
+    args, constexprs, num_warps, num_stages = specialise(launch, config)
     signature, constants, attrs = {}, dict(constexprs), {}
     for i, name in enumerate(kernel.arg_names):
         value = args.get(name)
-        if name in constexprs or value == 1:
+        if name in constexprs or (not isinstance(value, torch.Tensor) and value == 1):
             constants.setdefault(name, value)
             signature[name] = "constexpr"
-        elif isinstance(value, str):
-            signature[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[value.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
@@ -234,8 +228,9 @@ def main(argv=None) -> int:
         print(why)
         return 3
     report = {}
-    for name, (kernel, kargs, constexprs, num_warps, num_stages) in cases().items():
-        report[name] = inspect(build(kernel, kargs, constexprs, num_warps, num_stages))
+    for name, (launch, config) in cases().items():
+        report[name] = inspect(build(launch, config))
+        _, constexprs, num_warps, _ = specialise(launch, config)
         report[name]["meta"] = {k: v for k, v in constexprs.items() if k.isupper()} | {"num_warps": num_warps}
     if args.json:
         print(json.dumps(report))

@@ -126,9 +126,9 @@ def geglu_ref(h):
 def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False):
     """GroupNorm over [B, C, H, W] (any memory format), optionally followed by SiLU."""
     if _use_triton(x):
-        from fastdiff.kernels import group_norm as _k
+        from fastdiff.kernels.group_norm import group_norm as kernel
 
-        return _k(x, num_groups, weight, bias, eps, silu=silu)
+        return kernel(x, num_groups, weight, bias, eps, silu=silu)
     return group_norm_ref(x, num_groups, weight, bias, eps, silu)
 
 
@@ -183,14 +183,14 @@ def _attention_choice(q, k, v, scale) -> str:
     if key in ATTENTION_CHOICE:
         return ATTENTION_CHOICE[key][0]
     from fastdiff.kernels import tuning
-    from fastdiff.kernels import attention as _k
     from fastdiff.kernels.attention import MAX_HEAD_DIM
+    from fastdiff.kernels.attention import attention as kernel
 
     if not tuning.can_time(q.device) or q.shape[-1] > MAX_HEAD_DIM:
         return "triton"  # over the kernel's largest head dim the launcher runs SDPA itself
-    _k(q, k, v, scale=scale)  # the kernel's own tuning (tile configs, key split) before the timing
+    kernel(q, k, v, scale=scale)  # the kernel's own tuning (tile configs, key split) before the timing
     B, H, N, D = q.shape
-    runs = {"triton": lambda: _k(q, k, v, scale=scale), "torch": lambda: attention_ref(q, k, v, scale)}
+    runs = {"triton": lambda: kernel(q, k, v, scale=scale), "torch": lambda: attention_ref(q, k, v, scale)}
     best, times = tuning.fastest(runs, lambda run: run().transpose(1, 2).reshape(B, N, H * D))
     ATTENTION_CHOICE[key] = (best, times)
     return best
@@ -203,20 +203,20 @@ def attention(q, k, v, scale: float | None = None, causal: bool = False):
     reference: the fused kernel serves the UNet/VAE attention, which has no mask. In "auto" mode
     a shape where torch's SDPA timed faster runs SDPA (see `_attention_choice`)."""
     if not causal and _use_triton(q):
-        from fastdiff.kernels import attention as _k
+        from fastdiff.kernels.attention import attention as kernel
 
         if get_kernels() == "auto" and _attention_choice(q, k, v, scale) == "torch":
             return attention_ref(q, k, v, scale)
-        return _k(q, k, v, scale=scale)
+        return kernel(q, k, v, scale=scale)
     return attention_ref(q, k, v, scale, causal)
 
 
 def geglu(h):
     """x * gelu(gate) where (x, gate) = h.chunk(2, -1): the SD feed-forward activation."""
     if _use_triton(h):
-        from fastdiff.kernels import geglu as _k
+        from fastdiff.kernels.geglu import geglu as kernel
 
-        return _k(h)
+        return kernel(h)
     return geglu_ref(h)
 
 

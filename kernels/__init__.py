@@ -1,13 +1,17 @@
-"""Fused Triton kernels (installed as fastdiff.kernels).
+"""Fused Triton kernels (installed as fastdiff.kernels), one module each; each launcher matches its
+torch reference in fastdiff/ops.py:
 
-Public launchers, each matching its torch reference in fastdiff/ops.py:
-  attention(q, k, v, scale=None)                         flash-attention forward
-  group_norm(x, num_groups, weight, bias, eps, silu=False)  GroupNorm (+ SiLU)
-  geglu(h)                                                x * gelu(gate), one pass
+  attention.attention(q, k, v, scale=None)                    flash-attention forward
+  group_norm.group_norm(x, num_groups, weight, bias, eps, silu)  GroupNorm (+ SiLU)
+  geglu.geglu(h)                                              x * gelu(gate), one pass
 
-Without triton installed this package still imports; calling a launcher raises ImportError.
-Triton decides at import time whether kernels are compiled or interpreted: set TRITON_INTERPRET=1
-before the first import to run them on CPU tensors (how the tests check them).
+Each module also has `launches(...)`: its kernel calls as data (`launch.Launch`), which
+benchmarks/sm90_build.py compiles. The package binds no names over its modules, so
+`import fastdiff.kernels.attention as m` is the module.
+
+It needs triton (Linux x86_64); fastdiff.ops imports it only on the Triton path. Triton decides at
+import time whether kernels are compiled or interpreted: set TRITON_INTERPRET=1 before the first
+import to run them on CPU tensors (how the tests check them).
 """
 
 if __name__ == "kernels":  # found from a checkout's root, under Hugging Face's package name
@@ -17,20 +21,7 @@ if __name__ == "kernels":  # found from a checkout's root, under Hugging Face's 
 else:
     try:
         import triton  # noqa: F401
-    except ImportError as e:  # e.g. macOS / Windows: the torch reference path in fastdiff.ops still works
-        _TRITON_ERROR = e
-
-        def _missing(*args, **kwargs):
-            raise ImportError(
-                "fastdiff.kernels needs triton (Linux x86_64); use FASTDIFF_KERNELS=torch for the torch path"
-            ) from _TRITON_ERROR
-
-        attention = group_norm = geglu = _missing
-    else:
-        # Importing a submodule binds its module object to the package attribute of the same name;
-        # these from-imports rebind the names to the launcher functions.
-        from .attention import attention
-        from .geglu import geglu
-        from .group_norm import group_norm
-
-    __all__ = ["attention", "group_norm", "geglu"]
+    except ImportError as e:  # e.g. macOS / Windows: the torch path of fastdiff.ops still works
+        raise ImportError(
+            "fastdiff.kernels needs triton (Linux x86_64); FASTDIFF_KERNELS=torch runs the torch ops instead"
+        ) from e

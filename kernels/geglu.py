@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch
+
 _TILE = 4096  # output elements per program
 _NUM_WARPS = 8  # 16 elements per thread
 
@@ -58,10 +60,20 @@ def _geglu_kernel(
 
 
 @functools.lru_cache(maxsize=None)
-def _plan(inner: int):
+def _plan(inner: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) for one inner size: wide rows first, then enough rows to fill _TILE."""
     block_n = min(triton.next_power_of_2(inner), 1024)
     return _TILE // block_n, block_n
+
+
+def launches(h2, out) -> list[Launch]:
+    """The call that writes geglu of h2 ([M, 2 * inner], unit column stride) into out ([M, inner],
+    contiguous), not run."""
+    M, N = h2.shape[0], h2.shape[1] // 2
+    block_m, block_n = _plan(N)
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS)
+    return [Launch(_geglu_kernel, grid, (h2, out, h2.stride(0), M, N), meta)]
 
 
 def geglu(h, *, out=None):
@@ -71,15 +83,12 @@ def geglu(h, *, out=None):
     """
     two_n = h.shape[-1]
     assert two_n % 2 == 0, f"GEGLU needs an even last dim, got {two_n}"
-    N = two_n // 2
     h2 = h.reshape(-1, two_n)  # [M, 2N]; a view for the usual contiguous h
     if h2.stride(1) != 1:
         h2 = h2.contiguous()
-    M = h2.shape[0]
     if out is None:
-        out = torch.empty((*h.shape[:-1], N), device=h.device, dtype=h.dtype)
+        out = torch.empty((*h.shape[:-1], two_n // 2), device=h.device, dtype=h.dtype)
     assert out.is_contiguous(), "geglu: out must be contiguous"
-    block_m, block_n = _plan(N)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-    _geglu_kernel[grid](h2, out, h2.stride(0), M, N, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_NUM_WARPS)
+    for call in launches(h2, out.view(h2.shape[0], two_n // 2)):  # [M, N]
+        call()
     return out

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from . import tuning
+from .launch import Launch
 
 _TILE = 2048  # elements per [BLOCK_HW, BLOCK_C] tile: 16 per thread at 4 warps
 _NUM_WARPS = 4
@@ -61,7 +62,7 @@ _MERGE_BLOCK = 64  # chunks' statistics per step of the apply kernels' merge loo
 # Inputs of at least this many bytes also time each two-pass plan with its second pass last
 # program first (see _pid): a third of an H200's 50 MB L2. Below it the whole input stays cached
 # between the passes and the order cannot matter, so it is not worth a compile and a timing.
-_LAST_FIRST_MIN_BYTES = 16 * 2**20
+LAST_FIRST_MIN_BYTES = 16 * 2**20
 # Inputs that large are timed rotating over copies that add up to this, each captured call reading
 # another: on one input, call after call, a last-first plan's next statistics pass would start on
 # the lines its apply just read, an L2 hit the network never gives it (a conv writes x between).
@@ -532,7 +533,7 @@ def _split_plan(batch: int, channels: int, hw: int, num_groups: int, device: tor
     return Plan(block_c, block_hw, *_chunks(hw, block_hw, batch * num_groups, device, per_sm))
 
 
-def _channel_block(channels: int) -> int:
+def channel_block(channels: int) -> int:
     """Channels per program in the channels-last plan: the largest power of two up to
     _BLOCK_CHANNELS that divides C (no padding lanes; 320 -> 64), unless that is under 8 (16 bytes
     at fp16), then C padded to a power of two (at most _BLOCK_CHANNELS)."""
@@ -544,7 +545,7 @@ def _channel_block(channels: int) -> int:
 
 def _nhwc_plan(batch: int, channels: int, hw: int, device: torch.device, per_sm: int) -> Plan:
     """Channels-last plan: chunks of pixels x blocks of channels, about `per_sm` programs per SM."""
-    block_c = _channel_block(channels)
+    block_c = channel_block(channels)
     block_hw = max(1, min(_TILE // block_c, triton.next_power_of_2(hw)))
     chunks = _chunks(hw, block_hw, batch * triton.cdiv(channels, block_c), device, per_sm)
     return Plan(block_c, block_hw, *chunks, kind="nhwc")
@@ -563,7 +564,7 @@ def _flat_plan(batch: int, channels: int, hw: int, num_groups: int, device: torc
     return Plan(1, block_hw, *_chunks(size, block_hw, batch * num_groups, device, per_sm), kind="flat")
 
 
-def _plans(
+def plans(
     batch: int, channels: int, hw: int, num_groups: int, device: torch.device, layout: str = "strided",
     nbytes: int = 0,
 ) -> dict[str, Plan]:
@@ -571,7 +572,7 @@ def _plans(
     "split<programs per SM>" for each distinct two-pass split; for layout "nhwc" (channel stride
     1) also "nhwc<programs per SM>", for layout "nchw" (contiguous per batch, HW a multiple of 16:
     Triton proves 16-byte alignment only from integers divisible by 16) also "flat<programs per
-    SM>", each distinct. For inputs of `nbytes` >= _LAST_FIRST_MIN_BYTES every two-pass plan
+    SM>", each distinct. For inputs of `nbytes` >= LAST_FIRST_MIN_BYTES every two-pass plan
     also comes as "<name>r", its second pass walking the grid last program first."""
     plans = {"fused": _split_plan(batch, channels, hw, num_groups, device, 0)}  # per_sm 0: split 1
     for per_sm in _TUNE_PROGRAMS_PER_SM:
@@ -586,7 +587,7 @@ def _plans(
         plan = _flat_plan(batch, channels, hw, num_groups, device, per_sm)
         if plan not in plans.values():
             plans[f"flat{per_sm}"] = plan
-    if nbytes >= _LAST_FIRST_MIN_BYTES:
+    if nbytes >= LAST_FIRST_MIN_BYTES:
         for name, plan in list(plans.items()):
             if plan.kind != "group" or plan.split > 1:  # not "fused": it has no second pass
                 plans[name + "r"] = replace(plan, last_first=True)
@@ -594,7 +595,7 @@ def _plans(
 
 
 @functools.lru_cache(maxsize=None)
-def _default_plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device) -> Plan:
+def default_plan(batch: int, channels: int, hw: int, num_groups: int, device: torch.device) -> Plan:
     """The plan used when none was measured: one program per group for groups of a few tiles."""
     fused = _split_plan(batch, channels, hw, num_groups, device, 0)
     split = _split_plan(batch, channels, hw, num_groups, device, _DEFAULT_PROGRAMS_PER_SM)
@@ -606,49 +607,52 @@ def _default_plan(batch: int, channels: int, hw: int, num_groups: int, device: t
 TUNED: dict = {}
 
 
-def _launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> None:
+def launches(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> list[Launch]:
+    """The calls that run `plan` for x3 -> y3 ([B, C, HW] views), in order, not run (see `launch`)."""
     if plan.kind == "nhwc":
-        _launch_nhwc(plan, x3, y3, weight, bias, num_groups, eps, silu)
-        return
+        return _nhwc_launches(plan, x3, y3, weight, bias, num_groups, eps, silu)
     B, C, HW = x3.shape
     meta = dict(CHANNELS_PER_GROUP=C // num_groups, BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
     if plan.kind == "group" and plan.split == 1:
-        _group_norm_kernel[(B * num_groups,)](
-            x3, y3, weight, bias, *x3.stride(), *y3.stride(), HW, num_groups, eps, SILU=silu, **meta,
-        )  # fmt: skip
-        return
+        args = (x3, y3, weight, bias, *x3.stride(), *y3.stride(), HW, num_groups, eps)
+        return [Launch(_group_norm_kernel, (B * num_groups,), args, dict(meta, SILU=silu))]
     partials = torch.empty((B * num_groups, plan.split, 3), device=x3.device, dtype=torch.float32)
     grid = (plan.split, B * num_groups)
     if plan.kind == "flat":  # the statistics kernel reads each group as one channel of C // G * HW
         size = C // num_groups * HW
-        _group_norm_stats_kernel[grid](
-            x3, partials, x3.stride(0), size, 1, size, num_groups, plan.hw_per_split, plan.split,
-            **dict(meta, CHANNELS_PER_GROUP=1),
-        )  # fmt: skip
+        stats = (x3, partials, x3.stride(0), size, 1, size, num_groups, plan.hw_per_split, plan.split)
         row = _row(HW)
-        _group_norm_flat_apply_kernel[grid](
-            x3, y3, weight, bias, partials, x3.stride(0), HW, num_groups, plan.hw_per_split, plan.split, eps,
+        apply = (x3, y3, weight, bias, partials, x3.stride(0), HW, num_groups, plan.hw_per_split, plan.split, eps)
+        apply_meta = dict(
             CHANNELS_PER_GROUP=C // num_groups, ROW=row, BLOCK_R=_TILE // row,
             BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, LAST_FIRST=plan.last_first, num_warps=_NUM_WARPS,
         )  # fmt: skip
-        return
-    _group_norm_stats_kernel[grid](
-        x3, partials, *x3.stride(), HW, num_groups, plan.hw_per_split, plan.split, **meta,
+        return [
+            Launch(_group_norm_stats_kernel, grid, stats, dict(meta, CHANNELS_PER_GROUP=1)),
+            Launch(_group_norm_flat_apply_kernel, grid, apply, apply_meta),
+        ]
+    stats = (x3, partials, *x3.stride(), HW, num_groups, plan.hw_per_split, plan.split)
+    apply = (
+        x3, y3, weight, bias, partials, *x3.stride(), *y3.stride(), HW, num_groups, plan.hw_per_split, plan.split, eps,
     )  # fmt: skip
-    _group_norm_apply_kernel[grid](
-        x3, y3, weight, bias, partials, *x3.stride(), *y3.stride(), HW, num_groups, plan.hw_per_split, plan.split,
-        eps, BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, LAST_FIRST=plan.last_first, **meta,
-    )  # fmt: skip
+    apply_meta = dict(meta, BLOCK_SPLIT=_MERGE_BLOCK, SILU=silu, LAST_FIRST=plan.last_first)
+    return [Launch(_group_norm_stats_kernel, grid, stats, meta), Launch(_group_norm_apply_kernel, grid, apply, apply_meta)]
 
 
-def _finalize_rows(channels_per_group: int) -> int:
+def launch(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> None:
+    """Run `plan`: GroupNorm (+ SiLU) of x3 into y3, both [B, C, HW] views."""
+    for call in launches(plan, x3, y3, weight, bias, num_groups, eps, silu):
+        call()
+
+
+def finalize_rows(channels_per_group: int) -> int:
     """Chunks per step of `_group_norm_nhwc_finalize_kernel`'s loop: tiles of _FINALIZE_TILE
     (chunk, channel) statistics, so thousands of chunks cannot blow its registers, and one
     compiled kernel per group width whatever the split."""
     return max(1, _FINALIZE_TILE // triton.next_power_of_2(channels_per_group))
 
 
-def _launch_nhwc(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> None:
+def _nhwc_launches(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -> list[Launch]:
     """The channels-last plan: per-channel statistics per (chunk, block of channels), merged per
     group into per-channel (scale, shift), then the affine per (chunk, block of channels)."""
     B, C, HW = x3.shape
@@ -656,17 +660,21 @@ def _launch_nhwc(plan: Plan, x3, y3, weight, bias, num_groups: int, eps: float, 
     scale_shift = torch.empty((2, B, C), device=x3.device, dtype=torch.float32)
     grid = (plan.split, triton.cdiv(C, plan.block_c), B)
     tiles = dict(BLOCK_C=plan.block_c, BLOCK_HW=plan.block_hw, num_warps=_NUM_WARPS)
-    _group_norm_nhwc_stats_kernel[grid](x3, partials, *x3.stride(), C, HW, plan.hw_per_split, plan.split, **tiles)
     cpg = C // num_groups
-    _group_norm_nhwc_finalize_kernel[(B * num_groups,)](
+    finalize = (
         x3, x3.stride(0), x3.stride(1), partials, weight, bias, scale_shift, B, HW, plan.hw_per_split, plan.split,
-        num_groups, eps, CHANNELS_PER_GROUP=cpg, BLOCK_CG=triton.next_power_of_2(cpg), BLOCK_SPLIT=_finalize_rows(cpg),
+        num_groups, eps,
+    )  # fmt: skip
+    finalize_meta = dict(
+        CHANNELS_PER_GROUP=cpg, BLOCK_CG=triton.next_power_of_2(cpg), BLOCK_SPLIT=finalize_rows(cpg),
         num_warps=_NUM_WARPS,
     )  # fmt: skip
-    _group_norm_nhwc_apply_kernel[grid](
-        x3, y3, scale_shift, *x3.stride(), *y3.stride(), C, HW, plan.hw_per_split, SILU=silu,
-        LAST_FIRST=plan.last_first, **tiles,
-    )  # fmt: skip
+    apply = (x3, y3, scale_shift, *x3.stride(), *y3.stride(), C, HW, plan.hw_per_split)
+    return [
+        Launch(_group_norm_nhwc_stats_kernel, grid, (x3, partials, *x3.stride(), C, HW, plan.hw_per_split, plan.split), tiles),
+        Launch(_group_norm_nhwc_finalize_kernel, (B * num_groups,), finalize, finalize_meta),
+        Launch(_group_norm_nhwc_apply_kernel, grid, apply, dict(tiles, SILU=silu, LAST_FIRST=plan.last_first)),
+    ]
 
 
 def _layout(x3, y3) -> str:
@@ -688,18 +696,18 @@ def _tuned_plan(x3, y3, weight, bias, num_groups: int, eps: float, silu: bool) -
     if key in TUNED:
         return TUNED[key][0]
     if not tuning.can_time(x3.device):
-        return _default_plan(B, C, HW, num_groups, x3.device)
+        return default_plan(B, C, HW, num_groups, x3.device)
     nbytes = x3.numel() * x3.element_size()
-    plans = _plans(B, C, HW, num_groups, x3.device, _layout(x3, y3), nbytes)
-    copies = max(2, math.ceil(_ROTATE_BYTES / nbytes)) if nbytes >= _LAST_FIRST_MIN_BYTES else 1
+    candidates = plans(B, C, HW, num_groups, x3.device, _layout(x3, y3), nbytes)
+    copies = max(2, math.ceil(_ROTATE_BYTES / nbytes)) if nbytes >= LAST_FIRST_MIN_BYTES else 1
     # Copies with x3's exact strides (clone would pack a batch-strided view): the plans key on them.
     twins = [torch.empty_strided(x3.shape, x3.stride(), dtype=x3.dtype, device=x3.device) for _ in range(copies - 1)]
     inputs = itertools.cycle([x3] + [t.copy_(x3) for t in twins])
     best, times = tuning.fastest(
-        plans, lambda plan: _launch(plan, next(inputs), y3, weight, bias, num_groups, eps, silu)
+        candidates, lambda plan: launch(plan, next(inputs), y3, weight, bias, num_groups, eps, silu)
     )
-    TUNED[key] = (plans[best], times)
-    return plans[best]
+    TUNED[key] = (candidates[best], times)
+    return candidates[best]
 
 
 def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False, *, out=None):
@@ -725,5 +733,5 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False,
     if bias is None:
         bias = torch.zeros(C, device=x.device, dtype=x.dtype)
     plan = _tuned_plan(x3, y3, weight, bias, num_groups, eps, silu)
-    _launch(plan, x3, y3, weight, bias, num_groups, eps, silu)
+    launch(plan, x3, y3, weight, bias, num_groups, eps, silu)
     return out

@@ -1,7 +1,8 @@
 """Triton kernels vs float64 torch references, on fresh random inputs.
 
-Without CUDA the kernels run in Triton's CPU interpreter on small shapes: TRITON_INTERPRET=1 is set
-below before fastdiff.kernels is imported, which is when @triton.jit picks compiled vs interpreted.
+Without CUDA the kernels run in Triton's CPU interpreter on small shapes: tests/conftest.py sets
+TRITON_INTERPRET=1 for the run before fastdiff.kernels is imported, which is when @triton.jit picks
+compiled vs interpreted.
 With CUDA the "cuda" cases run the compiled kernels on SD1.5's real shapes (512x512, batch 2).
 
 Every launch writes into a NaN-filled `out=` buffer, so an element the kernel forgets fails.
@@ -16,7 +17,6 @@ outputs there.
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import sys
@@ -26,21 +26,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-# It stays set for the rest of this process: Triton reads it again during launches
-# (knobs.runtime.interpret), so an interpreted kernel fails once it is unset. Child processes that
-# need compiled kernels set TRITON_INTERPRET=0 themselves (sm90_builds below).
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 triton = pytest.importorskip("triton")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
-import fastdiff.kernels as K  # noqa: E402
 from fastdiff import sd15  # noqa: E402
+from fastdiff.kernels import attention as attn_mod  # noqa: E402
+from fastdiff.kernels import geglu as geglu_mod  # noqa: E402
+from fastdiff.kernels import group_norm as gn_mod  # noqa: E402
+from fastdiff.kernels import tuning  # noqa: E402
 
-attn_mod = importlib.import_module("fastdiff.kernels.attention")
-geglu_mod = importlib.import_module("fastdiff.kernels.geglu")
-INTERPRETED = isinstance(geglu_mod._geglu_kernel, InterpretedFunction)
+INTERPRETED = triton.knobs.runtime.interpret  # read by @triton.jit when the kernels were imported
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -50,7 +44,7 @@ def _need(device: str) -> None:
         if not torch.cuda.is_available():
             pytest.skip("no CUDA device: the compiled kernels need one")
         if INTERPRETED:
-            pytest.skip("TRITON_INTERPRET=1 was set at import: the CUDA cases need compiled kernels")
+            pytest.skip("TRITON_INTERPRET=1 is set for this run: the CUDA cases need compiled kernels")
     elif not INTERPRETED:
         pytest.skip("kernels were compiled for CUDA in this process; CPU cases need TRITON_INTERPRET=1")
 
@@ -127,7 +121,7 @@ def _force_config(monkeypatch, split_d: bool, overlap_qk: bool) -> None:
     config = triton.Config(
         {"BLOCK_M": 32, "BLOCK_N": 32, "SPLIT_D": split_d, "OVERLAP_QK": overlap_qk}, num_warps=4, num_stages=1
     )
-    monkeypatch.setattr(attn_mod._attention_kernel, "configs", [config])
+    monkeypatch.setattr(attn_mod.AUTOTUNER, "configs", [config])
 
 
 @pytest.mark.parametrize(
@@ -143,7 +137,7 @@ def test_attention_cpu(D, Sq, Sk, dtype, layout, split_d, overlap_qk, monkeypatc
     B, H = 1, 2
     q, k, v = _qkv(B, H, Sq, Sk, D, dtype, "cpu", layout)
     out = _poisoned((B, H, Sq, D), dtype, "cpu", transpose12=(layout == "packed"))
-    K.attention(q, k, v, out=out)
+    attn_mod.attention(q, k, v, out=out)
     _check(out, _attention_ref(q, k, v))
 
 
@@ -162,7 +156,7 @@ def test_attention_cpu_key_splits(D, Sq, Sk, splits, split_d, overlap_qk, monkey
     _force_config(monkeypatch, split_d, overlap_qk)
     q, k, v = _qkv(1, 2, Sq, Sk, D, torch.float32, "cpu", "packed")
     out = _poisoned((1, 2, Sq, D), torch.float32, "cpu")
-    attn_mod._launch(q, k, v, out, D**-0.5, splits)
+    attn_mod.launch(q, k, v, out, D**-0.5, splits)
     _check(out, _attention_ref(q, k, v))
 
 
@@ -170,7 +164,6 @@ def test_attention_split_tuner(monkeypatch):
     """The key-split choice (CUDA-only in use) with a stand-in timer: only where the query tiles
     leave SMs idle, each candidate timed once, the fastest kept, the result still right."""
     _need("cpu")
-    tuning = importlib.import_module("fastdiff.kernels.tuning")
     timed = []
 
     def fake_time(fn):
@@ -183,13 +176,13 @@ def test_attention_split_tuner(monkeypatch):
     monkeypatch.setattr(tuning, "num_sms", lambda device: 132)
     monkeypatch.setattr(attn_mod, "TUNED_SPLITS", {})
     q, k, v = _qkv(1, 2, 70, 256, 40, torch.float16, "cpu", "packed")
-    _check(K.attention(q, k, v), _attention_ref(q, k, v))
+    _check(attn_mod.attention(q, k, v), _attention_ref(q, k, v))
     assert len(timed) == 3 and [v[0] for v in attn_mod.TUNED_SPLITS.values()] == [2]
-    K.attention(q, k, v)  # remembered: not timed again
+    attn_mod.attention(q, k, v)  # remembered: not timed again
     assert len(timed) == 3
     monkeypatch.setattr(tuning, "num_sms", lambda device: 2)  # 2 query tiles x 2 heads fill 2 SMs
     q2 = q[:, :, :64]
-    _check(K.attention(q2, k, v), _attention_ref(q2, k, v))
+    _check(attn_mod.attention(q2, k, v), _attention_ref(q2, k, v))
     assert len(timed) == 3 and list(attn_mod.TUNED_SPLITS.values())[-1] == (1, {})
 
 
@@ -197,11 +190,11 @@ def test_attention_default_output_and_scale():
     """Without out=, the result is [B, H, Sq, D] over a [B, Sq, H, D] buffer; scale is honoured."""
     _need("cpu")
     q, k, v = _qkv(2, 3, 33, 77, 40, torch.float32, "cpu", "packed")
-    out = K.attention(q, k, v, scale=0.3)
+    out = attn_mod.attention(q, k, v, scale=0.3)
     assert out.shape == (2, 3, 33, 40) and out.transpose(1, 2).is_contiguous()
     _check(out, _attention_ref(q, k, v, scale=0.3))
     with pytest.raises(ValueError, match="positive"):
-        K.attention(q, k, v, scale=-0.3)
+        attn_mod.attention(q, k, v, scale=-0.3)
 
 
 def test_attention_head_dim_512_falls_back():
@@ -209,7 +202,7 @@ def test_attention_head_dim_512_falls_back():
     _need("cpu")
     q, k, v = _qkv(1, 1, 64, 64, 512, torch.float32, "cpu", "packed")
     out = _poisoned((1, 1, 64, 512), torch.float32, "cpu")
-    K.attention(q, k, v, out=out)
+    attn_mod.attention(q, k, v, out=out)
     _check(out, _attention_ref(q, k, v))
 
 
@@ -227,7 +220,7 @@ def test_attention_configs_pruned_to_sequence_and_registers():
 
     def kept(sq, sk, d, dtype=torch.float16):
         args = {"Q": torch.empty(0, dtype=dtype), "SEQ_Q": sq, "SEQ_K": sk}
-        pruned = attn_mod._prune_configs(configs, args, HEAD_DIM=d)
+        pruned = attn_mod.prune_configs(configs, args, HEAD_DIM=d)
         return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["SPLIT_D"]) for c in pruned]
 
     pad = [(128, 64, False), (128, 128, False), (64, 64, False)]
@@ -239,21 +232,21 @@ def test_attention_configs_pruned_to_sequence_and_registers():
     assert kept(4096, 4096, 160) == [(64, 64, True), (64, 32, False)]
     assert kept(10, 10, 16) == [(64, 32, False)]
     assert kept(4096, 4096, 40, torch.float32) == [(64, 32, False)]  # fp32: small tiles, never split
-    assert [attn_mod._head_dim_parts(d, True) for d in (40, 80, 160, 64, 8, 72)] == [
+    assert [attn_mod.head_dim_parts(d, True) for d in (40, 80, 160, 64, 8, 72)] == [
         (32, 16), (64, 16), (128, 32), (64, 0), (16, 0), (64, 16),
     ]  # fmt: skip
-    assert attn_mod._head_dim_parts(40, False) == (64, 0)
+    assert attn_mod.head_dim_parts(40, False) == (64, 0)
 
     # Scores a tile ahead: only where there are at least 4 key tiles, never for fp32.
     ahead = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "SPLIT_D": False, "OVERLAP_QK": True}, num_warps=4)]
 
     def kept_ahead(sk, dtype=torch.float16):
-        return len(attn_mod._prune_configs(ahead + configs[-1:], {"Q": torch.empty(0, dtype=dtype), "SEQ_Q": 4096, "SEQ_K": sk}, HEAD_DIM=64))
+        return len(attn_mod.prune_configs(ahead + configs[-1:], {"Q": torch.empty(0, dtype=dtype), "SEQ_Q": 4096, "SEQ_K": sk}, HEAD_DIM=64))
 
     assert (kept_ahead(256), kept_ahead(255), kept_ahead(77), kept_ahead(4096, torch.float32)) == (2, 1, 1, 1)
     chunked = {"Q": torch.empty(0, dtype=torch.float16), "SEQ_Q": 256, "SEQ_K": 1024}
-    assert len(attn_mod._prune_configs(ahead + configs[-1:], {**chunked, "NUM_SPLITS": 4}, HEAD_DIM=64)) == 2
-    assert len(attn_mod._prune_configs(ahead + configs[-1:], {**chunked, "NUM_SPLITS": 8}, HEAD_DIM=64)) == 1
+    assert len(attn_mod.prune_configs(ahead + configs[-1:], {**chunked, "NUM_SPLITS": 4}, HEAD_DIM=64)) == 2
+    assert len(attn_mod.prune_configs(ahead + configs[-1:], {**chunked, "NUM_SPLITS": 8}, HEAD_DIM=64)) == 1
 
 
 # No bf16 attention case on the CPU: Triton's interpreter computes tl.dot on bf16 by multiplying the
@@ -270,7 +263,7 @@ def test_attention_cuda(B, H, Sq, Sk, D, dtype):
     _need("cuda")
     q, k, v = _qkv(B, H, Sq, Sk, D, dtype, "cuda", "packed")
     out = _poisoned((B, H, Sq, D), dtype, "cuda", transpose12=True)
-    K.attention(q, k, v, out=out)
+    attn_mod.attention(q, k, v, out=out)
     _check(out, _attention_ref(q, k, v))
 
 
@@ -283,12 +276,12 @@ def test_attention_cuda_every_config(B, H, Sq, Sk, D, monkeypatch):
     _need("cuda")
     q, k, v = _qkv(B, H, Sq, Sk, D, torch.float16, "cuda", "packed")
     ref = _attention_ref(q, k, v)
-    kept = attn_mod._prune_configs(attn_mod._configs(), {"Q": q, "SEQ_Q": Sq, "SEQ_K": Sk}, HEAD_DIM=D)
+    kept = attn_mod.prune_configs(attn_mod.configs(), {"Q": q, "SEQ_Q": Sq, "SEQ_K": Sk}, HEAD_DIM=D)
     assert {c.kwargs["SPLIT_D"] for c in kept} == {False, True}
     for config in kept:
-        monkeypatch.setattr(attn_mod._attention_kernel, "configs", [config])
+        monkeypatch.setattr(attn_mod.AUTOTUNER, "configs", [config])
         out = _poisoned((B, H, Sq, D), torch.float16, "cuda", transpose12=True)
-        attn_mod._launch(q, k, v, out, D**-0.5, 1)  # the whole key axis per program (splits: below)
+        attn_mod.launch(q, k, v, out, D**-0.5, 1)  # the whole key axis per program (splits: below)
         try:
             _check(out, ref)
         except AssertionError as e:
@@ -303,7 +296,7 @@ def test_attention_cuda_key_splits(B, H, Sq, Sk, D, dtype, splits):
     _need("cuda")
     q, k, v = _qkv(B, H, Sq, Sk, D, dtype, "cuda", "packed")
     out = _poisoned((B, H, Sq, D), dtype, "cuda", transpose12=True)
-    attn_mod._launch(q, k, v, out, D**-0.5, splits)
+    attn_mod.launch(q, k, v, out, D**-0.5, splits)
     _check(out, _attention_ref(q, k, v))
 
 
@@ -311,7 +304,7 @@ def test_attention_cuda_fp32_odd_lengths():
     _need("cuda")
     q, k, v = _qkv(2, 8, 999, 77, 40, torch.float32, "cuda", "dim-strided")
     out = _poisoned((2, 8, 999, 40), torch.float32, "cuda")
-    K.attention(q, k, v, out=out)
+    attn_mod.attention(q, k, v, out=out)
     _check(out, _attention_ref(q, k, v))
 
 
@@ -319,7 +312,6 @@ def test_attention_cuda_fp32_odd_lengths():
 # GroupNorm (+ SiLU)
 
 
-gn_mod = importlib.import_module("fastdiff.kernels.group_norm")
 
 
 def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=1e-5, silu=True, plan=None, scale=1.0):
@@ -333,12 +325,12 @@ def _group_norm_case(shape, groups, dtype, device, channels_last, mean=0.0, eps=
     bias = (0.1 * torch.randn(C, device=device)).to(dtype)
     out = torch.full_like(x, float("nan"))  # same memory format as x
     if plan is None:
-        K.group_norm(x, groups, weight, bias, eps, silu=silu, out=out)
+        gn_mod.group_norm(x, groups, weight, bias, eps, silu=silu, out=out)
     else:
         B, HW = shape[0], x[0, 0].numel()
         layout = "nhwc" if channels_last else "nchw"  # every plan, the last-first ones too:
-        chosen = gn_mod._plans(B, C, HW, groups, x.device, layout, gn_mod._LAST_FIRST_MIN_BYTES)[plan]
-        gn_mod._launch(chosen, x.view(B, C, -1), out.view(B, C, -1), weight, bias, groups, eps, silu)
+        chosen = gn_mod.plans(B, C, HW, groups, x.device, layout, gn_mod.LAST_FIRST_MIN_BYTES)[plan]
+        gn_mod.launch(chosen, x.view(B, C, -1), out.view(B, C, -1), weight, bias, groups, eps, silu)
     y = F.group_norm(x.double(), groups, weight.double(), bias.double(), eps)
     _check(out, F.silu(y) if silu else y)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -369,7 +361,7 @@ def test_group_norm_cpu_variance_near_eps_every_plan(channels_last):
     _need("cpu")
     shape, groups = (2, 320, 16, 16), 32  # a shape with every plan kind: fused, split, flat / nhwc, last-first
     layout = "nhwc" if channels_last else "nchw"
-    plans = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], groups, torch.device("cpu"), layout, gn_mod._LAST_FIRST_MIN_BYTES)
+    plans = gn_mod.plans(shape[0], shape[1], shape[2] * shape[3], groups, torch.device("cpu"), layout, gn_mod.LAST_FIRST_MIN_BYTES)
     assert {"fused", "split8", "flat8" if layout == "nchw" else "nhwc8", "split8r"} <= set(plans), plans
     for plan in plans:
         _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, eps=1e-6, silu=False, plan=plan, scale=1e-3)
@@ -399,7 +391,7 @@ def test_group_norm_cpu_plans(channels_last, plan):
     _need("cpu")
     shape, groups = (1, 64, 90, 90), 32
     hw = shape[2] * shape[3]
-    plans = gn_mod._plans(shape[0], shape[1], hw, groups, torch.device("cpu"))
+    plans = gn_mod.plans(shape[0], shape[1], hw, groups, torch.device("cpu"))
     block_hw = plans["fused"].block_hw
     assert (plans["split4"].split, plans["split8"].split) == (2, 4) and hw % block_hw != 0
     assert plans[plan].hw_per_split > block_hw  # several tiles per chunk
@@ -422,13 +414,13 @@ def test_group_norm_cpu_nhwc_plans(shape, groups, mean):
     by a second kernel, applied by a third), every distinct one the tuner may try at the shape."""
     _need("cpu")
     B, C, HW = shape[0], shape[1], shape[2] * shape[3]
-    names = [n for n, p in gn_mod._plans(B, C, HW, groups, torch.device("cpu"), "nhwc").items() if p.kind == "nhwc"]
-    assert names and not any(p.kind == "nhwc" for p in gn_mod._plans(B, C, HW, groups, torch.device("cpu")).values())
+    names = [n for n, p in gn_mod.plans(B, C, HW, groups, torch.device("cpu"), "nhwc").items() if p.kind == "nhwc"]
+    assert names and not any(p.kind == "nhwc" for p in gn_mod.plans(B, C, HW, groups, torch.device("cpu")).values())
     for plan in names:
         _group_norm_case(shape, groups, torch.float32, "cpu", True, mean=mean, eps=1e-6, silu=True, plan=plan)
     if C == 1280:
-        plan = gn_mod._plans(B, C, HW, groups, torch.device("cpu"), "nhwc")[names[-1]]
-        assert gn_mod._finalize_rows(C // groups) < plan.split  # the loop runs more than once
+        plan = gn_mod.plans(B, C, HW, groups, torch.device("cpu"), "nhwc")[names[-1]]
+        assert gn_mod.finalize_rows(C // groups) < plan.split  # the loop runs more than once
 
 
 @pytest.mark.parametrize(
@@ -446,8 +438,8 @@ def test_group_norm_cpu_flat_plans(shape, groups, mean):
     its index), every distinct one the tuner may try; none where HW has no 16-byte rows."""
     _need("cpu")
     B, C, HW = shape[0], shape[1], shape[2] * shape[3]
-    names = [n for n, p in gn_mod._plans(B, C, HW, groups, torch.device("cpu"), "nchw").items() if p.kind == "flat"]
-    assert names and not any(p.kind == "flat" for p in gn_mod._plans(1, 64, 9 * 9, 32, torch.device("cpu"), "nchw").values())
+    names = [n for n, p in gn_mod.plans(B, C, HW, groups, torch.device("cpu"), "nchw").items() if p.kind == "flat"]
+    assert names and not any(p.kind == "flat" for p in gn_mod.plans(1, 64, 9 * 9, 32, torch.device("cpu"), "nchw").values())
     for plan in names:
         _group_norm_case(shape, groups, torch.float32, "cpu", False, mean=mean, eps=1e-6, silu=True, plan=plan)
 
@@ -461,7 +453,7 @@ def test_group_norm_cpu_layout_plans_keep_fp32_precision_at_a_large_mean(layout)
     _need("cpu")
     shape = (1, 128, 64, 64)
     kind = "nhwc" if layout == "nhwc" else "flat"
-    names = [n for n, p in gn_mod._plans(1, 128, 64 * 64, 32, torch.device("cpu"), layout).items() if p.kind == kind]
+    names = [n for n, p in gn_mod.plans(1, 128, 64 * 64, 32, torch.device("cpu"), layout).items() if p.kind == kind]
     assert names
     for plan in names:
         _group_norm_case(shape, 32, torch.float32, "cpu", layout == "nhwc", mean=100.0, eps=1e-6, silu=False, plan=plan)
@@ -470,7 +462,7 @@ def test_group_norm_cpu_layout_plans_keep_fp32_precision_at_a_large_mean(layout)
 def test_group_norm_channel_block():
     """Channels per program in the channels-last plan at SD's channel counts: no padding lanes,
     at most 128; a count with no power-of-two divisor of 8 or more is padded instead."""
-    got = {c: gn_mod._channel_block(c) for c in (320, 640, 960, 1280, 1920, 2560, 128, 256, 512, 100)}
+    got = {c: gn_mod.channel_block(c) for c in (320, 640, 960, 1280, 1920, 2560, 128, 256, 512, 100)}
     assert got == {320: 64, 640: 128, 960: 64, 1280: 128, 1920: 128, 2560: 128, 128: 128, 256: 128, 512: 128, 100: 128}
 
 
@@ -483,7 +475,7 @@ def test_group_norm_cpu_merge_in_steps(monkeypatch, channels_last):
     monkeypatch.setattr(gn_mod, "_MERGE_BLOCK", 2)
     monkeypatch.setattr(gn_mod, "_FINALIZE_TILE", 4)
     shape, groups = (1, 64, 35, 35), 8
-    plans = gn_mod._plans(1, 64, 35 * 35, groups, torch.device("cpu"), "nhwc" if channels_last else "nchw")
+    plans = gn_mod.plans(1, 64, 35 * 35, groups, torch.device("cpu"), "nhwc" if channels_last else "nchw")
     looped = {n: p.split for n, p in plans.items() if p.split > 2}
     assert len(looped) >= 2 and any(v % 2 for v in looped.values()), looped
     for plan in looped:
@@ -496,10 +488,10 @@ def test_group_norm_cpu_last_first_plans(channels_last):
     inputs of _LAST_FIRST_MIN_BYTES or more), at a small shape with several chunks per group."""
     _need("cpu")
     shape, groups, layout = (1, 64, 32, 32), 8, "nhwc" if channels_last else "nchw"
-    plans = gn_mod._plans(1, 64, 32 * 32, groups, torch.device("cpu"), layout, gn_mod._LAST_FIRST_MIN_BYTES)
+    plans = gn_mod.plans(1, 64, 32 * 32, groups, torch.device("cpu"), layout, gn_mod.LAST_FIRST_MIN_BYTES)
     names = [n for n, p in plans.items() if p.last_first]
     assert {plans[n].kind for n in names} == {"group", "nhwc" if channels_last else "flat"}, plans
-    assert not any(p.last_first for p in gn_mod._plans(1, 64, 32 * 32, groups, torch.device("cpu"), layout).values())
+    assert not any(p.last_first for p in gn_mod.plans(1, 64, 32 * 32, groups, torch.device("cpu"), layout).values())
     for name in names:
         _group_norm_case(shape, groups, torch.float32, "cpu", channels_last, mean=3.0, plan=name)
 
@@ -520,11 +512,11 @@ def test_group_norm_silu_over_the_whole_range(device):
             x = x.to(memory_format=torch.channels_last)
         B, HW = 2, 36
         layout = "nhwc" if channels_last else "nchw"
-        plans = gn_mod._plans(B, C, HW, 32, x.device, layout, gn_mod._LAST_FIRST_MIN_BYTES)  # + last-first
+        plans = gn_mod.plans(B, C, HW, 32, x.device, layout, gn_mod.LAST_FIRST_MIN_BYTES)  # + last-first
         assert any(p.last_first for p in plans.values()) or not channels_last  # NCHW 6x6: one pass only
         for name, plan in plans.items():
             out = torch.full_like(x, float("nan"))
-            gn_mod._launch(plan, x.view(B, C, -1), out.view(B, C, -1), weight, bias, 32, 1e-5, True)
+            gn_mod.launch(plan, x.view(B, C, -1), out.view(B, C, -1), weight, bias, 32, 1e-5, True)
             _check(out, F.silu(F.group_norm(x.double(), 32, weight.double(), bias.double(), 1e-5)))
 
 
@@ -532,16 +524,16 @@ def test_group_norm_default_plan():
     """Untimed (CPU, or during graph capture): one program per group for groups of a few tiles,
     two-pass chunks for large groups."""
     cpu = torch.device("cpu")
-    assert gn_mod._default_plan(2, 1280, 8 * 8, 32, cpu).split == 1
-    big = gn_mod._default_plan(1, 128, 512 * 512, 32, cpu)
-    assert big.split > 1 and big == gn_mod._plans(1, 128, 512 * 512, 32, cpu)["split4"]
+    assert gn_mod.default_plan(2, 1280, 8 * 8, 32, cpu).split == 1
+    big = gn_mod.default_plan(1, 128, 512 * 512, 32, cpu)
+    assert big.split > 1 and big == gn_mod.plans(1, 128, 512 * 512, 32, cpu)["split4"]
 
 
 def test_group_norm_cpu_other_layout_and_no_affine():
     """A layout that is neither NCHW nor channels-last is made contiguous; None affine = 1/0."""
     _need("cpu")
     x = torch.randn(1, 7, 5, 16).transpose(1, 3)  # [1, 16, 5, 7] with odd strides
-    out = K.group_norm(x, 4, None, None, 1e-5)
+    out = gn_mod.group_norm(x, 4, None, None, 1e-5)
     _check(out, F.group_norm(x.double(), 4, None, None, 1e-5))
 
 
@@ -565,8 +557,8 @@ def test_group_norm_cuda_plans(shape, channels_last):
     """Every launch plan the tuner may pick at this shape (fp16), whichever it does pick on this GPU."""
     _need("cuda")
     layout, nbytes = "nhwc" if channels_last else "nchw", 2 * shape[0] * shape[1] * shape[2] * shape[3]
-    names = gn_mod._plans(shape[0], shape[1], shape[2] * shape[3], 32, torch.device("cuda"), layout, nbytes)
-    assert any(p.last_first for p in names.values()) == (nbytes >= gn_mod._LAST_FIRST_MIN_BYTES)
+    names = gn_mod.plans(shape[0], shape[1], shape[2] * shape[3], 32, torch.device("cuda"), layout, nbytes)
+    assert any(p.last_first for p in names.values()) == (nbytes >= gn_mod.LAST_FIRST_MIN_BYTES)
     assert len(names) >= 3 and {p.kind for p in names.values()} == {"group", "nhwc" if channels_last else "flat"}, names
     for plan in names:
         _group_norm_case(shape, 32, torch.float16, "cuda", channels_last, plan=plan)
@@ -578,7 +570,7 @@ def test_group_norm_cuda_plans_fp32_large_mean(channels_last):
     channels-last plan without per-channel pivots missed the 1e-4 relative bound (interpreter)."""
     _need("cuda")
     shape = (2, 320, 64, 64)
-    names = gn_mod._plans(2, 320, 64 * 64, 32, torch.device("cuda"), "nhwc" if channels_last else "nchw")
+    names = gn_mod.plans(2, 320, 64 * 64, 32, torch.device("cuda"), "nhwc" if channels_last else "nchw")
     for plan in names:
         _group_norm_case(shape, 32, torch.float32, "cuda", channels_last, mean=100.0, eps=1e-6, silu=False, plan=plan)
 
@@ -595,12 +587,11 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
         fake_ms[len(fake_ms)] = 1.0 / (1 + len(fake_ms))  # later candidates "faster": picks the last
         return fake_ms[len(fake_ms) - 1]
 
-    tuning = importlib.import_module("fastdiff.kernels.tuning")
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "time_ms", fake_time)
     monkeypatch.setattr(gn_mod, "TUNED", {})
     shape = (1, 64, 40, 40)
-    plans = gn_mod._plans(1, 64, 40 * 40, 8, torch.device("cpu"), "nhwc" if channels_last else "nchw")
+    plans = gn_mod.plans(1, 64, 40 * 40, 8, torch.device("cpu"), "nhwc" if channels_last else "nchw")
     assert {p.kind for p in plans.values()} == {"group", "nhwc" if channels_last else "flat"}
     _group_norm_case(shape, 8, torch.float32, "cpu", channels_last)
     assert len(fake_ms) == len(plans) >= 3
@@ -616,7 +607,7 @@ def test_group_norm_tuner_rotates_large_inputs(monkeypatch):
     inputs on themselves. Thresholds shrunk so a CPU-sized input counts as large."""
     _need("cpu")
     seen = []
-    launch = gn_mod._launch
+    launch = gn_mod.launch
 
     def recording_launch(plan, x3, *args):
         seen.append((plan, x3.data_ptr(), x3.stride()))
@@ -627,15 +618,14 @@ def test_group_norm_tuner_rotates_large_inputs(monkeypatch):
             fn()
         return float(len(seen))
 
-    tuning = importlib.import_module("fastdiff.kernels.tuning")
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "time_ms", fake_time)
-    monkeypatch.setattr(gn_mod, "_launch", recording_launch)
+    monkeypatch.setattr(gn_mod, "launch", recording_launch)
     shape = (1, 64, 32, 32)
     nbytes = 4 * 64 * 32 * 32
     for large, rotate_bytes, copies in ((False, 3 * nbytes, 1), (True, 3 * nbytes, 3), (True, nbytes, 2)):
         monkeypatch.setattr(gn_mod, "TUNED", {})
-        monkeypatch.setattr(gn_mod, "_LAST_FIRST_MIN_BYTES", nbytes if large else nbytes + 1)
+        monkeypatch.setattr(gn_mod, "LAST_FIRST_MIN_BYTES", nbytes if large else nbytes + 1)
         monkeypatch.setattr(gn_mod, "_ROTATE_BYTES", rotate_bytes)  # inputs in turn; at least two when large
         seen.clear()
         _group_norm_case(shape, 8, torch.float32, "cpu", channels_last=True)  # tunes, then runs the choice
@@ -654,15 +644,14 @@ def test_group_norm_tuner_copies_keep_a_batch_strided_input_in_place(monkeypatch
     layout, whose flat plan uses one batch stride for x and out: the timing copies must keep that
     stride, or the timed calls write outside `out` (a review's repro)."""
     _need("cpu")
-    tuning = importlib.import_module("fastdiff.kernels.tuning")
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "time_ms", lambda fn: (fn(), fn(), 1.0)[-1])
     monkeypatch.setattr(gn_mod, "TUNED", {})
-    monkeypatch.setattr(gn_mod, "_LAST_FIRST_MIN_BYTES", 0)
+    monkeypatch.setattr(gn_mod, "LAST_FIRST_MIN_BYTES", 0)
     big, big_out = torch.randn(2, 64, 16, 16), torch.full((2, 64, 16, 16), float("nan"))
     x, out = big[:, :32], big_out[:, :32]  # [2, 32, 16, 16], batch stride 64 * 256
     w, b = torch.randn(32), torch.randn(32)
-    K.group_norm(x, 8, w, b, 1e-5, silu=True, out=out)
+    gn_mod.group_norm(x, 8, w, b, 1e-5, silu=True, out=out)
     _check(out, F.silu(F.group_norm(x.double(), 8, w.double(), b.double(), 1e-5)))
     assert torch.isnan(big_out[:, 32:]).all()  # nothing written past the slice
 
@@ -674,7 +663,6 @@ def test_time_ms_sizes_its_graph_and_divides_by_what_it_captured(monkeypatch):
     import contextlib
     import types
 
-    tuning = importlib.import_module("fastdiff.kernels.tuning")
     per_call_ms = iter([0.0125, 0.005, 0.002])  # per capture
     graphs = []
 
@@ -700,7 +688,6 @@ def test_time_ms_measures_gpu_time_in_graphs():
     cycles must time about 4x; both well above zero. The least of three timings each, and wide
     bounds: device_check runs the CUDA tests in 12 processes sharing the GPU."""
     _need("cuda")
-    tuning = importlib.import_module("fastdiff.kernels.tuning")
     short = min(tuning.time_ms(lambda: torch.cuda._sleep(20_000)) for _ in range(3))  # ~10 us at ~2 GHz
     long = min(tuning.time_ms(lambda: torch.cuda._sleep(80_000)) for _ in range(3))
     assert short > 0.002 and 2.5 < long / short < 6.0, (short, long)
@@ -713,12 +700,11 @@ def test_auto_mode_runs_the_attention_that_timed_faster(monkeypatch):
     _need("cpu")
     import fastdiff.ops as ops
 
-    tuning = importlib.import_module("fastdiff.kernels.tuning")
     monkeypatch.setattr(ops, "_use_triton", lambda x: True)  # as for a CUDA tensor
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(ops, "ATTENTION_CHOICE", {})
     q, k, v = (torch.randn(1, 2, 33, 40) for _ in range(3))
-    kernel_out, sdpa_out = K.attention(q, k, v, 0.2), ops.attention_ref(q, k, v, 0.2)
+    kernel_out, sdpa_out = attn_mod.attention(q, k, v, 0.2), ops.attention_ref(q, k, v, 0.2)
     assert not torch.equal(kernel_out, sdpa_out)  # rounding differs, so the result tells which ran
     for faster in ("torch", "triton"):
         ops.ATTENTION_CHOICE.clear()
@@ -752,7 +738,7 @@ def _geglu_case(shape, dtype, device):
     scale = 0.4 if dtype == torch.bfloat16 else 1.0  # keeps |x * gelu(gate)| < 4 for bf16
     h = (scale * torch.randn(shape, device=device)).to(dtype)
     out = torch.full((*shape[:-1], shape[-1] // 2), float("nan"), device=device, dtype=dtype)
-    K.geglu(h, out=out)
+    geglu_mod.geglu(h, out=out)
     x, gate = h.double().chunk(2, dim=-1)
     _check(out, x * F.gelu(gate))
 
@@ -767,7 +753,7 @@ def test_geglu_cpu(dtype):
 def test_geglu_cpu_odd_inner_and_strided_rows():
     _need("cpu")
     h = torch.randn(5, 2 * 2 * 100)[:, : 2 * 100]  # rows of a wider buffer: row stride 400
-    out = K.geglu(h)
+    out = geglu_mod.geglu(h)
     x, gate = h.double().chunk(2, dim=-1)
     _check(out, x * F.gelu(gate))
 
@@ -781,7 +767,7 @@ def test_geglu_gelu_accuracy_over_the_whole_range(device):
     g = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([0.0, -0.0, 1e-30, -1e-30, 30.0, -30.0, 1e4, -1e4])])
     h = torch.cat([torch.ones_like(g), g])[None].to(device)  # [1, 2N]: value 1, gate g
     out = torch.full((1, g.numel()), float("nan"), device=device)
-    K.geglu(h, out=out)
+    geglu_mod.geglu(h, out=out)
     ref = g.double() * 0.5 * (1 + torch.erf(g.double() / 2**0.5))
     err = (out[0].double().cpu() - ref).abs()
     assert (err <= 1e-6 * (1 + g.abs().double())).all(), f"max err {err.max():.3g} at gate {g[err.argmax()]:.4g}"
