@@ -87,7 +87,10 @@ UNET_B = dict(
     cross_attention_dim=48,
     attention_head_dim=(2, 4, 4),
     norm_num_groups=8,
+    norm_eps=1e-6,
     use_linear_projection=True,
+    flip_sin_to_cos=False,
+    freq_shift=1,
 )
 TEXT_A = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
               hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu")

@@ -8,6 +8,7 @@ import os
 import tempfile
 
 import pytest
+import torch
 
 from fastdiff import sd15, testing
 
@@ -15,50 +16,18 @@ from fastdiff import sd15, testing
 os.environ["FASTDIFF_CACHE"] = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
 os.environ.pop("FASTDIFF_MODEL", None)
 
-# Two small UNets that differ in every dimension the model code reads: depth, widths, heads
-# (int vs per-block list), context width, group count, conv vs linear projections, padding.
-UNET_SMALL = {
-    "a": dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4,
-        cross_attention_dim=24,
-        norm_num_groups=16,
-    ),
-    "b": dict(
-        sample_size=16,
-        in_channels=4,
-        out_channels=5,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 8, 4),
-        cross_attention_dim=40,
-        norm_num_groups=8,
-        norm_eps=1e-6,
-        use_linear_projection=True,
-        flip_sin_to_cos=False,
-        freq_shift=1,
-    ),
-}
+# Without CUDA, every Triton kernel in this run goes through Triton's CPU interpreter. Set here,
+# once, before any test imports fastdiff.kernels (@triton.jit reads it then, and again at each
+# launch), so the mode does not depend on which test modules are collected. Tests that need
+# compiled kernels run them in a child process with TRITON_INTERPRET=0.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-VAE_SMALL = dict(
-    in_channels=3,
-    out_channels=3,
-    block_out_channels=(32, 64, 64),
-    layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 3,
-    up_block_types=("UpDecoderBlock2D",) * 3,
-    latent_channels=4,
-    norm_num_groups=16,
-    sample_size=32,
-)
+# The two small UNets of fastdiff.testing (they differ in every dimension the model code reads:
+# depth, widths, heads as int vs per-block list, context width, groups, eps, projections, time
+# embedding); "b" here also has out_channels != in_channels, which the model code must not assume.
+UNET_SMALL = {"a": testing.UNET_A, "b": dict(testing.UNET_B, out_channels=5)}
+VAE_SMALL = testing.SMALL_VAE
 
 # eos_token_id == 2 is the legacy SD1.5 value (pool at argmax of ids); the other pools at the
 # first eos; there eos is not the largest id, so the two rules pick different tokens.
