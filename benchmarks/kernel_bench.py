@@ -60,27 +60,11 @@ def n_sets(nbytes: int) -> int:
 
 
 def bench_graph(fn, calls: int, reps: int = 20) -> float:
-    """Median milliseconds per call: `fn` (which makes `calls` calls) captured in one CUDA graph
-    after an eager warm-up (autotuning, compilation), then replayed `reps` times between events."""
-    import statistics
+    """Median milliseconds per call, `fn` making `calls` calls: kernels.tuning.time_ms (CUDA-graph
+    replays of back-to-back fn() calls, the timer the launchers tune with) divided by `calls`."""
+    from fastdiff.kernels import tuning
 
-    from fastdiff.graphs import capture
-
-    fn()
-    torch.cuda.synchronize()
-    graph, _ = capture(fn, torch.device(DEVICE))
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    del graph
-    return statistics.median(times)
+    return tuning.time_ms(fn, replays=reps) / calls
 
 
 @functools.lru_cache(maxsize=None)  # both GroupNorm layouts of a shape move the same bytes
@@ -175,12 +159,10 @@ def _gpu_kernel_names(fn) -> str:
 
 
 def run_attention(dtype):
-    import importlib
+    from fastdiff.kernels import attention as attn_mod
+    from fastdiff.kernels.attention import attention
 
-    from fastdiff.kernels import attention
-
-    attn_mod = importlib.import_module("fastdiff.kernels.attention")
-    autotuner = attn_mod._attention_kernel
+    autotuner = attn_mod.AUTOTUNER
 
     def make(B, H, Sq, Sk, D):
         if Sq == Sk:
@@ -217,11 +199,8 @@ def run_attention(dtype):
 
 
 def run_group_norm(dtype, shapes=None):
-    import importlib
-
-    from fastdiff.kernels import group_norm
-
-    tuned = importlib.import_module("fastdiff.kernels.group_norm").TUNED
+    from fastdiff.kernels.group_norm import TUNED as tuned
+    from fastdiff.kernels.group_norm import group_norm
 
     def ours(x, w, b):
         return group_norm(x, 32, w, b, 1e-5, silu=True)
@@ -283,7 +262,7 @@ def run_layer_norm(dtype):
 
 
 def run_geglu(dtype):
-    from fastdiff.kernels import geglu
+    from fastdiff.kernels.geglu import geglu
 
     def ref(h):
         x, gate = h.chunk(2, dim=-1)
