@@ -119,3 +119,31 @@ def test_diffusers_onnx_pipeline_opens_the_export(exported):
     expected = torch_pipe(latents=latents, height=16, width=24, **kwargs).images
     assert got.shape == expected.shape == (1, 16, 24, 3)
     assert np.abs(got - expected).max() <= 1e-3
+
+
+def test_auto_asks_each_backend_its_cost(monkeypatch):
+    """pick_auto takes the lowest auto_cost among registered backends; one whose module cannot be
+    imported, or that answers None, is no candidate."""
+    import sys
+    import types
+
+    from fastdiff import backends
+    from fastdiff.backends.base import Backend
+
+    class Cheap(Backend):
+        name = "cheap"
+
+        @classmethod
+        def auto_cost(cls, device):
+            return 0.5 if device.type == "cpu" else None
+
+    module = types.ModuleType("fake_cheap_backend")
+    module.Cheap = Cheap
+    monkeypatch.setitem(sys.modules, "fake_cheap_backend", module)
+    registry = dict(backends.REGISTRY, cheap="fake_cheap_backend:Cheap", missing="no_such_module_here:X")
+    monkeypatch.setattr(backends, "REGISTRY", registry)
+    assert backends.pick_auto(torch.device("cpu")) == "cheap"
+    assert backends.pick_auto(torch.device("meta")) == "torch"  # Cheap answers None there
+    monkeypatch.setattr(backends, "REGISTRY", {"missing": "no_such_module_here:X"})
+    with pytest.raises(RuntimeError, match="no backend can run on cpu"):
+        backends.pick_auto(torch.device("cpu"))

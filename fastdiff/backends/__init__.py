@@ -44,14 +44,14 @@ def make_backend(
 
     "onnxruntime" uses a matching export from the cache, exporting first when there is none.
     "tensorrt" likewise builds fp16 engines for the model's default size (minutes, once per GPU).
-    "auto" is the torch backend (`pick_auto` says why): name onnxruntime or tensorrt to use an export.
+    "auto" picks by `pick_auto`: today the torch backend, the only one that narrows nothing.
     """
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r}: allowed values are {', '.join(BACKENDS)}")
     device = torch.device(device)
     if name == "auto":
-        name = pick_auto()
-        log.info("fastdiff: backend auto -> %s", name)
+        name = pick_auto(device)
+        log.info("fastdiff: backend auto -> %s on %s", name, device)
     if channels_last is None:  # NHWC convolutions measured faster on CUDA; not on CPU
         channels_last = device.type == "cuda" and name == "torch"
     if channels_last and name != "torch":
@@ -59,12 +59,20 @@ def make_backend(
     return backend_class(name).create(root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
 
 
-def pick_auto() -> str:
-    """The backend "auto" means: torch, on every device and whatever the cache holds.
-
-    auto used to take onnxruntime or tensorrt when an export was cached, which changed the sizes a
-    call accepts (the exported UNet takes latent sides in multiples of 2 ** (down blocks - 1), an
-    engine only its profile's sizes) and the code that ran, depending on the cache. It never picks
-    a backend that narrows what the model accepts; ask for onnxruntime or tensorrt by name (faster
-    on some machines: `python benchmarks/latency.py` measures yours)."""
-    return "torch"
+def pick_auto(device: torch.device) -> str:
+    """The backend "auto" means on `device`: the registered backend with the lowest
+    `Backend.auto_cost`. It never depends on the cache, and no candidate narrows what a call
+    accepts (an exported UNet takes latent sides in multiples of 2 ** (down blocks - 1), an engine
+    only its profile's sizes); name onnxruntime or tensorrt to use an export
+    (`python benchmarks/latency.py` measures which is faster on a machine)."""
+    costs = {}
+    for name in REGISTRY:
+        try:
+            cost = backend_class(name).auto_cost(device)
+        except ImportError:  # an optional package the backend's module needs is missing
+            cost = None
+        if cost is not None:
+            costs[name] = cost
+    if not costs:
+        raise RuntimeError(f"no backend can run on {device}")
+    return min(costs, key=costs.get)

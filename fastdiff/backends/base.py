@@ -30,6 +30,14 @@ class Backend(ABC):
     fp32_decode: bool = False  # decode_fp32() exists: the pipeline's retry when an fp16 decode overflows
 
     @classmethod
+    def auto_cost(cls, device: torch.device) -> float | None:
+        """What `backend="auto"` weighs (lowest wins): None where this backend is no candidate on
+        `device`: its package is missing, the device is not one it runs on, or it would narrow
+        what a call accepts (fixed or coarser sizes), so auto never changes which calls succeed.
+        The default is None: a backend is used when named, until it says otherwise."""
+        return None
+
+    @classmethod
     @abstractmethod
     def create(cls, root: Path, *, device: torch.device, dtype: torch.dtype, kernels: str | None = None,
                channels_last: bool = False) -> "Backend":

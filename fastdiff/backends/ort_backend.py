@@ -60,6 +60,10 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     @classmethod
+    def auto_cost(cls, device: torch.device) -> float | None:
+        return None  # never auto's choice: its exported UNet takes latent sides in multiples of 2 ** (down blocks - 1)
+
+    @classmethod
     def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "OnnxRuntimeBackend":
         return cls(cached_or_new_export(root, dtype, attention="mha"), device=device, dtype=dtype)
 

@@ -20,6 +20,11 @@ class TorchBackend(Backend):
     fp32_decode = True
 
     @classmethod
+    def auto_cost(cls, device: torch.device) -> float | None:
+        """A candidate wherever torch runs, at cost 1: it takes every size the model takes."""
+        return 1.0
+
+    @classmethod
     def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "TorchBackend":
         return cls(root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
 

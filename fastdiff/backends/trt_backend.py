@@ -101,6 +101,10 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
 
     @classmethod
+    def auto_cost(cls, device: torch.device) -> float | None:
+        return None  # never auto's choice: its engines take only their profiles' sizes
+
+    @classmethod
     def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "TensorRTBackend":
         return cls.from_model(root, device=device, dtype=dtype)
 
