@@ -341,11 +341,24 @@ class Pipeline:
             "no image was returned"
         )
 
-    def generate(self, prompt, **kwargs):
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        negative_prompt: str | list[str] | None = None,
+        steps: int = 25,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        scheduler: str = "dpmpp_2m",
+        num_images: int = 1,
+        output_type: str = "pil",
+    ):
         """One PIL.Image for one prompt and one image, else a list; output_type="np" gives
-        float32 [N, H, W, 3] in [0, 1]. Arguments as in `run`."""
-        result = self.run(prompt, **kwargs)
-        return result.images
+        float32 [N, H, W, 3] in [0, 1]. The arguments are `run`'s (tests/test_bad_inputs.py keeps
+        the three signatures equal)."""
+        return self.run(**arguments(locals())).images
 
     def run(
         self,
@@ -529,6 +542,12 @@ def cached_pipeline(root: Path, backend: str) -> Pipeline:
     return future.result()
 
 
+def arguments(scope: dict, *drop: str) -> dict:
+    """A function's own arguments from its locals() at entry, less `self` and `drop`: forwarding
+    them without writing each name again."""
+    return {k: v for k, v in scope.items() if k != "self" and k not in drop}
+
+
 def generate(
     prompt: str | list[str],
     *,
@@ -544,7 +563,9 @@ def generate(
     backend: str = "auto",
     output_type: str = "pil",
 ):
-    """Text to image in one call; keeps one loaded Pipeline per (model, backend) for reuse."""
+    """Text to image in one call; keeps one loaded Pipeline per (model, backend) for reuse. The
+    other arguments are `Pipeline.generate`'s."""
+    options = arguments(locals(), "model", "backend")  # first: locals() holds just the arguments
     prompts, _ = check_args(
         prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type, seed
     )
@@ -554,15 +575,4 @@ def generate(
     if cache_key(root, backend) not in _cache:  # before a first load; a loaded pipeline checks in run()
         check_request(ModelFacts.read(root), Limits.from_env(), steps, height, width, scheduler,
                       len(prompts) * int(num_images))  # fmt: skip
-    return cached_pipeline(root, backend).generate(
-        prompt,
-        negative_prompt=negative_prompt,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        seed=seed,
-        scheduler=scheduler,
-        num_images=num_images,
-        output_type=output_type,
-    )
+    return cached_pipeline(root, backend).generate(**options)

@@ -211,3 +211,19 @@ def test_damaged_file_is_named(file, damage, early, tmp_path, monkeypatch):
         Pipeline.from_pretrained(folder, backend="torch")
     assert str(folder / file) in str(e.value)
     assert isinstance(e.value, ValueError)  # one except clause catches every bad input
+
+
+def test_generate_signatures_stay_equal():
+    """fastdiff.generate and Pipeline.generate forward their arguments by name to Pipeline.run:
+    the three declare the same options, defaults and order (module: plus model and backend)."""
+    import inspect
+
+    from fastdiff import Pipeline, generate
+
+    def params(fn, drop=()):
+        return [(p.name, p.kind, p.default, p.annotation) for p in inspect.signature(fn).parameters.values()
+                if p.name not in ("self", *drop)]  # fmt: skip
+
+    run = params(Pipeline.run, ("timed",))
+    assert params(Pipeline.generate) == run
+    assert params(generate, ("model", "backend")) == run
