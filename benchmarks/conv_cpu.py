@@ -64,7 +64,7 @@ def time_shape(shape, out_channels, kernel, stride, padding, repeats: int) -> di
             fn()
             times[name].append(time.perf_counter() - t0)
     with ops.kernels("auto"):
-        rule = "im2col" if ops._im2col_conv(x, w, stride, padding) else "onednn"
+        rule = "im2col" if ops.im2col_conv(x, w, stride, padding) else "onednn"
     return {**{name: 1e3 * statistics.median(ts) for name, ts in times.items()}, "rule": rule, "max_abs_diff": diff}
 
 

@@ -143,7 +143,7 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False)
 SMALL_CONV_PIXELS = 64
 
 
-def _im2col_conv(x, weight, stride, padding) -> bool:
+def im2col_conv(x, weight, stride, padding) -> bool:
     """Whether `conv2d` takes the im2col + GEMM path: fp32 on the CPU in "auto" mode, outside
     tracing, export and autocast, a batch that fills the threads, a 1x1 kernel or a small output."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or get_kernels() != "auto" or _tracing():
@@ -160,7 +160,7 @@ def _im2col_conv(x, weight, stride, padding) -> bool:
 
 def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int]):
     """2-D convolution (dilation 1, one group); on the CPU see SMALL_CONV_PIXELS."""
-    if _im2col_conv(x, weight, stride, padding):
+    if im2col_conv(x, weight, stride, padding):
         return torch.ops.aten.thnn_conv2d(x, weight, weight.shape[2:], bias, stride, padding)
     return conv2d_ref(x, weight, bias, stride, padding)
 

@@ -90,7 +90,7 @@ def test_unet_auto_ops_match_diffusers(unet_pair, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the rule as on a 2-thread CPU, whatever this one has
     taken = []
     for conv in (m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)):
-        conv.register_forward_pre_hook(lambda m, args: taken.append(ops._im2col_conv(args[0], m.weight, m.stride, m.padding)))
+        conv.register_forward_pre_hook(lambda m, args: taken.append(ops.im2col_conv(args[0], m.weight, m.stride, m.padding)))
     with torch.no_grad(), ops.kernels("auto"):
         got = ours(x, 500, ctx)
     assert taken and all(taken)  # every convolution went the im2col way
@@ -118,7 +118,7 @@ def test_conv2d_im2col_path_matches_float64(shape, out_channels, kernel, stride,
     b = torch.randn(out_channels, generator=g) if bias else None
     want = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
     with ops.kernels("auto"):
-        assert ops._im2col_conv(x, w, stride, padding)  # the path under test, not oneDNN's
+        assert ops.im2col_conv(x, w, stride, padding)  # the path under test, not oneDNN's
         got = ops.conv2d(x, w, b, stride, padding)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert _maxdiff(got.double(), want) <= 1e-4 * want.abs().max().item()  # fp32: 1e-4 relative
@@ -129,17 +129,17 @@ def test_conv2d_im2col_path_only_where_measured():
     w = torch.randn(4, 4, 3, 3)
     small, large = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 9, 8)  # 64 and 72 output pixels
     with ops.kernels("auto"):
-        assert ops._im2col_conv(small, w, (1, 1), (1, 1))
-        assert not ops._im2col_conv(large, w, (1, 1), (1, 1))
-        assert ops._im2col_conv(torch.randn(1, 4, 16, 16), w, (2, 2), (1, 1))  # 8x8 after stride 2
-        assert not ops._im2col_conv(small.double(), w.double(), (1, 1), (1, 1))
-        assert ops._im2col_conv(torch.randn(1, 4, 64, 64), torch.randn(4, 4, 1, 1), (1, 1), (0, 0))  # any 1x1
+        assert ops.im2col_conv(small, w, (1, 1), (1, 1))
+        assert not ops.im2col_conv(large, w, (1, 1), (1, 1))
+        assert ops.im2col_conv(torch.randn(1, 4, 16, 16), w, (2, 2), (1, 1))  # 8x8 after stride 2
+        assert not ops.im2col_conv(small.double(), w.double(), (1, 1), (1, 1))
+        assert ops.im2col_conv(torch.randn(1, 4, 64, 64), torch.randn(4, 4, 1, 1), (1, 1), (0, 0))  # any 1x1
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert not ops._im2col_conv(small, w, (1, 1), (1, 1))
-        assert not ops._im2col_conv(small.to("meta"), w.to("meta"), (1, 1), (1, 1))  # CPU only
+            assert not ops.im2col_conv(small, w, (1, 1), (1, 1))
+        assert not ops.im2col_conv(small.to("meta"), w.to("meta"), (1, 1), (1, 1))  # CPU only
     for mode in ("torch", "triton"):
         with ops.kernels(mode):
-            assert not ops._im2col_conv(small, w, (1, 1), (1, 1))
+            assert not ops.im2col_conv(small, w, (1, 1), (1, 1))
 
 
 def test_conv2d_im2col_path_needs_a_batch_that_fills_the_threads(monkeypatch):
@@ -148,7 +148,7 @@ def test_conv2d_im2col_path_needs_a_batch_that_fills_the_threads(monkeypatch):
     w = torch.randn(4, 4, 1, 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     with ops.kernels("auto"):
-        taken = {b: ops._im2col_conv(torch.randn(b, 4, 8, 8), w, (1, 1), (0, 0)) for b in (1, 2, 3, 4, 8)}
+        taken = {b: ops.im2col_conv(torch.randn(b, 4, 8, 8), w, (1, 1), (0, 0)) for b in (1, 2, 3, 4, 8)}
     assert taken == {1: True, 2: False, 3: False, 4: True, 8: True}
 
 
