@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import iospec, ops, schedulers
-from fastdiff.backends import BACKENDS, Backend, make_backend
+from fastdiff import iospec, ops, precision, schedulers
+from fastdiff.backends import BACKENDS, Backend, backend_class, make_backend
+from fastdiff.backends import resolve as resolve_backend
 from fastdiff.tokenizer import CLIPTokenizer
 from fastdiff.weights import read_config, read_configs, resolve_model
 
@@ -247,7 +248,7 @@ class Pipeline:
         *,
         backend: str = "auto",
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         kernels: str | None = None,
         cuda_graph: bool = True,
         channels_last: bool | None = None,
@@ -255,6 +256,8 @@ class Pipeline:
     ) -> "Pipeline":
         """Load `model` (a name or a diffusers-format folder) onto `backend`.
 
+        dtype: the networks' dtype; None: `fastdiff.precision.default_dtype` (float16 on CUDA,
+            bfloat16 on CPUs with AMX-BF16 / AVX512-BF16, else float32).
         kernels: "torch" | "triton" | "auto" | None (FASTDIFF_KERNELS) for the torch backend's ops.
         cuda_graph: capture each denoising step in one CUDA graph on GPU (False: eager, for debugging).
         channels_last: the torch backend's UNet and VAE in NHWC memory order (same function).
@@ -264,12 +267,13 @@ class Pipeline:
         """
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
+        device = torch.device(device) if device is not None else _default_device()
+        backend = resolve_backend(backend, device)
+        # fp16 on CUDA; on CPU bf16 where it runs natively and the backend has it
+        dtype = precision.choose_dtype(device, dtype, backend_class(backend).dtypes)
         root = resolve_model(model)
         facts = ModelFacts.read(root)  # the small files first: a damaged one is named before weights load
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
-        device = torch.device(device) if device is not None else _default_device()
-        if dtype is None:
-            dtype = torch.float16 if device.type == "cuda" else torch.float32
         net = make_backend(backend, root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
         log.info("fastdiff: loaded %s on %s (%s, backend %s)", root, device, dtype, net.name)
         return cls(root, net, tokenizer, device=device, dtype=dtype, cuda_graph=cuda_graph, limits=limits, facts=facts)

@@ -15,6 +15,10 @@ from fastdiff import sd15, testing
 # Tests never read or write the user's cache, nor follow their default-model setting.
 os.environ["FASTDIFF_CACHE"] = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
 os.environ.pop("FASTDIFF_MODEL", None)
+# The networks run float32 on every CPU, so parity holds against float32 references whether or not
+# this CPU has bf16 instructions (where it does, bf16 would be the default); tests of the dtype
+# rule and of bf16 unset it (tests/test_precision.py).
+os.environ["FASTDIFF_DTYPE"] = "float32"
 
 # Without CUDA, every Triton kernel in this run goes through Triton's CPU interpreter. Set here,
 # once, before any test imports fastdiff.kernels (@triton.jit reads it then, and again at each

@@ -31,6 +31,16 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module), cls)
 
 
+def resolve(name: str, device: torch.device) -> str:
+    """`backend=` as a registered name: "auto" picked for the device (ValueError for an unknown name)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r}: allowed values are {', '.join(BACKENDS)}")
+    if name == "auto":
+        name = pick_auto(device)
+        log.info("fastdiff: backend auto -> %s on %s", name, device)
+    return name
+
+
 def make_backend(
     name: str,
     root: Path,
@@ -46,12 +56,8 @@ def make_backend(
     "tensorrt" likewise builds fp16 engines for the model's default size (minutes, once per GPU).
     "auto" picks by `pick_auto`: today the torch backend, the only one that narrows nothing.
     """
-    if name not in BACKENDS:
-        raise ValueError(f"backend={name!r}: allowed values are {', '.join(BACKENDS)}")
     device = torch.device(device)
-    if name == "auto":
-        name = pick_auto(device)
-        log.info("fastdiff: backend auto -> %s on %s", name, device)
+    name = resolve(name, device)
     if channels_last is None:  # NHWC convolutions measured faster on CUDA; not on CPU
         channels_last = device.type == "cuda" and name == "torch"
     if channels_last and name != "torch":

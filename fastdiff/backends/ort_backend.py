@@ -58,6 +58,7 @@ class OnnxRuntimeBackend(Backend):
     """The three networks on onnxruntime sessions, from an export of the model."""
 
     name = "onnxruntime"
+    dtypes = (torch.float32, torch.float16)
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:

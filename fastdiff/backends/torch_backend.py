@@ -17,6 +17,7 @@ class TorchBackend(Backend):
     """Runs the three networks with plain PyTorch modules (plus the ops seam's kernels)."""
 
     name = "torch"
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
     fp32_decode = True
 
     @classmethod

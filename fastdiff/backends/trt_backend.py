@@ -99,6 +99,7 @@ class TensorRTBackend(Backend):
     """The three networks on fp16 TensorRT engines built from an export of the model."""
 
     name = "tensorrt"
+    dtypes = (torch.float16,)
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:

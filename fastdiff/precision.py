@@ -1,0 +1,95 @@
+"""Which dtype the networks run in, decided by what the device can run fast, not by its name.
+
+CUDA: float16. CPU: bfloat16 where the CPU has bf16 matmul instructions (AMX-BF16 or
+AVX512-BF16), float32 elsewhere. Without them torch runs bf16 and fp16 matmuls emulated, many
+times slower than float32 (`benchmarks/latency.py --dtype` measures it on a machine), so asking for
+one there is an error rather than a slow surprise. Latents and the scheduler's math stay float32
+whatever this says (see fastdiff.pipeline).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("fastdiff")
+
+# CPU flags (Linux /proc/cpuinfo names) that give a dtype native matmuls.
+FAST_FLAGS = {
+    torch.bfloat16: ("amx_bf16", "avx512_bf16"),
+    torch.float16: ("amx_fp16", "avx512_fp16"),
+}
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux reports them; empty where /proc/cpuinfo is absent (then
+    only float32 counts as fast)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_runs_fast(dtype: torch.dtype, flags: frozenset[str] | None = None) -> bool:
+    """Whether this CPU has native matmul instructions for `dtype` (float32 always)."""
+    if dtype == torch.float32:
+        return True
+    flags = cpu_flags() if flags is None else flags
+    return any(f in flags for f in FAST_FLAGS.get(dtype, ()))
+
+
+def default_dtype(device: torch.device, supported: tuple[torch.dtype, ...] | None = None) -> torch.dtype:
+    """The networks' dtype when the caller names none: $FASTDIFF_DTYPE if set (checked like an
+    argument), else by capability; float32 where the backend lacks (`supported`) that dtype."""
+    if os.environ.get("FASTDIFF_DTYPE"):
+        return check_dtype(device, os.environ["FASTDIFF_DTYPE"], name="FASTDIFF_DTYPE")
+    chosen = _by_capability(device)
+    return chosen if supported is None or chosen in supported else torch.float32
+
+
+def _by_capability(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and cpu_runs_fast(torch.bfloat16):
+        return torch.bfloat16
+    return torch.float32
+
+
+def check_dtype(device: torch.device, dtype, name: str = "dtype") -> torch.dtype:
+    """`dtype` (a torch dtype or its name) as a torch dtype, or a ValueError naming the argument:
+    an unknown dtype, or a 16-bit one on a CPU without native instructions for it."""
+    if isinstance(dtype, str):
+        if dtype.removeprefix("torch.") not in DTYPE_NAMES:
+            raise ValueError(f"{name}={dtype!r}: allowed values are {', '.join(DTYPE_NAMES)}")
+        dtype = DTYPE_NAMES[dtype.removeprefix("torch.")]
+    if dtype not in DTYPE_NAMES.values():
+        raise ValueError(f"{name}={dtype!r}: allowed values are {', '.join(f'torch.{n}' for n in DTYPE_NAMES)}")
+    if device.type == "cpu" and not cpu_runs_fast(dtype):
+        need = " or ".join(f.upper() for f in FAST_FLAGS[dtype])
+        raise ValueError(
+            f"{name}={dtype}: this CPU has no {need} instructions, so torch would emulate {dtype} matmuls, "
+            "many times slower than float32; use dtype=torch.float32 (the default here)"
+        )
+    return dtype
+
+
+def choose_dtype(device: torch.device, dtype=None, supported: tuple[torch.dtype, ...] | None = None) -> torch.dtype:
+    """The checked dtype asked for, else the default for the device and a backend that runs
+    `supported`; logs a CPU default and why."""
+    if dtype is not None:
+        return check_dtype(device, dtype)
+    chosen = default_dtype(device, supported)
+    if device.type == "cpu" and not os.environ.get("FASTDIFF_DTYPE"):
+        why = "bf16 matmul instructions" if chosen == torch.bfloat16 else "no bf16 matmul instructions"
+        log.info("fastdiff: dtype %s on this CPU (%s; dtype= overrides)", chosen, why)
+    return chosen
