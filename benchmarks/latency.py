@@ -270,7 +270,7 @@ class FastdiffRunner:
 def load_runners(folder: Path, args, device, dtype):
     """The reference plus each fastdiff backend; with no --backends, those that cannot run here
     (not built yet, package missing, TensorRT without CUDA) are skipped and listed with why."""
-    from fastdiff.backends import BACKENDS
+    from fastdiff.backends import BACKENDS, backend_class
 
     explicit = args.backends is not None
     names = [b.strip() for b in args.backends.split(",") if b.strip()] if explicit else [b for b in BACKENDS if b != "auto"]
@@ -279,8 +279,9 @@ def load_runners(folder: Path, args, device, dtype):
             raise ValueError(f"--backends: {name!r} is not a fastdiff backend ({', '.join(BACKENDS)})")
     runners, skipped = [DiffusersRunner(folder, args, device, dtype)], {}
     for name in names:
-        if not explicit and name == "tensorrt" and device.type != "cuda":
-            skipped[name] = "needs a CUDA device"
+        types = backend_class(split_variant(name)[0]).device_types
+        if not explicit and device.type not in types:
+            skipped[name] = f"runs on {' or '.join(types)}, not {device.type}"
             continue
         try:
             runners.append(FastdiffRunner(name, folder, args, device, dtype))

@@ -18,6 +18,7 @@ REGISTRY = {  # `backend=` name -> "module:class"
     "torch": "fastdiff.backends.torch_backend:TorchBackend",
     "onnxruntime": "fastdiff.backends.ort_backend:OnnxRuntimeBackend",
     "tensorrt": "fastdiff.backends.trt_backend:TensorRTBackend",
+    "openvino": "fastdiff.backends.openvino_backend:OpenVINOBackend",
 }
 BACKENDS = ("auto", *REGISTRY)
 

@@ -23,6 +23,7 @@ class Backend(ABC):
     dtype: torch.dtype
 
     # Optional capabilities: override where the backend has them.
+    device_types: tuple[str, ...] = ("cpu", "cuda")  # the torch device types it runs on
     dtypes: tuple[torch.dtype, ...] = (torch.float32,)  # network dtypes it runs; a default outside them is float32
     capturable: bool = False  # unet() may be captured in a CUDA graph (reads its weights by address)
     kernels: str | None = None  # the ops mode its modules run under: part of a CUDA graph's key

@@ -99,6 +99,7 @@ class TensorRTBackend(Backend):
     """The three networks on fp16 TensorRT engines built from an export of the model."""
 
     name = "tensorrt"
+    device_types = ("cuda",)
     dtypes = (torch.float16,)
 
     @classmethod
