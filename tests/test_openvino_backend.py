@@ -94,3 +94,19 @@ def test_refuses_what_it_does_not_run(exported, monkeypatch):
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))
     with pytest.raises(ValueError, match="dtype=torch.bfloat16: this CPU has no AMX_BF16 or AVX512_BF16"):
         Pipeline.from_pretrained(folder, backend="openvino", device="cpu", dtype=torch.bfloat16)
+
+
+def test_export_cli_format_openvino(exported, monkeypatch, capsys):
+    """`python -m fastdiff.export MODEL --format openvino` reuses the export and compiles it;
+    options it cannot take are refused before any work."""
+    from fastdiff.export import onnx_export
+    from fastdiff.export.__main__ import main
+
+    folder, out, root = exported
+    monkeypatch.setenv("FASTDIFF_CACHE", str(root))
+    monkeypatch.setattr(onnx_export, "export_network", lambda *a, **k: pytest.fail("re-exported a valid folder"))
+    assert main([str(folder), "--format", "openvino"]) == 0
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "openvino     compiled for this CPU" in printed
+    assert main([str(folder), "--format", "openvino", "--fp16"]) == 2
+    assert "--format openvino compiles the float32 MHA export" in capsys.readouterr().err
