@@ -45,6 +45,8 @@ import torch
 from fastdiff import schedulers, testing
 
 REF = "diffusers"
+DEFAULT = "default"  # fastdiff as a user gets it: no backend, no dtype named (runs without --backends)
+PEER = "openvino-peer"  # the OpenVINO runners of benchmarks/openvino_peer.py: a second reference
 STAGES = ("text_encoder", "unet_step", "denoise", "vae_decode", "end_to_end")
 LABELS = {
     "text_encoder": "text encoder",
@@ -82,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "Suffixes change one setting: torch:nograph (no CUDA graph), "
                         "torch:nograph:torchops (and torch reference ops instead of Triton), torch:triton (the Triton kernels "
                         "at every shape, no SDPA where it timed faster), torch:nchw / torch:channels_last")
+    p.add_argument("--peers", default="auto", choices=("auto", "none", "fp32", "bf16", "fp32,bf16"),
+                   help="the OpenVINO peer (benchmarks/openvino_peer.py) at these precisions; auto: on the CPU, "
+                        "fp32, and bf16 where the CPU has bf16 instructions, when openvino is installed")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -224,11 +229,16 @@ VARIANTS = {
     "triton": {"kernels": "triton"},  # Triton attention everywhere, not SDPA where SDPA timed faster
     "channels_last": {"channels_last": True},
     "nchw": {"channels_last": False},
+    "fp32": {"dtype": torch.float32},  # e.g. openvino:bf16 beside the run's --dtype
+    "bf16": {"dtype": torch.bfloat16},
 }
 
 
 def split_variant(name: str) -> tuple[str, dict]:
-    """'torch:nograph:torchops' -> ('torch', {'cuda_graph': False, 'kernels': 'torch'})."""
+    """'torch:nograph:torchops' -> ('torch', {'cuda_graph': False, 'kernels': 'torch'}); DEFAULT ->
+    what Pipeline.from_pretrained(model) gives: backend auto, the dtype fastdiff.precision picks."""
+    if name == DEFAULT:
+        return "auto", {"dtype": None}
     backend, *suffixes = name.split(":")
     unknown = [s for s in suffixes if s not in VARIANTS]
     if unknown:
@@ -244,6 +254,7 @@ class FastdiffRunner:
 
         backend, options = split_variant(name)
         self.name, self.args, self.device = name, args, device
+        dtype = options.pop("dtype", dtype)
         self.pipe = Pipeline.from_pretrained(folder, backend=backend, device=device, dtype=dtype, **options)
 
     def __call__(self):
@@ -273,13 +284,14 @@ def load_runners(folder: Path, args, device, dtype):
     from fastdiff.backends import BACKENDS, backend_class
 
     explicit = args.backends is not None
-    names = [b.strip() for b in args.backends.split(",") if b.strip()] if explicit else [b for b in BACKENDS if b != "auto"]
+    names = [b.strip() for b in args.backends.split(",") if b.strip()] if explicit else [DEFAULT, *(b for b in BACKENDS if b != "auto")]
     for name in names:
-        if split_variant(name)[0] not in BACKENDS:
+        if name != DEFAULT and split_variant(name)[0] not in BACKENDS:
             raise ValueError(f"--backends: {name!r} is not a fastdiff backend ({', '.join(BACKENDS)})")
     runners, skipped = [DiffusersRunner(folder, args, device, dtype)], {}
     for name in names:
-        types = backend_class(split_variant(name)[0]).device_types
+        backend = split_variant(name)[0]
+        types = backend_class(backend).device_types if backend != "auto" else (device.type,)
         if not explicit and device.type not in types:
             skipped[name] = f"runs on {' or '.join(types)}, not {device.type}"
             continue
@@ -289,7 +301,33 @@ def load_runners(folder: Path, args, device, dtype):
             if explicit:
                 raise
             skipped[name] = f"{type(e).__name__}: {e}"
+    runners += peers(folder, args, device, skipped)
     return runners, skipped
+
+
+def peers(folder: Path, args, device, skipped: dict) -> list:
+    """The OpenVINO peer runners --peers asks for; "auto" skips (and lists) what cannot run here."""
+    from fastdiff import precision
+
+    if args.peers == "none" or (args.peers == "auto" and device.type != "cpu"):
+        return []
+    wanted = args.peers.split(",") if args.peers != "auto" else ["fp32", "bf16"]
+    try:
+        import openvino  # noqa: F401
+    except ImportError as e:
+        if args.peers != "auto":
+            raise
+        skipped[PEER] = f"ImportError: {e}"
+        return []
+    peer = testing.load_script(Path(__file__).with_name("openvino_peer.py"))
+    entry = schedulers.REGISTRY[args.scheduler]
+    out = []
+    for p in wanted:
+        if p == "bf16" and args.peers == "auto" and not precision.cpu_runs_fast(torch.bfloat16):
+            skipped[f"{PEER}:bf16"] = "this CPU has no bf16 instructions (fastdiff.precision)"
+            continue
+        out.append(peer.OpenVINOPeer(folder, args, p, entry.diffusers_class, entry.diffusers_config))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,9 +490,18 @@ def summarize(times, images, flops: int, rate: MatmulRate) -> dict:
         # Pair by pair: repeat r of the backend against repeat r of the reference.
         speedup[name] = {s: _spread([a / b for a, b in zip(times[REF][s], stages[s])]) for s in STAGES}
         par[name] = parity(images[REF], images[name])
+    # Each fastdiff runner against each peer, end to end and per UNet step, paired by repeat.
+    vs_peer = {
+        peer: {
+            name: {s: _spread([a / b for a, b in zip(times[peer][s], times[name][s])]) for s in ("unet_step", "end_to_end")}
+            for name in times if name != REF and not name.startswith(PEER)
+        }
+        for peer in times if peer.startswith(PEER)
+    }
     return {
         "runs": runs,
         "speedup": speedup,
+        "vs_peer": vs_peer,
         "parity": par,
         "flops": {
             "unet_flops_per_step": flops,
@@ -507,6 +554,13 @@ def format_table(res: dict) -> str:
         p = res["parity"][b]
         psnr = "identical" if p["psnr_db"] >= PSNR_CAP_DB else f"PSNR {p['psnr_db']:.1f} dB"
         lines.append(f"parity {b} vs {REF}: max |diff| {p['max_abs']:.2e}, mean |diff| {p['mean_abs']:.2e}, {psnr}")
+    for peer, rows in res.get("vs_peer", {}).items():
+        ratios = ", ".join(
+            f"{name} {r['end_to_end']['median']:.2f}x [{r['end_to_end']['min']:.2f}-{r['end_to_end']['max']:.2f}] "
+            f"(UNet step {r['unet_step']['median']:.2f}x)"
+            for name, r in rows.items()
+        )
+        lines.append(f"speed-up vs {peer}, end to end: {ratios}")
     f = res["flops"]
     lines.append(
         f"UNet: {f['unet_flops_per_step'] / 1e9:.3g} GFLOP per step; dense {f['matmul']['dtype']} matmul "
@@ -514,7 +568,7 @@ def format_table(res: dict) -> str:
     )
     for name in names:
         a = f["achieved"][name]
-        lines.append(f"  {name:<12} UNet step {a['flops_per_s'] / 1e9:8.4g} GFLOP/s = {100 * a['fraction_of_peak']:5.1f}% of matmul peak")
+        lines.append(f"  {name:<20} UNet step {a['flops_per_s'] / 1e9:8.4g} GFLOP/s = {100 * a['fraction_of_peak']:5.1f}% of matmul peak")
     for name, why in res["skipped"].items():
         lines.append(f"skipped backend {name}: {why}")
     env = res["environment"]

@@ -36,6 +36,7 @@ CATEGORIES = [
     ("layer_norm", r"layer_norm|LayerNorm"),
     ("convolution", r"fprop|conv(?!ert)|implicit_gemm|dgrad|winograd"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|addmm|\bmm\b|aten::mm|aten::bmm|aten::linear"),
+    ("copies/reorders", r"aten::(copy_|contiguous|_to_copy|clone|cat)\b"),
 ]
 
 
@@ -137,13 +138,17 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", choices=["sd15", "tiny"], default="sd15")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latents are 1/8)")
     parser.add_argument("--calls", type=int, default=3, help="profiled forwards per mode")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="default: what fastdiff.precision picks for the device (bf16 on CPUs with bf16 instructions)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("benchmarks/profile_step.py needs a CUDA device (or --device cpu).")
         return 0
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    from fastdiff import precision
+
+    dtype = precision.choose_dtype(device, args.dtype)
     unet = build_unet(args.arch, device, dtype)
     cfg = unet.config
     side = args.size // 8
@@ -159,7 +164,10 @@ def main(argv=None) -> int:
     print(f"UNet {args.arch}, {args.size}x{args.size}, batch 2, {dtype}, {device}: time per forward by category")
     print(format_table(results))
     if args.json:
-        args.json.write_text(json.dumps({"arch": args.arch, "size": args.size, "results": results}, indent=2) + "\n")
+        from fastdiff import testing
+
+        record = {"arch": args.arch, "size": args.size, "dtype": str(dtype), "environment": testing.environment(device)}
+        args.json.write_text(json.dumps({**record, "results": results}, indent=2) + "\n")
         print(f"saved {args.json}")
     return 0
 

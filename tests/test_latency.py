@@ -54,8 +54,11 @@ def test_every_stage_measured(run):
     assert latency.REF in res["runs"] and "torch" in res["runs"]
     from fastdiff.backends import BACKENDS
 
-    # Every backend is either timed or listed as skipped, with a reason.
-    assert set(res["runs"]) | set(res["skipped"]) == {latency.REF, *BACKENDS} - {"auto"}
+    # Every backend, and the OpenVINO peer at both precisions, is either timed or listed as
+    # skipped, with a reason.
+    peers = {f"{latency.PEER}:fp32", f"{latency.PEER}:bf16"}
+    expected = ({latency.REF, latency.DEFAULT, *BACKENDS} - {"auto"}) | peers
+    assert set(res["runs"]) | set(res["skipped"]) == expected
     assert all(res["skipped"].values())
     for name, stages in res["runs"].items():
         assert set(stages) == set(latency.STAGES), name
@@ -91,6 +94,21 @@ def test_speedups_are_paired(run):
             expected = [a / b for a, b in zip(ref[stage]["values"], mine)]
             assert stages[stage]["values"] == pytest.approx(expected, rel=1e-12)
             assert stages[stage]["median"] == pytest.approx(statistics.median(expected), rel=1e-12)
+
+
+def test_openvino_peer_matches_diffusers_and_is_a_second_reference(run):
+    """The peer's own loop (diffusers' modules under OpenVINO f32) gives diffusers' image, and
+    every fastdiff runner gets paired ratios against it."""
+    pytest.importorskip("openvino")
+    _, res, _ = run
+    peer = f"{latency.PEER}:fp32"
+    assert res["parity"][peer]["max_abs"] <= 1e-3, res["parity"][peer]
+    fastdiff_runners = set(res["runs"]) - {latency.REF} - {n for n in res["runs"] if n.startswith(latency.PEER)}
+    assert set(res["vs_peer"][peer]) == fastdiff_runners
+    for name, r in res["vs_peer"][peer].items():
+        for stage, spread in r.items():
+            expected = [a / b for a, b in zip(res["runs"][peer][stage]["values"], res["runs"][name][stage]["values"])]
+            assert spread["values"] == pytest.approx(expected, rel=1e-12), (name, stage)
 
 
 def test_parity_and_flops_filled(run):
