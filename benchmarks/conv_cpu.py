@@ -1,5 +1,6 @@
-"""CPU convolutions at SD1.5's UNet shapes: oneDNN (F.conv2d) against im2col + one GEMM (ATen's
-thnn_conv2d), side by side per shape, and what `fastdiff.ops.conv2d`'s rule picks.
+"""CPU convolutions at SD1.5's UNet shapes: oneDNN (F.conv2d), oneDNN on a packed weight
+(`fastdiff.ops.PACKED_CONV`) and im2col + one GEMM (ATen's thnn_conv2d), side by side per shape,
+and what `fastdiff.ops.conv2d`'s rule picks.
 
     python benchmarks/conv_cpu.py                 # 256x256 images (32x32 latents), CFG batch 2
     python benchmarks/conv_cpu.py --size 512 --repeats 3 --json conv.json
@@ -47,24 +48,31 @@ def unet_conv_shapes(size: int, batch: int) -> collections.Counter:
     return shapes
 
 
+WAYS = ("onednn", "packed", "im2col")
+
+
 def time_shape(shape, out_channels, kernel, stride, padding, repeats: int) -> dict:
     """Median ms of each way, interleaved, after one warm-up call each."""
     x = torch.randn(shape)
     w = torch.randn(out_channels, shape[1], kernel, kernel) / (shape[1] * kernel * kernel) ** 0.5
     b = torch.randn(out_channels)
+    with torch.no_grad():
+        packed = ops.packed_weight(w, tuple(stride), tuple(padding), x.shape)
     ways = {
         "onednn": lambda: F.conv2d(x, w, b, stride, padding),
+        "packed": lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, b, list(padding), list(stride), [1, 1], 1, "none", [], ""),
         "im2col": lambda: torch.ops.aten.thnn_conv2d(x, w, (kernel, kernel), b, stride, padding),
     }
-    diff = (ways["onednn"]() - ways["im2col"]()).abs().max().item()
+    ref = ways["onednn"]()
+    diff = max((ways[n]() - ref).abs().max().item() for n in ("packed", "im2col"))
     times: dict = {name: [] for name in ways}
     for _ in range(repeats):
         for name, fn in ways.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    with ops.kernels("auto"):
-        rule = "im2col" if ops.im2col_conv(x, w, stride, padding) else "onednn"
+    with ops.kernels("auto"), torch.no_grad():
+        rule = {"reference": "onednn"}.get(path := ops.conv_path(x, w, stride, padding), path)
     return {**{name: 1e3 * statistics.median(ts) for name, ts in times.items()}, "rule": rule, "max_abs_diff": diff}
 
 
@@ -82,23 +90,23 @@ def main() -> None:
 
     rows = []
     print(f"SD1.5 UNet convolutions, {args.size}x{args.size}, batch {args.batch}, fp32, {torch.get_num_threads()} threads")
-    print(f"{'input':>22} {'out':>5} {'k':>2} {'s':>2} {'calls':>5} {'oneDNN ms':>10} {'im2col ms':>10} {'ratio':>6}  rule")
+    print(f"{'input':>22} {'out':>5} {'k':>2} {'s':>2} {'calls':>5} {'oneDNN ms':>10} {'packed ms':>10} {'im2col ms':>10}  rule")
     for (shape, out_ch, k, stride, padding), calls in sorted(unet_conv_shapes(args.size, args.batch).items()):
         t = time_shape(shape, out_ch, k, stride, padding, args.repeats)
         rows.append({"shape": shape, "out_channels": out_ch, "kernel": k, "stride": stride, "calls": calls, **t})
-        faster = min(("onednn", "im2col"), key=lambda n: t[n])
-        mark = "" if t["rule"] == faster else "  (the other was faster)"
+        faster = min(WAYS, key=lambda n: t[n])
+        mark = "" if t["rule"] == faster else f"  ({faster} was faster)"
         print(
-            f"{str(shape):>22} {out_ch:>5} {k:>2} {stride[0]:>2} {calls:>5} {t['onednn']:>10.2f} {t['im2col']:>10.2f}"
-            f" {t['onednn'] / t['im2col']:>6.2f}  {t['rule']}{mark}"
+            f"{str(shape):>22} {out_ch:>5} {k:>2} {stride[0]:>2} {calls:>5} {t['onednn']:>10.2f} {t['packed']:>10.2f}"
+            f" {t['im2col']:>10.2f}  {t['rule']}{mark}"
         )
-    total = {way: sum(r["calls"] * r[way] for r in rows) for way in ("onednn", "im2col")}
+    total = {way: sum(r["calls"] * r[way] for r in rows) for way in WAYS}
     rule = sum(r["calls"] * r[r["rule"]] for r in rows)
-    best = sum(r["calls"] * min(r["onednn"], r["im2col"]) for r in rows)
+    best = sum(r["calls"] * min(r[w] for w in WAYS) for r in rows)
     print(
-        f"per UNet forward: oneDNN everywhere {total['onednn']:.0f} ms, im2col everywhere {total['im2col']:.0f} ms, "
-        f"the rule {rule:.0f} ms ({total['onednn'] / rule:.2f}x oneDNN), the faster of each {best:.0f} ms; "
-        f"max |oneDNN - im2col| {max(r['max_abs_diff'] for r in rows):.1e}"
+        "per UNet forward: " + ", ".join(f"{w} everywhere {total[w]:.0f} ms" for w in WAYS)
+        + f"; the rule {rule:.0f} ms ({total['onednn'] / rule:.2f}x oneDNN), the fastest of each {best:.0f} ms; "
+        f"max |difference to oneDNN| {max(r['max_abs_diff'] for r in rows):.1e}"
     )
     if args.json:
         summary = {"size": args.size, "batch": args.batch, "threads": torch.get_num_threads(), "rows": rows,

@@ -102,9 +102,9 @@ def profile(unet, inputs, kernels: str, device: torch.device, calls: int = 3) ->
         # A kernel event's own interval: its duration on the GPU (device_time_total reads 0
         # for events recorded without a device-use flag).
         kernels_us = [(e.name, e.time_range.elapsed_us(), 1) for e in prof.events() if e.device_type == cuda]
-    else:  # aten ops' self time: no double counting of nested ops
+    else:  # aten (and oneDNN) ops' self time: no double counting of nested ops
         averages = prof.key_averages()
-        kernels_us = [(e.key, e.self_cpu_time_total, e.count) for e in averages if e.key.startswith("aten::")]
+        kernels_us = [(e.key, e.self_cpu_time_total, e.count) for e in averages if e.key.startswith(("aten::", "mkldnn::"))]
         kernels_us = [k for k in kernels_us if k[1] > 0]
     return aggregate(kernels_us, calls)
 

@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="a name (sd15, tiny-shapes) or a diffusers-format folder")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="the networks' dtype (default: fp16 on CUDA; on CPUs with bf16 instructions bf16, else fp32)")
     p.add_argument("-v", "--verbose", action="store_true", help="also show other libraries' log messages")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
@@ -101,7 +103,7 @@ def run(args) -> int:
     check_request(ModelFacts.read(model), Limits.from_env(), args.steps, args.height, args.width, args.scheduler,
                   args.num_images)  # fmt: skip
     t0 = time.perf_counter()
-    pipe = Pipeline.from_pretrained(model, backend=args.backend, device=args.device)
+    pipe = Pipeline.from_pretrained(model, backend=args.backend, device=args.device, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     result = pipe.run(
         args.prompt,

@@ -28,9 +28,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
+
+from fastdiff import precision
 
 _MODES = ("auto", "torch", "triton")
 _state = threading.local()
@@ -145,7 +148,8 @@ SMALL_CONV_PIXELS = 64
 
 def im2col_conv(x, weight, stride, padding) -> bool:
     """Whether `conv2d` takes the im2col + GEMM path: fp32 on the CPU in "auto" mode, outside
-    tracing, export and autocast, a batch that fills the threads, a 1x1 kernel or a small output."""
+    tracing, export and autocast, a batch that fills the threads, a 1x1 kernel, or a small output
+    where packed oneDNN (`packed_conv`) cannot run."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or get_kernels() != "auto" or _tracing():
         return False
     if torch.is_autocast_enabled("cpu") or (x.shape[0] > 1 and x.shape[0] % torch.get_num_threads()):
@@ -153,15 +157,64 @@ def im2col_conv(x, weight, stride, padding) -> bool:
     (kh, kw), (sh, sw), (ph, pw) = weight.shape[2:], stride, padding
     if kh == kw == 1:
         return True
+    if packed_conv(x, weight):  # packed oneDNN beat im2col at every small 3x3 output measured
+        return False
     out_h = (x.shape[-2] + 2 * ph - kh) // sh + 1
     out_w = (x.shape[-1] + 2 * pw - kw) // sw + 1
     return out_h * out_w <= SMALL_CONV_PIXELS
 
 
-def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int]):
-    """2-D convolution (dilation 1, one group); on the CPU see SMALL_CONV_PIXELS."""
+# The other CPU convolutions run oneDNN on a copy of the weight packed once into oneDNN's blocked
+# layout (what F.conv2d redoes at every call on a plain weight): `benchmarks/conv_cpu.py` times the
+# three ways per SD1.5 shape. Packed copies live as long as their weight and are packed again when
+# it changes in place (its version counter moves); they cost one more copy of the conv weights.
+PACKED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
+_packed: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, stride, padding, packed copy)
+
+
+def packed_conv(x, weight) -> bool:
+    """Whether `conv2d` runs oneDNN on a packed weight: the CPU in "auto" mode, fp32 (or bf16 on a
+    CPU with bf16 instructions) input
+    and weight alike, outside tracing, export, autocast and autograd, a weight that can change in
+    place only visibly (not an inference-mode tensor, whose version is not tracked)."""
+    if not PACKED_CONV or x.device.type != "cpu" or get_kernels() != "auto" or _tracing():
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype or weight.is_inference():
+        return False
+    if x.dtype == torch.bfloat16 and not precision.cpu_runs_fast(torch.bfloat16):
+        return False  # oneDNN packs bf16 only with AVX-512 (or AVX-NE-CONVERT): the rule's bf16 CPUs
+    return not torch.is_autocast_enabled("cpu") and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+def packed_weight(weight, stride, padding, input_shape) -> torch.Tensor:
+    """The oneDNN-packed copy of `weight` for these settings, packed on first use or after an
+    in-place change (the layout is chosen for the first input's shape; others stay correct)."""
+    key = id(weight)
+    hit = _packed.get(key)
+    if hit is not None and hit[0]() is weight and hit[1:4] == (weight._version, stride, padding):
+        return hit[4]
+    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, list(padding), list(stride), [1, 1], 1, list(input_shape))
+    if hit is None or hit[0]() is not weight:
+        weakref.finalize(weight, _packed.pop, key, None)
+    _packed[key] = (weakref.ref(weight), weight._version, stride, padding, packed)
+    return packed
+
+
+def conv_path(x, weight, stride, padding) -> str:
+    """Which way `conv2d` runs: "im2col", "packed" (oneDNN on a packed weight) or "reference"."""
     if im2col_conv(x, weight, stride, padding):
+        return "im2col"
+    return "packed" if packed_conv(x, weight) else "reference"
+
+
+def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int]):
+    """2-D convolution (dilation 1, one group); on the CPU see SMALL_CONV_PIXELS and PACKED_CONV."""
+    path = conv_path(x, weight, stride, padding)
+    if path == "im2col":
         return torch.ops.aten.thnn_conv2d(x, weight, weight.shape[2:], bias, stride, padding)
+    if path == "packed":
+        packed = packed_weight(weight, tuple(stride), tuple(padding), x.shape)
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(padding), list(stride), [1, 1], 1, "none", [], "")
     return conv2d_ref(x, weight, bias, stride, padding)
 
 

@@ -52,3 +52,17 @@ def test_errors_are_one_line(tmp_path, args, status, names, early):
 def test_debug_shows_the_traceback(tmp_path):
     proc = cli(tmp_path, "x", "--guidance-scale", "1e30", "--steps", "2", "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "NonFiniteError" in proc.stderr
+
+
+def test_a_dtype_this_cpu_would_emulate_is_one_error_line(tmp_path):
+    import torch
+
+    from fastdiff import precision
+
+    slow = [name for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)) if not precision.cpu_runs_fast(dtype)]
+    if not slow:
+        pytest.skip("this CPU runs both 16-bit dtypes natively")
+    proc = cli(tmp_path, "x", "--dtype", slow[0], "--device", "cpu", "--steps", "2")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and f"dtype=torch.{slow[0]}: this CPU has no" in errors[0], proc.stderr
+    assert "fastdiff: loaded" not in proc.stderr and not list(tmp_path.glob("*.png"))

@@ -13,7 +13,7 @@ import torch
 
 from conftest import SD15_CLIP, SD15_UNET, SD15_VAE
 
-from fastdiff import ops
+from fastdiff import ops, precision
 from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 
 TOL = 1e-5
@@ -90,10 +90,11 @@ def test_unet_auto_ops_match_diffusers(unet_pair, monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the rule as on a 2-thread CPU, whatever this one has
     taken = []
     for conv in (m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)):
-        conv.register_forward_pre_hook(lambda m, args: taken.append(ops.im2col_conv(args[0], m.weight, m.stride, m.padding)))
+        conv.register_forward_pre_hook(lambda m, args: taken.append(ops.conv_path(args[0], m.weight, m.stride, m.padding)))
     with torch.no_grad(), ops.kernels("auto"):
         got = ours(x, 500, ctx)
-    assert taken and all(taken)  # every convolution went the im2col way
+    assert taken and "im2col" in taken  # 1x1 convolutions
+    assert set(taken) == ({"im2col", "packed"} if ops.PACKED_CONV else {"im2col"})  # no plain F.conv2d
     assert _maxdiff(got, ref(x, 500, ctx).sample) <= TOL
 
 
@@ -107,26 +108,74 @@ def test_unet_auto_ops_match_diffusers(unet_pair, monkeypatch):
         ((1, 16, 24, 20), 8, 1, (1, 1), (0, 0), True, True),  # 1x1 at a large output
     ],
 )
-def test_conv2d_im2col_path_matches_float64(shape, out_channels, kernel, stride, padding, bias, channels_last, monkeypatch):
-    """ops.conv2d's im2col + GEMM path (fp32, CPU, "auto", 1x1 or small output) against float64 F.conv2d."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_conv2d_cpu_paths_match_float64(shape, out_channels, kernel, stride, padding, bias, channels_last, packed, monkeypatch):
+    """ops.conv2d's CPU paths ("auto" mode: im2col + GEMM for 1x1 and, without packed oneDNN,
+    small outputs; packed oneDNN for the rest) against float64 F.conv2d, then the packed copy
+    redone after an in-place change of the weight."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # any batch fills one thread: the path is taken
+    if packed and not ops.PACKED_CONV:
+        pytest.skip("this torch has no oneDNN convolution on packed weights (ops.PACKED_CONV)")
+    monkeypatch.setattr(ops, "PACKED_CONV", packed)
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(shape, generator=g)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(out_channels, shape[1], kernel, kernel, generator=g) / (shape[1] * kernel * kernel) ** 0.5
     b = torch.randn(out_channels, generator=g) if bias else None
-    want = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+
+    def want():
+        return torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+
+    expected_path = "im2col" if kernel == 1 or not packed else "packed"
     with ops.kernels("auto"):
-        assert ops.im2col_conv(x, w, stride, padding)  # the path under test, not oneDNN's
+        assert ops.conv_path(x, w, stride, padding) == expected_path  # the path under test
         got = ops.conv2d(x, w, b, stride, padding)
-    assert got.dtype == torch.float32 and got.shape == want.shape
-    assert _maxdiff(got.double(), want) <= 1e-4 * want.abs().max().item()  # fp32: 1e-4 relative
+        assert got.dtype == torch.float32 and got.shape == want().shape
+        assert _maxdiff(got.double(), want()) <= 1e-4 * want().abs().max().item()  # fp32: 1e-4 relative
+        with torch.no_grad():
+            w.mul_(-0.5)  # in place: a packed copy must follow
+        assert _maxdiff(ops.conv2d(x, w, b, stride, padding).double(), want()) <= 1e-4 * want().abs().max().item()
 
 
-def test_conv2d_im2col_path_only_where_measured():
-    """3x3 outputs over SMALL_CONV_PIXELS, other modes and dtypes than fp32 keep F.conv2d."""
+def test_conv2d_packed_copy_goes_with_its_weight():
+    """A packed copy is dropped when its weight is; inference-mode weights (no version counter to
+    notice an in-place change) are never packed."""
+    import gc
+
+    if not ops.PACKED_CONV:
+        pytest.skip("this torch has no oneDNN convolution on packed weights (ops.PACKED_CONV)")
+    x, w = torch.randn(2, 16, 12, 10), torch.randn(24, 16, 3, 3) / 12
+    with ops.kernels("auto"), torch.no_grad():
+        ops.conv2d(x, w, None, (1, 1), (1, 1))
+        before = len(ops._packed)
+        del w
+        gc.collect()
+        assert len(ops._packed) == before - 1
+    with torch.inference_mode(), ops.kernels("auto"):
+        assert ops.conv_path(x, torch.randn(24, 16, 3, 3), (1, 1), (1, 1)) == "reference"
+
+
+@pytest.mark.skipif(not precision.cpu_runs_fast(torch.bfloat16), reason="this CPU has no bf16 instructions (fastdiff.precision)")
+def test_conv2d_packed_path_bf16():
+    g = torch.Generator().manual_seed(11)
+    x, w, b = torch.randn(2, 16, 12, 10, generator=g), torch.randn(24, 16, 3, 3, generator=g) / 12, torch.randn(24, generator=g)
+    want = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), 1, 1)
+    with ops.kernels("auto"), torch.no_grad():
+        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        assert ops.conv_path(xb, wb, (1, 1), (1, 1)) == "packed"
+        got = ops.conv2d(xb, wb, bb, (1, 1), (1, 1))
+    assert got.dtype == torch.bfloat16 and _maxdiff(got.double(), want) <= 3e-2 * want.abs().max().item()
+
+
+def test_conv2d_im2col_path_only_where_measured(monkeypatch):
+    """Without packed oneDNN: 3x3 outputs over SMALL_CONV_PIXELS, other modes and dtypes than
+    fp32 keep F.conv2d. With it, it takes every 3x3 (it beat im2col at SD's small outputs)."""
     w = torch.randn(4, 4, 3, 3)
+    if ops.PACKED_CONV:
+        with ops.kernels("auto"):
+            assert ops.conv_path(torch.randn(1, 4, 8, 8), w, (1, 1), (1, 1)) == "packed"
+    monkeypatch.setattr(ops, "PACKED_CONV", False)
     small, large = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 9, 8)  # 64 and 72 output pixels
     with ops.kernels("auto"):
         assert ops.im2col_conv(small, w, (1, 1), (1, 1))
