@@ -167,7 +167,8 @@ def im2col_conv(x, weight, stride, padding) -> bool:
 # The other CPU convolutions run oneDNN on a copy of the weight packed once into oneDNN's blocked
 # layout (what F.conv2d redoes at every call on a plain weight): `benchmarks/conv_cpu.py` times the
 # three ways per SD1.5 shape. Packed copies live as long as their weight and are packed again when
-# it changes in place (its version counter moves); they cost one more copy of the conv weights.
+# it changes in place (its version counter moves); they cost one more copy of the conv weights
+# (benchmarks/NOTES-cpu.md says how much for SD1.5); FASTDIFF_KERNELS=torch turns this off.
 PACKED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
 _packed: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, stride, padding, packed copy)
 
