@@ -110,3 +110,17 @@ def test_export_cli_format_openvino(exported, monkeypatch, capsys):
     assert str(out) in printed and "openvino     compiled for this CPU" in printed
     assert main([str(folder), "--format", "openvino", "--fp16"]) == 2
     assert "--format openvino compiles the float32 MHA export" in capsys.readouterr().err
+
+
+def test_threads_get_their_own_requests(pipes):
+    """Calls from several threads at once (an infer request per thread and network) give each
+    thread the image it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, ours = pipes
+    kw = dict(steps=3, height=H, width=W, scheduler="euler", output_type="np")
+    alone = {seed: ours.generate("a red circle", seed=seed, **kw) for seed in (1, 2, 3, 4)}
+    with ThreadPoolExecutor(4) as pool:
+        together = dict(zip(alone, pool.map(lambda s: ours.generate("a red circle", seed=s, **kw), alone)))
+    for seed in alone:
+        assert np.array_equal(alone[seed], together[seed]), f"seed {seed}"

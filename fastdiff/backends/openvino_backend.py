@@ -82,9 +82,11 @@ class OpenVINOBackend(Backend):
         net = iospec.NETWORKS[name]
         dtypes = {t.name: t.torch_dtype("fp32") for t in net.tensors}
         feed = {k: v.detach().to("cpu", dtypes[k]).contiguous().numpy() for k, v in inputs.items()}
-        requests = self._local.__dict__.setdefault("requests", {})
-        if name not in requests:
-            requests[name] = self.compiled[name].create_infer_request()
+        if not hasattr(self._local, "requests"):
+            self._local.requests = {}
+        if name not in self._local.requests:
+            self._local.requests[name] = self.compiled[name].create_infer_request()
+        requests = self._local.requests
         result = requests[name].infer(feed)
         return torch.from_numpy(result[self.compiled[name].output(0)].copy())  # the request reuses its buffers
 
