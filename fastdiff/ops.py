@@ -146,10 +146,10 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False)
 SMALL_CONV_PIXELS = 64
 
 
-def im2col_conv(x, weight, stride, padding) -> bool:
+def im2col_conv(x, weight, stride, padding, packable: bool | None = None) -> bool:
     """Whether `conv2d` takes the im2col + GEMM path: fp32 on the CPU in "auto" mode, outside
     tracing, export and autocast, a batch that fills the threads, a 1x1 kernel, or a small output
-    where packed oneDNN (`packed_conv`) cannot run."""
+    where packed oneDNN cannot run (`packable`: `packed_conv(x, weight)` when the caller has it)."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or get_kernels() != "auto" or _tracing():
         return False
     if torch.is_autocast_enabled("cpu") or (x.shape[0] > 1 and x.shape[0] % torch.get_num_threads()):
@@ -157,7 +157,7 @@ def im2col_conv(x, weight, stride, padding) -> bool:
     (kh, kw), (sh, sw), (ph, pw) = weight.shape[2:], stride, padding
     if kh == kw == 1:
         return True
-    if packed_conv(x, weight):  # packed oneDNN beat im2col at every small 3x3 output measured
+    if packed_conv(x, weight) if packable is None else packable:  # it beat im2col at every small 3x3 measured
         return False
     out_h = (x.shape[-2] + 2 * ph - kh) // sh + 1
     out_w = (x.shape[-1] + 2 * pw - kw) // sw + 1
@@ -203,9 +203,10 @@ def packed_weight(weight, stride, padding, input_shape) -> torch.Tensor:
 
 def conv_path(x, weight, stride, padding) -> str:
     """Which way `conv2d` runs: "im2col", "packed" (oneDNN on a packed weight) or "reference"."""
-    if im2col_conv(x, weight, stride, padding):
+    packable = packed_conv(x, weight)
+    if im2col_conv(x, weight, stride, padding, packable):
         return "im2col"
-    return "packed" if packed_conv(x, weight) else "reference"
+    return "packed" if packable else "reference"
 
 
 def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int]):

@@ -265,10 +265,8 @@ class Pipeline:
             figures in benchmarks/NOTES-gpu.md), off on CPU (not measured faster there).
         limits: caps on one call's work (default: `Limits.from_env()`).
         """
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
         device = torch.device(device) if device is not None else _default_device()
-        backend = resolve_backend(backend, device)
+        backend = resolve_backend(backend, device)  # ValueError for an unknown name
         # fp16 on CUDA; on CPU bf16 where it runs natively and the backend has it
         dtype = precision.choose_dtype(device, dtype, backend_class(backend).dtypes)
         root = resolve_model(model)

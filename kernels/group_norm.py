@@ -574,24 +574,24 @@ def plans(
     Triton proves 16-byte alignment only from integers divisible by 16) also "flat<programs per
     SM>", each distinct. For inputs of `nbytes` >= LAST_FIRST_MIN_BYTES every two-pass plan
     also comes as "<name>r", its second pass walking the grid last program first."""
-    plans = {"fused": _split_plan(batch, channels, hw, num_groups, device, 0)}  # per_sm 0: split 1
+    found = {"fused": _split_plan(batch, channels, hw, num_groups, device, 0)}  # per_sm 0: split 1
     for per_sm in _TUNE_PROGRAMS_PER_SM:
         plan = _split_plan(batch, channels, hw, num_groups, device, per_sm)
-        if plan.split > 1 and plan not in plans.values():
-            plans[f"split{per_sm}"] = plan
+        if plan.split > 1 and plan not in found.values():
+            found[f"split{per_sm}"] = plan
     for per_sm in _TUNE_PROGRAMS_PER_SM if layout == "nhwc" else ():
         plan = _nhwc_plan(batch, channels, hw, device, per_sm)
-        if plan not in plans.values():
-            plans[f"nhwc{per_sm}"] = plan
+        if plan not in found.values():
+            found[f"nhwc{per_sm}"] = plan
     for per_sm in _TUNE_PROGRAMS_PER_SM if layout == "nchw" and _row(hw) >= 16 else ():
         plan = _flat_plan(batch, channels, hw, num_groups, device, per_sm)
-        if plan not in plans.values():
-            plans[f"flat{per_sm}"] = plan
+        if plan not in found.values():
+            found[f"flat{per_sm}"] = plan
     if nbytes >= LAST_FIRST_MIN_BYTES:
-        for name, plan in list(plans.items()):
+        for name, plan in list(found.items()):
             if plan.kind != "group" or plan.split > 1:  # not "fused": it has no second pass
-                plans[name + "r"] = replace(plan, last_first=True)
-    return plans
+                found[name + "r"] = replace(plan, last_first=True)
+    return found
 
 
 @functools.lru_cache(maxsize=None)

@@ -351,16 +351,7 @@ def test_diffusers_unet_loads_into_fastdiff_unet(tmp_path):
     from fastdiff.models import UNet2DConditionModel, UNetConfig
 
     torch.manual_seed(0)
-    ref = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    ).eval()
+    ref = diffusers.UNet2DConditionModel(**testing.UNET_A).eval()
     testing.perturb_(ref, 0)  # default init zeroes some output layers: perturb so every weight matters
     ref.save_pretrained(tmp_path / "unet", safe_serialization=True)
 
@@ -368,7 +359,7 @@ def test_diffusers_unet_loads_into_fastdiff_unet(tmp_path):
     assert weights.name == "diffusion_pytorch_model.safetensors"
     config = UNetConfig.from_json(tmp_path / "unet" / "config.json")
     m = load_module(UNet2DConditionModel, config, weights, device="cpu", dtype=torch.float32)
-    sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, 16)
+    sample, context = torch.randn(2, 4, 8, 8), torch.randn(2, 7, testing.UNET_A["cross_attention_dim"])
     with torch.no_grad():
         expected = ref(sample, 321, encoder_hidden_states=context).sample
         got = m(sample, 321, context)
