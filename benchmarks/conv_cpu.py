@@ -4,11 +4,13 @@ and what `fastdiff.ops.conv2d`'s rule picks.
 
     python benchmarks/conv_cpu.py                 # 256x256 images (32x32 latents), CFG batch 2
     python benchmarks/conv_cpu.py --size 512 --repeats 3 --json conv.json
+    python benchmarks/conv_cpu.py --dtype bfloat16    # on a CPU with bf16 instructions (AMX)
 
 The rule (`ops.SMALL_CONV_PIXELS`) is a fixed threshold, not a per-call timing, so results do not
 depend on a noisy first-call measurement; this script is how to check it on another CPU. Each
 shape is timed interleaved (oneDNN, im2col, oneDNN, ...), median of `--repeats`; totals weigh each
-shape by how often one UNet forward calls it. fp32, random weights.
+shape by how often one UNet forward calls it. Random weights; "packed nhwc" is the packed way on
+channels-last activations (what a channels-last model would feed it); GFLOP/s is the best way's.
 """
 
 from __future__ import annotations
@@ -48,23 +50,26 @@ def unet_conv_shapes(size: int, batch: int) -> collections.Counter:
     return shapes
 
 
-WAYS = ("onednn", "packed", "im2col")
+WAYS = ("onednn", "packed", "packed nhwc", "im2col")
 
 
-def time_shape(shape, out_channels, kernel, stride, padding, repeats: int) -> dict:
+def time_shape(shape, out_channels, kernel, stride, padding, repeats: int, dtype: torch.dtype) -> dict:
     """Median ms of each way, interleaved, after one warm-up call each."""
-    x = torch.randn(shape)
-    w = torch.randn(out_channels, shape[1], kernel, kernel) / (shape[1] * kernel * kernel) ** 0.5
-    b = torch.randn(out_channels)
+    x = torch.randn(shape).to(dtype)
+    x_nhwc = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(out_channels, shape[1], kernel, kernel) / (shape[1] * kernel * kernel) ** 0.5).to(dtype)
+    b = torch.randn(out_channels).to(dtype)
     with torch.no_grad():
         packed = ops.packed_weight(w, tuple(stride), tuple(padding), x.shape)
+    args = (list(padding), list(stride), [1, 1], 1, "none", [], "")
     ways = {
         "onednn": lambda: F.conv2d(x, w, b, stride, padding),
-        "packed": lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, b, list(padding), list(stride), [1, 1], 1, "none", [], ""),
+        "packed": lambda: torch.ops.mkldnn._convolution_pointwise(x, packed, b, *args),
+        "packed nhwc": lambda: torch.ops.mkldnn._convolution_pointwise(x_nhwc, packed, b, *args),
         "im2col": lambda: torch.ops.aten.thnn_conv2d(x, w, (kernel, kernel), b, stride, padding),
     }
-    ref = ways["onednn"]()
-    diff = max((ways[n]() - ref).abs().max().item() for n in ("packed", "im2col"))
+    ref = ways["onednn"]().float()
+    diff = max((ways[n]().float() - ref).abs().max().item() for n in WAYS[1:])
     times: dict = {name: [] for name in ways}
     for _ in range(repeats):
         for name, fn in ways.items():
@@ -82,23 +87,27 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2 = one image with CFG)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
     rows = []
-    print(f"SD1.5 UNet convolutions, {args.size}x{args.size}, batch {args.batch}, fp32, {torch.get_num_threads()} threads")
-    print(f"{'input':>22} {'out':>5} {'k':>2} {'s':>2} {'calls':>5} {'oneDNN ms':>10} {'packed ms':>10} {'im2col ms':>10}  rule")
+    print(f"SD1.5 UNet convolutions, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {torch.get_num_threads()} threads")
+    print(f"{'input':>22} {'out':>5} {'k':>2} {'s':>2} {'calls':>5}" + "".join(f" {w + ' ms':>14}" for w in WAYS) + f" {'GFLOP/s':>8}  rule")
     for (shape, out_ch, k, stride, padding), calls in sorted(unet_conv_shapes(args.size, args.batch).items()):
-        t = time_shape(shape, out_ch, k, stride, padding, args.repeats)
-        rows.append({"shape": shape, "out_channels": out_ch, "kernel": k, "stride": stride, "calls": calls, **t})
+        t = time_shape(shape, out_ch, k, stride, padding, args.repeats, dtype)
+        out_pixels = ((shape[2] + 2 * padding[0] - k) // stride[0] + 1) * ((shape[3] + 2 * padding[1] - k) // stride[1] + 1)
+        flops = 2 * shape[0] * out_pixels * out_ch * shape[1] * k * k
+        rows.append({"shape": shape, "out_channels": out_ch, "kernel": k, "stride": stride, "calls": calls, "flops": flops, **t})
         faster = min(WAYS, key=lambda n: t[n])
         mark = "" if t["rule"] == faster else f"  ({faster} was faster)"
         print(
-            f"{str(shape):>22} {out_ch:>5} {k:>2} {stride[0]:>2} {calls:>5} {t['onednn']:>10.2f} {t['packed']:>10.2f}"
-            f" {t['im2col']:>10.2f}  {t['rule']}{mark}"
+            f"{str(shape):>22} {out_ch:>5} {k:>2} {stride[0]:>2} {calls:>5}" + "".join(f" {t[w]:>14.2f}" for w in WAYS)
+            + f" {flops / t[faster] / 1e6:>8.0f}  {t['rule']}{mark}"
         )
     total = {way: sum(r["calls"] * r[way] for r in rows) for way in WAYS}
     rule = sum(r["calls"] * r[r["rule"]] for r in rows)
@@ -109,7 +118,7 @@ def main() -> None:
         f"max |difference to oneDNN| {max(r['max_abs_diff'] for r in rows):.1e}"
     )
     if args.json:
-        summary = {"size": args.size, "batch": args.batch, "threads": torch.get_num_threads(), "rows": rows,
+        summary = {"size": args.size, "batch": args.batch, "dtype": args.dtype, "threads": torch.get_num_threads(), "rows": rows,
                    "total_ms": {**total, "rule": rule, "best": best}}  # fmt: skip
         args.json.write_text(json.dumps(summary, indent=1))
 

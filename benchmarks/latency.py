@@ -61,6 +61,10 @@ GATE_KEYS = ("min_speedup", "max_abs", "min_psnr_db")
 PSNR_CAP_DB = 200.0  # identical images: report this instead of infinity (JSON has no inf)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python benchmarks/latency.py",
@@ -153,7 +157,7 @@ class DiffusersRunner:
     def __init__(self, folder: Path, args, device: torch.device, dtype: torch.dtype):
         import diffusers
 
-        self.args, self.device = args, device
+        self.args, self.device, self.dtype = args, device, dtype
         self.pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         entry = schedulers.REGISTRY[args.scheduler]
@@ -256,6 +260,7 @@ class FastdiffRunner:
         self.name, self.args, self.device = name, args, device
         dtype = options.pop("dtype", dtype)
         self.pipe = Pipeline.from_pretrained(folder, backend=backend, device=device, dtype=dtype, **options)
+        self.dtype = self.pipe.dtype
 
     def __call__(self):
         a = self.args
@@ -367,25 +372,30 @@ def count_unet_flops(folder: Path, args) -> int:
 
 
 class MatmulRate:
-    """Dense matmul FLOP/s of this device right now: fp32 on CPU, the run's dtype on GPU."""
+    """Dense matmul FLOP/s of this device right now, per dtype the runners compute in: a runner's
+    UNet step is set against the rate of its own dtype (fp32 and bf16 on a CPU with bf16
+    instructions, the run's dtype on GPU), so a bf16 row is not flattered by the fp32 peak."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
+    def __init__(self, device: torch.device, dtypes):
         self.device = device
-        self.dtype = dtype if device.type == "cuda" else torch.float32
         self.n = 8192 if device.type == "cuda" else 2048
         g = torch.Generator().manual_seed(0)
-        self.a = torch.randn(self.n, self.n, generator=g).to(device, self.dtype)
-        self.b = torch.randn(self.n, self.n, generator=g).to(device, self.dtype)
-        self.samples: list[float] = []
+        a, b = torch.randn(self.n, self.n, generator=g), torch.randn(self.n, self.n, generator=g)
+        self.operands = {dt: (a.to(device, dt), b.to(device, dt)) for dt in dict.fromkeys(dtypes)}
+        self.samples: dict[torch.dtype, list[float]] = {dt: [] for dt in self.operands}
         self.sample(record=False)  # warm-up
 
     def sample(self, record: bool = True) -> None:
-        _sync(self.device)
-        t0 = time.perf_counter()
-        torch.mm(self.a, self.b)
-        _sync(self.device)
-        if record:
-            self.samples.append(2 * self.n**3 / (time.perf_counter() - t0))
+        for dt, (a, b) in self.operands.items():
+            _sync(self.device)
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            _sync(self.device)
+            if record:
+                self.samples[dt].append(2 * self.n**3 / (time.perf_counter() - t0))
+
+    def peak(self, dtype: torch.dtype) -> float:
+        return statistics.median(self.samples[dtype])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,7 +470,7 @@ def attention_choices() -> list[str]:
     for key, (choice, times) in ops.ATTENTION_CHOICE.items():
         q_shape, k_shape, dtype = key[0], key[1], key[5]
         timing = ", ".join(f"{name} {ms * 1000:.1f} us" for name, ms in times.items())
-        lines.append(f"q {list(q_shape)} k {list(k_shape)} {str(dtype).replace('torch.', '')}: {choice} ({timing})")
+        lines.append(f"q {list(q_shape)} k {list(k_shape)} {dtype_name(dtype)}: {choice} ({timing})")
     return lines
 
 
@@ -478,13 +488,17 @@ def parity(ref: np.ndarray, got: np.ndarray) -> dict:
     return {"max_abs": float(np.max(np.abs(d))), "mean_abs": float(np.mean(np.abs(d))), "psnr_db": psnr}
 
 
-def summarize(times, images, flops: int, rate: MatmulRate) -> dict:
+def summarize(times, images, flops: int, rate: MatmulRate, dtypes: dict) -> dict:
+    """`dtypes`: each runner's network dtype, whose matmul rate its UNet step is set against."""
     runs = {name: {s: _spread(v) for s, v in stages.items()} for name, stages in times.items()}
     speedup, par, achieved = {}, {}, {}
-    peak = statistics.median(rate.samples)
     for name, stages in times.items():
-        step = runs[name]["unet_step"]["median"]
-        achieved[name] = {"flops_per_s": flops / step, "fraction_of_peak": flops / step / peak}
+        step, dtype = runs[name]["unet_step"]["median"], dtypes[name]
+        achieved[name] = {
+            "flops_per_s": flops / step,
+            "dtype": dtype_name(dtype),
+            "fraction_of_peak": flops / step / rate.peak(dtype),
+        }
         if name == REF:
             continue
         # Pair by pair: repeat r of the backend against repeat r of the reference.
@@ -505,8 +519,8 @@ def summarize(times, images, flops: int, rate: MatmulRate) -> dict:
         "parity": par,
         "flops": {
             "unet_flops_per_step": flops,
-            "matmul": {"n": rate.n, "dtype": str(rate.dtype).replace("torch.", ""), "samples": rate.samples},
-            "peak_flops_per_s": peak,
+            "matmul": {"n": rate.n, "samples": {dtype_name(dt): v for dt, v in rate.samples.items()}},
+            "peak_flops_per_s": {dtype_name(dt): rate.peak(dt) for dt in rate.samples},
             "achieved": achieved,
         },
     }
@@ -562,13 +576,15 @@ def format_table(res: dict) -> str:
         )
         lines.append(f"speed-up vs {peer}, end to end: {ratios}")
     f = res["flops"]
-    lines.append(
-        f"UNet: {f['unet_flops_per_step'] / 1e9:.3g} GFLOP per step; dense {f['matmul']['dtype']} matmul "
-        f"{f['matmul']['n']}^2: {f['peak_flops_per_s'] / 1e9:.4g} GFLOP/s (median of {len(f['matmul']['samples'])})"
+    rates = ", ".join(
+        f"{dt} {peak / 1e9:.4g} GFLOP/s (median of {len(f['matmul']['samples'][dt])})" for dt, peak in f["peak_flops_per_s"].items()
     )
+    lines.append(f"UNet: {f['unet_flops_per_step'] / 1e9:.3g} GFLOP per step; dense matmul {f['matmul']['n']}^2: {rates}")
     for name in names:
         a = f["achieved"][name]
-        lines.append(f"  {name:<20} UNet step {a['flops_per_s'] / 1e9:8.4g} GFLOP/s = {100 * a['fraction_of_peak']:5.1f}% of matmul peak")
+        lines.append(
+            f"  {name:<20} UNet step {a['flops_per_s'] / 1e9:8.4g} GFLOP/s = {100 * a['fraction_of_peak']:5.1f}% of {a['dtype']} matmul peak"
+        )
     for name, why in res["skipped"].items():
         lines.append(f"skipped backend {name}: {why}")
     env = res["environment"]
@@ -717,14 +733,15 @@ def _run(args, gate) -> int:
         args.height, args.width = image_size(folder, args.height, args.width)
         runners, skipped = load_runners(folder, args, device, dtype)
         flops = count_unet_flops(folder, args)
-        rate = MatmulRate(device, dtype)
+        dtypes = {r.name: r.dtype for r in runners}
+        rate = MatmulRate(device, [dtype, *dtypes.values()])
         times, images, first_call = measure(runners, args, rate)
         del runners
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    settings.update(device=str(device), dtype=str(dtype).replace("torch.", ""))
+    settings.update(device=str(device), dtype=dtype_name(dtype))
     res = {
-        "schema": 1,
+        "schema": 2,  # 2: matmul rates per dtype
         "settings": settings,
         "model": {"description": description, "folder": str(folder) if kept else None},
         "environment": env,
@@ -733,7 +750,7 @@ def _run(args, gate) -> int:
         "load_avg_1min_after": testing.load_avg(),
         "first_call_s": first_call,
         "attention_choice": attention_choices(),
-        **summarize(times, images, flops, rate),
+        **summarize(times, images, flops, rate, dtypes),
     }
     table = format_table(res)
     print(table)

@@ -56,6 +56,7 @@ class OpenVINOPeer:
         import openvino as ov
 
         self.name, self.args = f"openvino-peer:{precision}", args
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]  # what its matmuls run in
         pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
         self.tokenizer = pipe.tokenizer
         self.scheduler = getattr(diffusers, scheduler_class).from_config(pipe.scheduler.config, **scheduler_config)

@@ -25,7 +25,7 @@ from fastdiff import iospec, ops, precision, schedulers
 from fastdiff.backends import BACKENDS, Backend, backend_class, make_backend
 from fastdiff.backends import resolve as resolve_backend
 from fastdiff.tokenizer import CLIPTokenizer
-from fastdiff.weights import read_config, read_configs, resolve_model
+from fastdiff.weights import find_weights, parameter_count, read_config, read_configs, resolve_model
 
 log = logging.getLogger("fastdiff")
 
@@ -257,7 +257,7 @@ class Pipeline:
         """Load `model` (a name or a diffusers-format folder) onto `backend`.
 
         dtype: the networks' dtype; None: `fastdiff.precision.default_dtype` (float16 on CUDA,
-            bfloat16 on CPUs with AMX-BF16 / AVX512-BF16, else float32).
+            bfloat16 on CPUs with AMX-BF16 / AVX512-BF16 for models of SD1.5's size, else float32).
         kernels: "torch" | "triton" | "auto" | None (FASTDIFF_KERNELS) for the torch backend's ops.
         cuda_graph: capture each denoising step in one CUDA graph on GPU (False: eager, for debugging).
         channels_last: the torch backend's UNet and VAE in NHWC memory order (same function).
@@ -267,10 +267,13 @@ class Pipeline:
         """
         device = torch.device(device) if device is not None else _default_device()
         backend = resolve_backend(backend, device)  # ValueError for an unknown name
-        # fp16 on CUDA; on CPU bf16 where it runs natively and the backend has it
-        dtype = precision.choose_dtype(device, dtype, backend_class(backend).dtypes)
+        if dtype is not None:
+            dtype = precision.check_dtype(device, dtype)  # a bad dtype is named before any model work
         root = resolve_model(model)
         facts = ModelFacts.read(root)  # the small files first: a damaged one is named before weights load
+        if dtype is None:  # fp16 on CUDA; on CPU bf16 where it runs natively, pays, and the backend has it
+            unet_params = parameter_count(find_weights(root / "unet"))
+            dtype = precision.choose_dtype(device, None, backend_class(backend).dtypes, unet_params)
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         net = make_backend(backend, root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
         log.info("fastdiff: loaded %s on %s (%s, backend %s)", root, device, dtype, net.name)

@@ -1,10 +1,16 @@
 """Which dtype the networks run in, decided by what the device can run fast, not by its name.
 
 CUDA: float16. CPU: bfloat16 where the CPU has bf16 matmul instructions (AMX-BF16 or
-AVX512-BF16), float32 elsewhere. Without them torch runs bf16 and fp16 matmuls emulated, many
-times slower than float32 (`benchmarks/latency.py --dtype` measures it on a machine), so asking for
-one there is an error rather than a slow surprise. Latents and the scheduler's math stay float32
-whatever this says (see fastdiff.pipeline).
+AVX512-BF16) and the model is large enough for bf16 to pay (BF16_MIN_UNET_PARAMS), float32
+elsewhere. Without those instructions torch runs bf16 and fp16 matmuls emulated, many times slower
+than float32 (`benchmarks/latency.py --dtype` measures it on a machine), so asking for one there is
+an error rather than a slow surprise. Latents and the scheduler's math stay float32 whatever this
+says (see fastdiff.pipeline).
+
+Per network: the text encoder, UNet and VAE decoder share the dtype. On an AMX CPU bf16 made each of
+SD1.5's three faster, the VAE decoder most, with the decoded image within the error the UNet's bf16
+already brings (`benchmarks/network_dtypes.py`; figures in benchmarks/NOTES-cpu.md), so no network
+is kept in float32.
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ FAST_FLAGS = {
     torch.float16: ("amx_fp16", "avx512_fp16"),
 }
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# bf16 on the CPU pays for its casts and weight reorders only when the networks do enough work per
+# call: the embedded model's small UNet ran slower in bf16 than in float32 on an AMX CPU, SD1.5's
+# more than twice as fast (`benchmarks/network_dtypes.py --model tiny-shapes` and the default).
+# The UNet's parameter count, read from its weights file's header, stands for the model's size.
+BF16_MIN_UNET_PARAMS = 100_000_000
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,19 +60,23 @@ def cpu_runs_fast(dtype: torch.dtype, flags: frozenset[str] | None = None) -> bo
     return any(f in flags for f in FAST_FLAGS.get(dtype, ()))
 
 
-def default_dtype(device: torch.device, supported: tuple[torch.dtype, ...] | None = None) -> torch.dtype:
+def default_dtype(
+    device: torch.device, supported: tuple[torch.dtype, ...] | None = None, unet_params: int | None = None
+) -> torch.dtype:
     """The networks' dtype when the caller names none: $FASTDIFF_DTYPE if set (checked like an
-    argument), else by capability; float32 where the backend lacks (`supported`) that dtype."""
+    argument), else by capability and, on the CPU, the model's size (`unet_params`; None: large);
+    float32 where the backend lacks (`supported`) that dtype."""
     if os.environ.get("FASTDIFF_DTYPE"):
         return check_dtype(device, os.environ["FASTDIFF_DTYPE"], name="FASTDIFF_DTYPE")
-    chosen = _by_capability(device)
+    chosen = _by_capability(device, unet_params)
     return chosen if supported is None or chosen in supported else torch.float32
 
 
-def _by_capability(device: torch.device) -> torch.dtype:
+def _by_capability(device: torch.device, unet_params: int | None) -> torch.dtype:
     if device.type == "cuda":
         return torch.float16
-    if device.type == "cpu" and cpu_runs_fast(torch.bfloat16):
+    small = unet_params is not None and unet_params < BF16_MIN_UNET_PARAMS
+    if device.type == "cpu" and cpu_runs_fast(torch.bfloat16) and not small:
         return torch.bfloat16
     return torch.float32
 
@@ -83,13 +99,22 @@ def check_dtype(device: torch.device, dtype, name: str = "dtype") -> torch.dtype
     return dtype
 
 
-def choose_dtype(device: torch.device, dtype=None, supported: tuple[torch.dtype, ...] | None = None) -> torch.dtype:
-    """The checked dtype asked for, else the default for the device and a backend that runs
-    `supported`; logs a CPU default and why."""
+def choose_dtype(
+    device: torch.device, dtype=None, supported: tuple[torch.dtype, ...] | None = None, unet_params: int | None = None
+) -> torch.dtype:
+    """The checked dtype asked for, else the default for the device, a backend that runs
+    `supported` and a model of `unet_params`; logs a CPU default and why."""
     if dtype is not None:
         return check_dtype(device, dtype)
-    chosen = default_dtype(device, supported)
+    chosen = default_dtype(device, supported, unet_params)
     if device.type == "cpu" and not os.environ.get("FASTDIFF_DTYPE"):
-        why = "bf16 matmul instructions" if chosen == torch.bfloat16 else "no bf16 matmul instructions"
+        if chosen == torch.bfloat16:
+            why = "bf16 matmul instructions"
+        elif not cpu_runs_fast(torch.bfloat16):
+            why = "no bf16 matmul instructions"
+        elif unet_params is not None and unet_params < BF16_MIN_UNET_PARAMS:
+            why = f"a {unet_params / 1e6:.1f}M-parameter UNet, too small for bf16 to pay"
+        else:
+            why = "the backend runs float32 only"
         log.info("fastdiff: dtype %s on this CPU (%s; dtype= overrides)", chosen, why)
     return chosen

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from itertools import chain
@@ -256,6 +257,14 @@ def find_weights(subfolder: str | os.PathLike) -> Path:
     raise ModelNotFoundError(
         f"{folder}: no weights file (looked for {', '.join(_FULL + _FP16)}); the folder holds {files or 'nothing'}"
     )
+
+
+def parameter_count(weights_path: str | os.PathLike) -> int:
+    """Elements in a safetensors file, from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
 
 
 def _key_list(keys: list[str], limit: int = 20) -> str:

@@ -119,8 +119,10 @@ def test_parity_and_flops_filled(run):
         assert p["psnr_db"] > 20, (backend, p)  # same weights and seed: the images must agree
         assert (tmp / "report" / f"{backend}_vs_{latency.REF}.png").exists()
     f = res["flops"]
-    assert f["unet_flops_per_step"] > 0 and f["peak_flops_per_s"] > 0
+    assert f["unet_flops_per_step"] > 0 and all(v > 0 for v in f["peak_flops_per_s"].values())
     assert set(f["achieved"]) == set(res["runs"])
+    for name, a in f["achieved"].items():  # each runner against the matmul rate of its own dtype
+        assert a["fraction_of_peak"] == pytest.approx(a["flops_per_s"] / f["peak_flops_per_s"][a["dtype"]]), name
     assert res["settings"]["steps"] == STEPS and res["environment"]["versions"]["torch"]
     assert (tmp / "report" / "report.md").read_text().count("![") == len(res["parity"])
 

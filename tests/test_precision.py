@@ -82,11 +82,39 @@ def test_pipeline_takes_the_rule_before_loading(flags, monkeypatch, caplog):
     monkeypatch.delenv("FASTDIFF_DTYPE", raising=False)
     flags(AMX)
     with caplog.at_level(logging.INFO, logger="fastdiff"):
-        pipe = Pipeline.from_pretrained(device="cpu")  # the embedded model
+        pipe = Pipeline.from_pretrained(device="cpu")  # the embedded model: too small for bf16 to pay
+    assert pipe.dtype == torch.float32 and "UNet, too small for bf16 to pay" in caplog.text
+    monkeypatch.setattr(precision, "BF16_MIN_UNET_PARAMS", 1000)  # as if it were SD1.5's size
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fastdiff"):
+        pipe = Pipeline.from_pretrained(device="cpu")
     assert pipe.dtype == torch.bfloat16 and "dtype torch.bfloat16 on this CPU (bf16 matmul" in caplog.text
     flags(REAL)  # the kernels ask the real CPU what it runs (the faked flags would pick bf16 paths it lacks)
     image = pipe.generate("a red circle", steps=2, seed=1, output_type="np")
     assert image.dtype == "float32" and 0 <= image.min() and image.max() <= 1 and image.std() > 1e-3
+
+
+def test_model_size_narrows_the_cpu_default(flags):
+    """bf16 on a bf16 CPU only for a UNet of at least BF16_MIN_UNET_PARAMS; CUDA and no-bf16 CPUs
+    are not asked; unknown size (None) counts as large."""
+    flags(AMX)
+    n = precision.BF16_MIN_UNET_PARAMS
+    assert precision.default_dtype(CPU, unet_params=n) == torch.bfloat16
+    assert precision.default_dtype(CPU, unet_params=n - 1) == torch.float32
+    assert precision.default_dtype(CPU, unet_params=None) == torch.bfloat16
+    assert precision.default_dtype(torch.device("cuda"), unet_params=1) == torch.float16
+    flags(ZEN3)
+    assert precision.default_dtype(CPU, unet_params=10 * n) == torch.float32
+
+
+def test_parameter_count_from_the_header(tmp_path):
+    import safetensors.torch
+
+    from fastdiff.weights import parameter_count
+
+    shapes = [(3, 5), (7,), (2, 3, 4, 1)]
+    safetensors.torch.save_file({f"t{i}": torch.zeros(s) for i, s in enumerate(shapes)}, tmp_path / "w.safetensors")
+    assert parameter_count(tmp_path / "w.safetensors") == 15 + 7 + 24
 
 
 def test_environment_and_backend_narrow_the_default(flags, monkeypatch):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import testing
+from fastdiff import precision, testing
 from fastdiff.pipeline import Pipeline
 from fastdiff.weights import resolve_model
 
@@ -42,7 +42,16 @@ def _adherence(images: np.ndarray) -> tuple[float, float]:
     return float(colour), float(kind)
 
 
-CONFIGS = [("torch", "dpmpp_2m", 25), ("torch", "dpmpp_2m", 10), ("torch", "euler_a", 25), ("onnxruntime", "dpmpp_2m", 25)]
+# (backend, scheduler, steps, network dtype). bf16 rows need a CPU with bf16 instructions (the
+# precision fastdiff picks by default there); elsewhere they skip, saying so.
+CONFIGS = [
+    ("torch", "dpmpp_2m", 25, "float32"),
+    ("torch", "dpmpp_2m", 10, "float32"),
+    ("torch", "euler_a", 25, "float32"),
+    ("onnxruntime", "dpmpp_2m", 25, "float32"),
+    ("torch", "dpmpp_2m", 25, "bfloat16"),
+    ("openvino", "dpmpp_2m", 25, "bfloat16"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -53,17 +62,21 @@ def adherence(tmp_path_factory):
 
     def measure(config):
         if config not in results:
-            backend, scheduler, steps = config
+            backend, scheduler, steps, dtype = config
+            if dtype == "bfloat16" and not precision.cpu_runs_fast(torch.bfloat16):
+                pytest.skip("this CPU has no bf16 instructions (AMX-BF16 or AVX512-BF16): fastdiff runs float32 here")
+            if backend == "openvino":
+                pytest.importorskip("openvino", reason="the openvino backend needs the openvino extra")
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("FASTDIFF_CACHE", str(cache))
-                pipe = Pipeline.from_pretrained(MODEL, backend=backend, device="cpu")
+                pipe = Pipeline.from_pretrained(MODEL, backend=backend, device="cpu", dtype=dtype)
             images = pipe.generate(
                 [p for p, _ in PROMPTS], steps=steps, guidance_scale=GUIDANCE, seed=0, scheduler=scheduler,
                 output_type="np",
             )
             results[config] = _adherence(images)
             colour, kind = results[config]
-            print(f"{backend} {scheduler} {steps} steps: colour {colour:.1%}, shape {kind:.1%} "
+            print(f"{backend} {dtype} {scheduler} {steps} steps: colour {colour:.1%}, shape {kind:.1%} "
                   f"on {len(PROMPTS)} held-out prompts")
         return results[config]
 

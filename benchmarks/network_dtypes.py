@@ -1,0 +1,125 @@
+"""Per network (text encoder, UNet step, VAE decode): float32 against bfloat16 on this CPU, speed
+and error side by side, the measurement behind `fastdiff.precision.NETWORK_DTYPES`.
+
+    python benchmarks/network_dtypes.py                           # SD1.5 architecture, random weights, 256 px
+    python benchmarks/network_dtypes.py --size 512 --json dtypes.json
+    python benchmarks/network_dtypes.py --model tiny-shapes --size 64   # trained weights (the embedded model)
+
+Each network is fastdiff's own torch module (the torch backend's, "auto" kernels: packed oneDNN
+convolutions) loaded twice, in float32 and in bfloat16, and called on the same inputs, interleaved
+(fp32, bf16, fp32, ...), median of `--repeats`. The error is against the float32 output: relative
+RMS for the text encoder's hidden states and the UNet's noise prediction, PSNR (peak 1.0) for the
+decoded image. Random weights give shape-true timings, trained weights (`--model`) realistic
+errors. Needs a CPU with bf16 instructions (fastdiff.precision says which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fastdiff import ops, precision, testing
+from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
+from fastdiff.weights import find_weights, load_module, resolve_model
+
+NETWORKS = ("text_encoder", "unet", "vae_decode")
+
+
+def load(root: Path, dtype: torch.dtype) -> dict:
+    """network -> (module, how to call it on the shared inputs)."""
+    text = load_module(CLIPTextModel, CLIPTextConfig.from_json(root / "text_encoder" / "config.json"),
+                       find_weights(root / "text_encoder"), dtype=dtype)
+    unet = load_module(UNet2DConditionModel, UNetConfig.from_json(root / "unet" / "config.json"),
+                       find_weights(root / "unet"), dtype=dtype)
+    vae = load_module(AutoencoderKL, VAEConfig.from_json(root / "vae" / "config.json"), find_weights(root / "vae"), dtype=dtype)
+    return {
+        "text_encoder": lambda i: text(i["ids"])[0],
+        "unet": lambda i: unet(i["latents"].to(dtype), i["t"], i["context"].to(dtype)),
+        "vae_decode": lambda i: vae.decode(i["vae_latents"].to(dtype)),
+    }
+
+
+def inputs(root: Path, size: int, seed: int) -> dict:
+    """One CFG batch of 2 for the text encoder and UNet, one image's latents for the decoder."""
+    unet_cfg = json.loads((root / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((root / "vae" / "config.json").read_text())
+    text_cfg = json.loads((root / "text_encoder" / "config.json").read_text())
+    g = torch.Generator().manual_seed(seed)
+    side = size // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    return {
+        "ids": torch.randint(0, text_cfg["vocab_size"] - 2, (2, 77), generator=g),
+        "latents": torch.randn(2, unet_cfg["in_channels"], side, side, generator=g),
+        "t": torch.tensor(500.0),
+        "context": torch.randn(2, 77, unet_cfg["cross_attention_dim"], generator=g),
+        # a decoder input of the scale it meets (denoised latents / scaling_factor)
+        "vae_latents": torch.randn(1, vae_cfg["latent_channels"], side, side, generator=g),
+    }
+
+
+def error(network: str, ref: torch.Tensor, got: torch.Tensor) -> dict:
+    ref, got = ref.double(), got.double()
+    if network == "vae_decode":  # images in [-1, 1] -> [0, 1], as the pipeline shows them
+        ref, got = (ref / 2 + 0.5).clamp(0, 1), (got / 2 + 0.5).clamp(0, 1)
+        mse = float(((got - ref) ** 2).mean())
+        return {"psnr_db": 10 * math.log10(1 / mse) if mse > 0 else math.inf, "max_abs": float((got - ref).abs().max())}
+    rel = float((got - ref).norm() / ref.norm())
+    return {"rel_rms": rel, "max_abs": float((got - ref).abs().max())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="sd15", help="sd15 (its architecture, random weights) or a model name/folder")
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not precision.cpu_runs_fast(torch.bfloat16):
+        print("this CPU has no bf16 instructions (AMX-BF16 or AVX512-BF16): fastdiff runs float32 only here")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="fastdiff-dtypes-") as tmp:
+        if args.model == "sd15":
+            print("building SD1.5 architecture with random weights ...", file=sys.stderr)
+            root = testing.build_random_folder(Path(tmp) / "sd15", "sd15", seed=args.seed)
+        else:
+            root = resolve_model(args.model)
+        nets = {dt: load(root, dt) for dt in (torch.float32, torch.bfloat16)}
+        x = inputs(root, args.size, args.seed)
+    times = {(n, dt): [] for n in NETWORKS for dt in nets}
+    outs = {}
+    with torch.inference_mode(), ops.kernels("auto"):
+        for r in range(args.repeats + 1):  # the first round warms up (weight packing)
+            for n in NETWORKS:
+                for dt, net in nets.items():
+                    t0 = time.perf_counter()
+                    outs[n, dt] = net[n](x).float()
+                    if r:
+                        times[n, dt].append(time.perf_counter() - t0)
+    rows = {}
+    for n in NETWORKS:
+        fp32, bf16 = (statistics.median(times[n, dt]) for dt in nets)
+        rows[n] = {"fp32_s": fp32, "bf16_s": bf16, "speedup": fp32 / bf16, **error(n, outs[n, torch.float32], outs[n, torch.bfloat16])}
+    env = testing.environment(torch.device("cpu"))
+    print(f"{args.model}, {args.size} px, {torch.get_num_threads()} threads, {env['cpu']}; median of {args.repeats}, interleaved")
+    print(f"{'network':14} {'fp32':>10} {'bf16':>10} {'bf16 speed-up':>14}  bf16 error vs fp32")
+    for n, r in rows.items():
+        err = f"PSNR {r['psnr_db']:.1f} dB" if "psnr_db" in r else f"relative RMS {r['rel_rms']:.2e}"
+        print(f"{n:14} {r['fp32_s'] * 1e3:8.1f}ms {r['bf16_s'] * 1e3:8.1f}ms {r['speedup']:13.2f}x  {err}, max |diff| {r['max_abs']:.2e}")
+    if args.json:
+        args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)}, "environment": env, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
