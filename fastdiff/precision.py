@@ -24,10 +24,12 @@ import torch
 
 log = logging.getLogger("fastdiff")
 
-# CPU flags (Linux /proc/cpuinfo names) that give a dtype native matmuls.
+# CPU flags (Linux /proc/cpuinfo names) that give a dtype native matmuls. AVX512-FP16 alone does
+# not: torch's fp16 matmul ran slower than its fp32 one on a CPU with it and without AMX-FP16
+# (benchmarks/latency.py's matmul rates; benchmarks/NOTES-cpu.md), so fp16 needs AMX-FP16.
 FAST_FLAGS = {
     torch.bfloat16: ("amx_bf16", "avx512_bf16"),
-    torch.float16: ("amx_fp16", "avx512_fp16"),
+    torch.float16: ("amx_fp16",),
 }
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

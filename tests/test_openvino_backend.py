@@ -60,8 +60,10 @@ def test_bf16_stays_near_float32(exported, pipes, monkeypatch):
     ref, _ = pipes
     ours = Pipeline.from_pretrained(folder, backend="openvino", device="cpu", dtype=torch.bfloat16)
     want, got, seed = _pair(ref, ours, "dpmpp_2m")
-    err = np.abs(got - want)  # a bound from bf16's precision, not yet measured on a bf16 CPU: see NOTES-cpu.md
-    assert err.mean() <= 3e-2, f"seed {seed}: mean {err.mean():.2e}, max {err.max():.2e}"
+    err = np.abs(got - want)
+    print(f"openvino bf16 vs float32: mean {err.mean():.2e}, max {err.max():.2e}")
+    # about 3x what an AMX Xeon measured (benchmarks/NOTES-cpu.md, "Tests on the AMX machine")
+    assert err.mean() <= 1e-2 and err.max() <= 6e-2, f"seed {seed}: mean {err.mean():.2e}, max {err.max():.2e}"
 
 
 def test_damaged_export_is_rebuilt(exported, tmp_path, monkeypatch):
@@ -88,7 +90,7 @@ def test_refuses_what_it_does_not_run(exported, monkeypatch):
     monkeypatch.setenv("FASTDIFF_CACHE", str(root))
     with pytest.raises(ValueError, match="backend='openvino' runs on the CPU; got device='meta'"):
         Pipeline.from_pretrained(folder, backend="openvino", device="meta", dtype=torch.float32)
-    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_fp16"}))  # fp16 fast, yet not here
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"amx_fp16"}))  # fp16 fast, yet not here
     with pytest.raises(ValueError, match="backend='openvino' runs torch.float32 or torch.bfloat16"):
         Pipeline.from_pretrained(folder, backend="openvino", device="cpu", dtype=torch.float16)
     monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx2"}))

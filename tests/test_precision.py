@@ -53,15 +53,17 @@ def test_explicit_dtype_overrides_and_names_work(flags):
     assert precision.choose_dtype(CPU, "torch.float32") == torch.float32
 
 
-@pytest.mark.parametrize("dtype, need", [(torch.bfloat16, "AMX_BF16 or AVX512_BF16"), (torch.float16, "AMX_FP16 or AVX512_FP16")])
+@pytest.mark.parametrize("dtype, need", [(torch.bfloat16, "AMX_BF16 or AVX512_BF16"), (torch.float16, "AMX_FP16")])
 def test_emulated_dtype_is_refused(flags, dtype, need):
     flags(ZEN3)
     with pytest.raises(ValueError, match=rf"dtype={dtype}: this CPU has no {need} instructions.*use dtype=torch.float32"):
         precision.check_dtype(CPU, dtype)
-    flags(AMX)
-    if dtype == torch.float16:  # AMX-BF16 alone does not make fp16 fast
+    flags(AMX | {"avx512_fp16"})
+    if dtype == torch.float16:  # neither AMX-BF16 nor AVX512-FP16 makes fp16 matmuls fast
         with pytest.raises(ValueError, match="AMX_FP16"):
             precision.check_dtype(CPU, dtype)
+    flags(AMX | {"amx_fp16"})
+    assert precision.check_dtype(CPU, dtype) == dtype
 
 
 @pytest.mark.parametrize("bad", ["float64", "fp16", torch.int8, 3])
