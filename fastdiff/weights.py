@@ -259,12 +259,20 @@ def find_weights(subfolder: str | os.PathLike) -> Path:
     )
 
 
-def parameter_count(weights_path: str | os.PathLike) -> int:
-    """Elements in a safetensors file, from its header alone (no tensor is read)."""
-    from safetensors import safe_open
+def unreadable(weights_path, error: Exception) -> ModelFileError:
+    return ModelFileError(
+        f"{weights_path}: not a readable safetensors file ({error}); the download may be truncated: fetch it again"
+    )
 
-    with safe_open(str(weights_path), framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+def parameter_count(weights_path: str | os.PathLike) -> int:
+    """Elements in a safetensors file, from its header alone (no tensor is read); a damaged file
+    is the same ModelFileError `load_module` gives."""
+    try:
+        with safetensors.safe_open(str(weights_path), framework="pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - not a dict
+    except (safetensors.SafetensorError, OSError) as e:
+        raise unreadable(weights_path, e) from None
 
 
 def _key_list(keys: list[str], limit: int = 20) -> str:
@@ -293,9 +301,7 @@ def load_module(
     try:
         state = safetensors.torch.load_file(weights_path, device=str(torch.device(device)))
     except (safetensors.SafetensorError, OSError) as e:
-        raise ModelFileError(
-            f"{weights_path}: not a readable safetensors file ({e}); the download may be truncated: fetch it again"
-        ) from None
+        raise unreadable(weights_path, e) from None
     for k, v in state.items():  # one tensor at a time, so at most one extra copy is alive
         if v.is_floating_point():
             state[k] = v.to(dtype)
