@@ -280,8 +280,11 @@ def _f32(x) -> np.ndarray:
 class Scheduler:
     """Per-step tables on a device, plus the update rule that consumes one row of them.
 
-    Subclasses fill `_host` (float64 / int numpy tables) in `__init__` from `self.config` and
-    implement `step`.
+    Subclasses fill `_host` (float64 / int numpy tables) for the whole loop in `__init__` from
+    `self.config` and implement `step`. `start` > 0 (img2img's strength < 1) drops the first
+    `start` evaluations, as diffusers' `timesteps[t_start:]` with `set_begin_index(t_start)` does:
+    multistep schedulers restart their warm-up there, so their rows are built knowing `start`;
+    `add_noise` noises a clean sample to the first remaining step.
     """
 
     name = ""  # what `scheduler=` takes
@@ -292,24 +295,31 @@ class Scheduler:
     karras = False  # whether this instance uses Karras sigmas
     needs_noise = False  # True: `step` takes this step's standard normal noise as `noise`
 
-    def __init__(self, config: SchedulerConfig, num_steps: int, *, device, dtype: torch.dtype):
+    def __init__(self, config: SchedulerConfig, num_steps: int, *, device, dtype: torch.dtype, start: int = 0):
         if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
             raise ValueError(f"num_steps={num_steps!r}: must be an integer >= 1")
+        if not 0 <= start < num_steps:
+            raise ValueError(f"start={start!r}: must be in [0, num_steps={num_steps})")
         self.config = config.for_scheduler(self.name)  # missing keys -> this class's defaults
-        self.num_steps = num_steps
+        self.num_steps, self.start = num_steps, start
         self.init_noise_sigma = 1.0
         self._host: dict[str, np.ndarray] = {}
         self._timestep_dtype = torch.int64
 
     def _finish(self, device, dtype) -> None:
-        """Move the host tables to the device; called at the end of each subclass __init__."""
+        """Drop the rows before `start`, move the host tables to the device; called at the end of
+        each subclass __init__ (once: `to` calls it again on the kept tables)."""
         h = self._host
-        assert h["coef"].shape[0] == h["c_in"].shape[0] == h["timesteps"].shape[0]
+        if not h.pop("truncated", False):
+            h.update({k: v[self.start :] for k, v in h.items()}, truncated=True)
+        assert h["coef"].shape[0] == h["c_in"].shape[0] == h["timesteps"].shape[0] == h["noise"].shape[0]
         self._scales_input = bool(np.any(h["c_in"] != 1.0))  # static: the table, not a tensor value
         self.device, self.dtype = torch.device(device), dtype
         self.timesteps = torch.as_tensor(h["timesteps"]).to(device=self.device, dtype=self._timestep_dtype)
         self.c_in = torch.as_tensor(h["c_in"]).to(device=self.device, dtype=dtype)
         self.coef = torch.as_tensor(h["coef"]).to(device=self.device, dtype=dtype)
+        self.noise_coef = torch.as_tensor(h["noise"][0]).to(device=self.device, dtype=dtype)  # [2]: first step
+        h["truncated"] = True
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Scheduler":
         """A copy with the tables on `device` / in `dtype` (re-rounded from the float64 host tables)."""
@@ -336,6 +346,12 @@ class Scheduler:
         if not self._scales_input:
             return sample
         return sample * self._row(self.c_in, i)
+
+    def add_noise(self, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """A clean sample noised to the first step's noise level: a x0 + b noise, (a, b) =
+        (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) or, for sigma-parametrised samplers, (1, sigma)."""
+        a, b = self.noise_coef.unbind(0)
+        return a * sample + b * noise
 
     def init_state(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fixed-size buffers for the multistep history, zeroed; `step` updates them in place."""
@@ -391,8 +407,8 @@ class DDIM(Scheduler):
         rescale_betas_zero_snr=False,
     )
 
-    def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32):
-        super().__init__(config, num_steps, device=device, dtype=dtype)
+    def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, start: int = 0):
+        super().__init__(config, num_steps, device=device, dtype=dtype, start=start)
         cfg = self.config
         if cfg.thresholding:
             raise ValueError("ddim: thresholding=True is not supported (it is meant for pixel-space models)")
@@ -414,7 +430,8 @@ class DDIM(Scheduler):
         # 3. Eq. 12 with sigma_t = 0: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps.
         coef = np.stack([p0, p1, q0, q1, np.sqrt(a_prev), np.sqrt(1 - a_prev)], axis=1)  # [N, 6]
         self._clip = float(cfg.clip_sample_range) if cfg.clip_sample else None
-        self._host = dict(timesteps=ts, c_in=np.ones(len(ts)), coef=coef)
+        noise = np.stack([np.sqrt(a_t), np.sqrt(1 - a_t)], axis=1)  # [N, 2]
+        self._host = dict(timesteps=ts, c_in=np.ones(len(ts)), coef=coef, noise=noise)
         self._finish(device, dtype)
 
     def step(self, model_output, i, sample, state=None, noise=None):
@@ -455,8 +472,8 @@ class PNDM(Scheduler):
     diffusers_class = "PNDMScheduler"
     defaults = dict(_COMMON, skip_prk_steps=False, set_alpha_to_one=False, timestep_spacing="leading")
 
-    def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32):
-        super().__init__(config, num_steps, device=device, dtype=dtype)
+    def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, start: int = 0):
+        super().__init__(config, num_steps, device=device, dtype=dtype, start=start)
         cfg = self.config
         if not cfg.skip_prk_steps:
             raise ValueError("pndm: only skip_prk_steps=True (the Stable Diffusion setting) is supported")
@@ -473,9 +490,13 @@ class PNDM(Scheduler):
         n = len(ts)
 
         rows = []
-        for c in range(n):
-            t, t_prev = int(ts[c]), int(ts[c]) - r
+        for e in range(n):
+            c = e - start  # evaluations since the (truncated) start: the warm-up restarts there
+            t, t_prev = int(ts[e]), int(ts[e]) - r
             w_x, w_xprev = 1.0, 0.0
+            if c < 0:
+                rows.append([0.0] * 7)  # dropped by _finish
+                continue
             if c == 1:  # redo evaluation 0's step from its input, with the mean of the two outputs
                 t, t_prev = t + r, t
                 w_x, w_xprev = 0.0, 1.0
@@ -496,7 +517,9 @@ class PNDM(Scheduler):
             else:  # v_prediction: eps = sqrt(a_t) v + sqrt(1 - a_t) x, x the step's base sample
                 A, B = math.sqrt(a_p / a_t) - k * math.sqrt(1 - a_t), -k * math.sqrt(a_t)
             rows.append([A * w_x, A * w_xprev] + [B * w for w in w_out])
-        self._host = dict(timesteps=ts, c_in=np.ones(n), coef=np.array(rows, dtype=np.float64))  # coef [n, 7]
+        a_t = ac[ts]
+        noise = np.stack([np.sqrt(a_t), np.sqrt(1 - a_t)], axis=1)  # [n, 2]
+        self._host = dict(timesteps=ts, c_in=np.ones(n), coef=np.array(rows, dtype=np.float64), noise=noise)  # coef [n, 7]
         self._finish(device, dtype)
 
     def init_state(self, sample):
@@ -581,9 +604,10 @@ class Euler(Scheduler):
     )
 
     def __init__(
-        self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, karras: bool = False
+        self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, karras: bool = False,
+        start: int = 0,
     ):
-        super().__init__(config, num_steps, device=device, dtype=dtype)
+        super().__init__(config, num_steps, device=device, dtype=dtype, start=start)
         cfg = self.config
         for field in ("use_exponential_sigmas", "use_beta_sigmas"):
             _require(cfg, "euler", field, (False,))
@@ -606,7 +630,8 @@ class Euler(Scheduler):
 
         self._timestep_dtype = torch.float32
         self.init_noise_sigma = _ve_init_noise_sigma(cfg, s)
-        self._host = dict(timesteps=ts, c_in=1 / np.sqrt(s_i**2 + 1), coef=coef)
+        noise = np.stack([np.ones_like(s_i), s_i], axis=1)  # x0 + sigma noise
+        self._host = dict(timesteps=ts, c_in=1 / np.sqrt(s_i**2 + 1), coef=coef, noise=noise)
         self._finish(device, dtype)
 
     def step(self, model_output, i, sample, state=None, noise=None):
@@ -628,8 +653,8 @@ class EulerAncestral(Scheduler):
     defaults = dict(_COMMON, timestep_spacing="linspace", rescale_betas_zero_snr=False)
     needs_noise = True
 
-    def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32):
-        super().__init__(config, num_steps, device=device, dtype=dtype)
+    def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, start: int = 0):
+        super().__init__(config, num_steps, device=device, dtype=dtype, start=start)
         cfg = self.config
         _require(cfg, "euler_a", "prediction_type", ("epsilon", "v_prediction"))
         ac = _alphas_cumprod(cfg)
@@ -649,7 +674,8 @@ class EulerAncestral(Scheduler):
 
         self._timestep_dtype = torch.float32
         self.init_noise_sigma = _ve_init_noise_sigma(cfg, s)
-        self._host = dict(timesteps=ts, c_in=1 / np.sqrt(s_i**2 + 1), coef=coef)
+        noise = np.stack([np.ones_like(s_i), s_i], axis=1)  # x0 + sigma noise
+        self._host = dict(timesteps=ts, c_in=1 / np.sqrt(s_i**2 + 1), coef=coef, noise=noise)
         self._finish(device, dtype)
 
     def step(self, model_output, i, sample, state=None, noise=None):
@@ -707,9 +733,10 @@ class DPMSolverPP2M(Scheduler):
     )
 
     def __init__(
-        self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, karras: bool = False
+        self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, karras: bool = False,
+        start: int = 0,
     ):
-        super().__init__(config, num_steps, device=device, dtype=dtype)
+        super().__init__(config, num_steps, device=device, dtype=dtype, start=start)
         cfg = self.config
         _require(cfg, "dpmpp_2m", "algorithm_type", ("dpmsolver++",))
         _require(cfg, "dpmpp_2m", "solver_type", ("midpoint", "heun"))
@@ -773,7 +800,7 @@ class DPMSolverPP2M(Scheduler):
             at_end = i == N - 1 and (
                 cfg.euler_at_final or (cfg.lower_order_final and N < 15) or cfg.final_sigmas_type == "zero"
             )
-            first_order = cfg.solver_order == 1 or i == 0 or at_end
+            first_order = cfg.solver_order == 1 or i <= start or at_end  # the warm-up restarts at start
             h = lam[i + 1] - lam[i]
             phi = -np.expm1(-h)  # 1 - e^{-h}; 1 when sigma_{i+1} = 0 (h = inf)
             c_x = sig[i + 1] / sig[i]
@@ -789,7 +816,8 @@ class DPMSolverPP2M(Scheduler):
                     c_x0, c_x0prev = c_d + w1, -w1
             rows.append([p0[i], p1[i], c_x, c_x0, c_x0prev])
 
-        self._host = dict(timesteps=ts, c_in=np.ones(N), coef=np.array(rows, dtype=np.float64))  # coef [N, 5]
+        noise = np.stack([alpha[:-1], sig[:-1]], axis=1)  # [N, 2]: alpha_t x0 + sigma_t noise
+        self._host = dict(timesteps=ts, c_in=np.ones(N), coef=np.array(rows, dtype=np.float64), noise=noise)  # coef [N, 5]
         self._finish(device, dtype)
 
     def init_state(self, sample):
@@ -850,16 +878,34 @@ def make_scheduler(
     device="cpu",
     dtype: torch.dtype = torch.float32,
     karras: bool = False,
+    strength: float = 1.0,
 ) -> Scheduler:
     """The scheduler `name` (one of NAMES) for `num_steps` steps, tables on `device` in `dtype`.
 
     `config` is the model's scheduler config; missing keys take the defaults of the diffusers class
     `name` stands for. `karras=True` uses Karras sigmas (= use_karras_sigmas=True; euler and
     dpmpp_2m only), as a `*_karras` name does; a config that already asks for them gets them either way.
+    `strength` < 1 (img2img) runs only the last int(num_steps * strength) steps (`start_step`).
     """
     entry = scheduler_entry(name)
+    valid_steps = isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1
+    start = start_step(num_steps, strength) if valid_steps else 0  # a bad num_steps: the class names it
     if not (karras or entry.karras):
-        return entry.cls(config, num_steps, device=device, dtype=dtype)
+        return entry.cls(config, num_steps, device=device, dtype=dtype, start=start)
     if not entry.cls.supports_karras:
         raise ValueError(f"karras=True: {name} has no Karras sigma schedule (use euler or dpmpp_2m)")
-    return entry.cls(config, num_steps, device=device, dtype=dtype, karras=True)
+    return entry.cls(config, num_steps, device=device, dtype=dtype, karras=True, start=start)
+
+
+def start_step(num_steps: int, strength: float) -> int:
+    """The first step img2img runs at `strength`, as diffusers' img2img pipelines count it: the last
+    int(num_steps * strength) of `num_steps` steps run; a ValueError names strength when none would."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
+        raise ValueError(f"strength={strength!r}: must be a number in (0, 1]")
+    kept = min(int(num_steps * strength), num_steps)
+    if kept < 1:
+        raise ValueError(
+            f"strength={strength:g} with steps={num_steps} leaves no step to run (int(steps * strength) = 0); "
+            f"raise steps to at least {math.ceil(1 / strength)} or strength"
+        )
+    return num_steps - kept

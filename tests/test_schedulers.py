@@ -145,6 +145,63 @@ def test_config_options_match_diffusers(case, steps):
     _compare_loops(name, cfg, steps)
 
 
+def _compare_img2img(name, cfg: dict, steps, strength, seed=0):
+    """img2img as diffusers' pipelines run it: timesteps[t_start:], set_begin_index(t_start), the
+    clean sample noised by add_noise at the first of them; then both loops, compared each step."""
+    entry = schedulers.REGISTRY[name]
+    ref = _reference(name, cfg, **entry.diffusers_config)
+    ref.set_timesteps(steps)
+    t_start = steps - min(int(steps * strength), steps)  # diffusers' get_timesteps (order 1 here)
+    ref_ts = ref.timesteps[t_start * ref.order :]
+    if hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(t_start * ref.order)
+    ours = make_scheduler(name, SchedulerConfig.from_dict(cfg), steps, dtype=torch.float64, strength=strength)
+    assert ours.start == t_start and len(ours) == len(ref_ts)
+    assert torch.equal(ours.timesteps, ref_ts.to(ours.timesteps.dtype))
+
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    noise = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    x_ref = ref.add_noise(clean, noise, ref_ts[:1])
+    x_ours = ours.add_noise(clean, noise)
+    scale = max(1.0, x_ref.abs().max().item())
+    assert (x_ours - x_ref).abs().max().item() / scale <= TOL, f"{name}: add_noise differs"
+
+    model = _fake_model(seed + 1)
+    ref_gen, our_gen = torch.Generator().manual_seed(seed + 3), torch.Generator().manual_seed(seed + 3)
+    state = ours.init_state(x_ours)
+    for i, t in enumerate(ref_ts):
+        in_ref, in_ours = ref.scale_model_input(x_ref, t), ours.scale_model_input(x_ours, i)
+        assert (in_ours - in_ref).abs().max().item() / scale <= TOL, f"{name} step {i}: model input differs"
+        kw = {"generator": ref_gen} if name == "euler_a" else {}
+        x_ref = ref.step(model(in_ref, t), t, x_ref, **kw).prev_sample
+        step_noise = randn_tensor(SHAPE, generator=our_gen, dtype=torch.float64) if ours.needs_noise else None
+        x_ours = ours.step(model(in_ours, ours.timesteps[i]), i, x_ours, state, noise=step_noise)
+        scale = max(scale, x_ref.abs().max().item())
+        err = (x_ours - x_ref).abs().max().item() / scale
+        assert err <= TOL, f"{name} step {i}/{len(ref_ts)} at strength {strength}: prev_sample differs by {err:.2e}"
+
+
+@pytest.mark.parametrize("steps", (1, 4, 10, 25))
+@pytest.mark.parametrize("strength", (0.3, 0.75, 1.0))
+@pytest.mark.parametrize("config", ["sd15", "vpred"])
+@pytest.mark.parametrize("name", schedulers.NAMES)
+def test_img2img_start_matches_diffusers(name, config, strength, steps):
+    """The truncated schedule of img2img (strength < 1), every scheduler: noise added at the start
+    step, multistep warm-ups restarted there (DPM-Solver++'s first-order step, PNDM's Heun step)."""
+    if int(steps * strength) < 1:
+        with pytest.raises(ValueError, match=rf"strength={strength:g} with steps={steps} leaves no step to run.*at least {math.ceil(1 / strength)}"):
+            make_scheduler(name, SchedulerConfig.from_dict(CONFIGS[config]), steps, strength=strength)
+        return
+    _compare_img2img(name, CONFIGS[config], steps, strength)
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), "0.5", True, None])
+def test_bad_strength_is_named(bad):
+    with pytest.raises(ValueError, match=r"strength=.*must be a number in \(0, 1\]"):
+        make_scheduler("ddim", SchedulerConfig.from_dict(SD15), 10, strength=bad)
+
+
 @pytest.mark.parametrize("name", SCHEDULERS)
 def test_tensor_index_matches_int_index(name):
     """step(i) with i a 0-dim int64 tensor is the same computation as with a Python int."""
@@ -229,6 +286,9 @@ def test_to_dtype_and_lengths():
     assert torch.equal(s32.coef, s64.coef.float()) and torch.equal(s32.timesteps, s64.timesteps)
     assert len(make_scheduler("pndm", cfg, 20)) == 21 and len(make_scheduler("pndm", cfg, 1)) == 1
     assert len(make_scheduler("euler", cfg, 20)) == 20
+    half = make_scheduler("pndm", cfg, 20, strength=0.5)  # img2img: the last 10 steps (11 evaluations)
+    assert len(half) == len(half.to(dtype=torch.float64)) == 11 and half.start == 10
+    assert torch.equal(half.to(dtype=torch.float64).timesteps, make_scheduler("pndm", cfg, 20).timesteps[10:])
 
 
 def test_step_traces_as_one_graph():
