@@ -441,6 +441,16 @@ class Pipeline:
             noise = torch.randn((steps, *shape), generator=generator, dtype=self.dtype).to(self.device, torch.float32)
         return latents, noise
 
+    def image_latents(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """image [N, 3, H, W] in [-1, 1] -> its scaled latents [N, C, H / f, W / f], float32 on the
+        device, drawn from the encoder's Gaussian as diffusers' `latent_dist.sample(generator)`
+        draws them (CPU generator, network dtype) and times the scaling factor: img2img's start."""
+        if not self.backend.encodes_images:
+            raise ValueError(f"backend={self.backend.name!r} has no VAE encoder (img2img needs one); use backend='torch'")
+        mean, logvar = self.backend.encode_image(image)
+        sample = torch.randn(mean.shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
+        return (mean + torch.exp(0.5 * logvar) * sample) * self.facts.scaling_factor
+
     def denoise(self, sched, scheduler: str, latents, context, guidance_scale: float, noise=None) -> torch.Tensor:
         """Every step of `sched` from `latents`: one captured CUDA graph per step where possible,
         else the same loop eagerly. NaN/inf in the result raises NonFiniteError naming the step."""

@@ -3,6 +3,7 @@ folder, seed and settings (CPU, fp32), plus argument checking and thread safety.
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
@@ -78,6 +79,32 @@ def test_matches_diffusers(pipes, scheduler, steps, negative):
     err = np.abs(got - expected).max()
     assert err <= 1e-4, f"{scheduler} {steps} steps, seed {seed}: max abs {err:.2e}"
     assert expected.std() > 1e-3, f"seed {seed}"  # a flat image would make the comparison meaningless
+
+
+def test_image_latents_match_diffusers(pipes):
+    """img2img's start: the encoder's Gaussian sampled as diffusers' latent_dist.sample(generator)
+    draws it, times the scaling factor; batch 2, non-square, a fresh seed."""
+    ref, ours = pipes
+    seed = int(torch.randint(0, 2**31, ()).item())
+    image = torch.rand(2, 3, H, W, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    with torch.no_grad():
+        dist = ref.vae.encode(image).latent_dist
+        want = dist.sample(torch.Generator().manual_seed(seed + 1)) * ref.vae.config.scaling_factor
+    got = ours.image_latents(image, torch.Generator().manual_seed(seed + 1))
+    assert got.shape == want.shape == (2, 4, H // 2, W // 2)
+    assert (got - want).abs().max().item() <= 1e-5, f"seed {seed}"
+    assert dist.std.min() < 1  # the sample is not just the mean: the draw itself is compared
+    other = ours.image_latents(image, torch.Generator().manual_seed(seed + 2))
+    assert (other - want).abs().max().item() > 1e-3
+
+
+def test_image_latents_need_an_encoder(pipes):
+    _, ours = pipes
+    backend = type("NoEncoder", (), {"name": "fake", "encodes_images": False})()
+    fake = copy.copy(ours)
+    fake.backend = backend
+    with pytest.raises(ValueError, match="backend='fake' has no VAE encoder"):
+        fake.image_latents(torch.zeros(1, 3, H, W), torch.Generator())
 
 
 def test_num_images_and_no_guidance(pipes):

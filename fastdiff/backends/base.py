@@ -30,6 +30,7 @@ class Backend(ABC):
     latent_multiple: int = 1  # latent sides must be multiples of this (an exported UNet's rule)
     static_size: tuple[int, int] | None = None  # the only (height, width) in px it takes, if fixed
     fp32_decode: bool = False  # decode_fp32() exists: the pipeline's retry when an fp16 decode overflows
+    encodes_images: bool = False  # encode_image() exists (img2img, inpainting); checked before model work
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:
@@ -57,6 +58,11 @@ class Backend(ABC):
     @abstractmethod
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, 4, h, w], already divided by the scaling factor -> image [B, 3, f h, f w] in about [-1, 1]."""
+
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """image [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the latent Gaussian, [B, 4, H / f, W / f]
+        each, float32, unscaled (only where `encodes_images`)."""
+        raise NotImplementedError(f"the {self.name} backend has no VAE encoder")
 
     def decode_fp32(self, latents: torch.Tensor) -> torch.Tensor:
         """`decode` with a float32 VAE (only where `fp32_decode`)."""

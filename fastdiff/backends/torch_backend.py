@@ -19,6 +19,7 @@ class TorchBackend(Backend):
     name = "torch"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     fp32_decode = True
+    encodes_images = True
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:
@@ -66,6 +67,12 @@ class TorchBackend(Backend):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with ops.kernels(self.kernels):
             return self.vae.decode(latents.to(self.dtype, memory_format=self.memory_format))
+
+    @torch.inference_mode()
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with ops.kernels(self.kernels):
+            mean, logvar = self.vae.encode(image.to(self.device, self.dtype, memory_format=self.memory_format))
+        return mean.float(), logvar.float()
 
     @torch.inference_mode()
     def decode_fp32(self, latents: torch.Tensor) -> torch.Tensor:
