@@ -42,15 +42,16 @@ def _adherence(images: np.ndarray) -> tuple[float, float]:
     return float(colour), float(kind)
 
 
-# (backend, scheduler, steps, network dtype). bf16 rows need a CPU with bf16 instructions (the
-# precision fastdiff picks by default there); elsewhere they skip, saying so.
+# (backend, scheduler, steps, network dtype). The bf16 row needs a CPU with bf16 instructions;
+# elsewhere it skips, saying so. openvino bf16 (a compile option on the onnxruntime row's export)
+# kept the same figures on an AMX Xeon (benchmarks/NOTES-cpu.md); it is not re-run here, to keep
+# the suite inside its time budget.
 CONFIGS = [
     ("torch", "dpmpp_2m", 25, "float32"),
     ("torch", "dpmpp_2m", 10, "float32"),
     ("torch", "euler_a", 25, "float32"),
     ("onnxruntime", "dpmpp_2m", 25, "float32"),
     ("torch", "dpmpp_2m", 25, "bfloat16"),
-    ("openvino", "dpmpp_2m", 25, "bfloat16"),
 ]
 
 
@@ -65,8 +66,6 @@ def adherence(tmp_path_factory):
             backend, scheduler, steps, dtype = config
             if dtype == "bfloat16" and not precision.cpu_runs_fast(torch.bfloat16):
                 pytest.skip("this CPU has no bf16 instructions (AMX-BF16 or AVX512-BF16): fastdiff runs float32 here")
-            if backend == "openvino":
-                pytest.importorskip("openvino", reason="the openvino backend needs the openvino extra")
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("FASTDIFF_CACHE", str(cache))
                 pipe = Pipeline.from_pretrained(MODEL, backend=backend, device="cpu", dtype=dtype)
