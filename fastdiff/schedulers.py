@@ -277,6 +277,12 @@ def _f32(x) -> np.ndarray:
 # Base class
 
 
+def check_num_steps(num_steps) -> int:
+    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
+        raise ValueError(f"num_steps={num_steps!r}: must be an integer >= 1")
+    return num_steps
+
+
 class Scheduler:
     """Per-step tables on a device, plus the update rule that consumes one row of them.
 
@@ -296,8 +302,7 @@ class Scheduler:
     needs_noise = False  # True: `step` takes this step's standard normal noise as `noise`
 
     def __init__(self, config: SchedulerConfig, num_steps: int, *, device, dtype: torch.dtype, start: int = 0):
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r}: must be an integer >= 1")
+        check_num_steps(num_steps)
         if not 0 <= start < num_steps:
             raise ValueError(f"start={start!r}: must be in [0, num_steps={num_steps})")
         self.config = config.for_scheduler(self.name)  # missing keys -> this class's defaults
@@ -307,11 +312,13 @@ class Scheduler:
         self._timestep_dtype = torch.int64
 
     def _finish(self, device, dtype) -> None:
-        """Drop the rows before `start`, move the host tables to the device; called at the end of
-        each subclass __init__ (once: `to` calls it again on the kept tables)."""
+        """Drop the rows before `start`, then place the tables; called at the end of each subclass __init__."""
+        self._host = {k: v[self.start :] for k, v in self._host.items()}
+        self._place(device, dtype)
+
+    def _place(self, device, dtype) -> None:
+        """Move the (kept) host tables to the device in `dtype`."""
         h = self._host
-        if not h.pop("truncated", False):
-            h.update({k: v[self.start :] for k, v in h.items()}, truncated=True)
         assert h["coef"].shape[0] == h["c_in"].shape[0] == h["timesteps"].shape[0] == h["noise"].shape[0]
         self._scales_input = bool(np.any(h["c_in"] != 1.0))  # static: the table, not a tensor value
         self.device, self.dtype = torch.device(device), dtype
@@ -319,12 +326,11 @@ class Scheduler:
         self.c_in = torch.as_tensor(h["c_in"]).to(device=self.device, dtype=dtype)
         self.coef = torch.as_tensor(h["coef"]).to(device=self.device, dtype=dtype)
         self.noise_coef = torch.as_tensor(h["noise"][0]).to(device=self.device, dtype=dtype)  # [2]: first step
-        h["truncated"] = True
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Scheduler":
         """A copy with the tables on `device` / in `dtype` (re-rounded from the float64 host tables)."""
         out = copy.copy(self)
-        out._finish(device if device is not None else self.device, dtype if dtype is not None else self.dtype)
+        out._place(device if device is not None else self.device, dtype if dtype is not None else self.dtype)
         return out
 
     def __len__(self) -> int:
@@ -888,8 +894,7 @@ def make_scheduler(
     `strength` < 1 (img2img) runs only the last int(num_steps * strength) steps (`start_step`).
     """
     entry = scheduler_entry(name)
-    valid_steps = isinstance(num_steps, int) and not isinstance(num_steps, bool) and num_steps >= 1
-    start = start_step(num_steps, strength) if valid_steps else 0  # a bad num_steps: the class names it
+    start = start_step(check_num_steps(num_steps), strength)
     if not (karras or entry.karras):
         return entry.cls(config, num_steps, device=device, dtype=dtype, start=start)
     if not entry.cls.supports_karras:
