@@ -68,19 +68,24 @@ def default_dtype(
     """The networks' dtype when the caller names none: $FASTDIFF_DTYPE if set (checked like an
     argument), else by capability and, on the CPU, the model's size (`unet_params`; None: large);
     float32 where the backend lacks (`supported`) that dtype."""
+    return _default(device, supported, unet_params)[0]
+
+
+def _default(device, supported, unet_params) -> tuple[torch.dtype, str]:
+    """default_dtype's choice and why, in one place (choose_dtype logs the why)."""
     if os.environ.get("FASTDIFF_DTYPE"):
-        return check_dtype(device, os.environ["FASTDIFF_DTYPE"], name="FASTDIFF_DTYPE")
-    chosen = _by_capability(device, unet_params)
-    return chosen if supported is None or chosen in supported else torch.float32
-
-
-def _by_capability(device: torch.device, unet_params: int | None) -> torch.dtype:
+        return check_dtype(device, os.environ["FASTDIFF_DTYPE"], name="FASTDIFF_DTYPE"), "FASTDIFF_DTYPE"
     if device.type == "cuda":
-        return torch.float16
-    small = unet_params is not None and unet_params < BF16_MIN_UNET_PARAMS
-    if device.type == "cpu" and cpu_runs_fast(torch.bfloat16) and not small:
-        return torch.bfloat16
-    return torch.float32
+        chosen, why = torch.float16, "CUDA"
+    elif device.type != "cpu" or not cpu_runs_fast(torch.bfloat16):
+        chosen, why = torch.float32, "no bf16 matmul instructions"
+    elif unet_params is not None and unet_params < BF16_MIN_UNET_PARAMS:
+        chosen, why = torch.float32, f"a {unet_params / 1e6:.1f}M-parameter UNet, too small for bf16 to pay"
+    else:
+        chosen, why = torch.bfloat16, "bf16 matmul instructions"
+    if supported is not None and chosen not in supported:
+        return torch.float32, "the backend runs float32 only"
+    return chosen, why
 
 
 def check_dtype(device: torch.device, dtype, name: str = "dtype") -> torch.dtype:
@@ -108,15 +113,7 @@ def choose_dtype(
     `supported` and a model of `unet_params`; logs a CPU default and why."""
     if dtype is not None:
         return check_dtype(device, dtype)
-    chosen = default_dtype(device, supported, unet_params)
-    if device.type == "cpu" and not os.environ.get("FASTDIFF_DTYPE"):
-        if chosen == torch.bfloat16:
-            why = "bf16 matmul instructions"
-        elif not cpu_runs_fast(torch.bfloat16):
-            why = "no bf16 matmul instructions"
-        elif unet_params is not None and unet_params < BF16_MIN_UNET_PARAMS:
-            why = f"a {unet_params / 1e6:.1f}M-parameter UNet, too small for bf16 to pay"
-        else:
-            why = "the backend runs float32 only"
+    chosen, why = _default(device, supported, unet_params)
+    if device.type == "cpu" and why != "FASTDIFF_DTYPE":
         log.info("fastdiff: dtype %s on this CPU (%s; dtype= overrides)", chosen, why)
     return chosen
