@@ -734,7 +734,7 @@ def _run(args, gate) -> int:
         runners, skipped = load_runners(folder, args, device, dtype)
         flops = count_unet_flops(folder, args)
         dtypes = {r.name: r.dtype for r in runners}
-        rate = MatmulRate(device, [dtype, *dtypes.values()])
+        rate = MatmulRate(device, dtypes.values())  # the reference runner is in the run's dtype
         times, images, first_call = measure(runners, args, rate)
         del runners
 

@@ -272,7 +272,7 @@ class Pipeline:
         root = resolve_model(model)
         facts = ModelFacts.read(root)  # the small files first: a damaged one is named before weights load
         if dtype is None:  # fp16 on CUDA; on CPU bf16 where it runs natively, pays, and the backend has it
-            unet_params = parameter_count(find_weights(root / "unet"))
+            unet_params = parameter_count(find_weights(root / "unet")) if device.type == "cpu" else None  # only the CPU rule reads it
             dtype = precision.choose_dtype(device, None, backend_class(backend).dtypes, unet_params)
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         net = make_backend(backend, root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
