@@ -77,22 +77,26 @@ def _compare_loops(name, cfg: dict, steps, *, karras=False, seed=0):
     assert torch.equal(ours.timesteps, ref.timesteps.to(ours.timesteps.dtype))  # bit-identical values
     assert math.isclose(ours.init_noise_sigma, float(ref.init_noise_sigma), rel_tol=1e-6)
 
-    model = _fake_model(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     x0 = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
-    x_ref = x0 * float(ref.init_noise_sigma)
-    x_ours = x0 * ours.init_noise_sigma
+    return _run_both(name, ref, ours, ref.timesteps, x0 * float(ref.init_noise_sigma), x0 * ours.init_noise_sigma, seed)
+
+
+def _run_both(name, ref, ours, ref_ts, x_ref, x_ours, seed, what=""):
+    """Both loops over `ref_ts` from their starting samples, each on its own outputs; assert
+    agreement of every model input and prev_sample; return the worst relative error seen."""
+    model = _fake_model(seed + 1)
     ref_gen = torch.Generator().manual_seed(seed + 3)  # diffusers' euler_a draws from this...
     our_gen = torch.Generator().manual_seed(seed + 3)  # ...and we draw the same, in the same order
     state = ours.init_state(x_ours)
     worst = 0.0
     scale = max(1.0, x_ref.abs().max().item())
 
-    for i, t in enumerate(ref.timesteps):
+    for i, t in enumerate(ref_ts):
         in_ref = ref.scale_model_input(x_ref, t)
         in_ours = ours.scale_model_input(x_ours, i)
         err = (in_ours - in_ref).abs().max().item() / scale
-        assert err <= TOL, f"{name} step {i}/{len(ref.timesteps)}: model input differs by {err:.2e}"
+        assert err <= TOL, f"{name}{what} step {i}/{len(ref_ts)}: model input differs by {err:.2e}"
 
         kw = {"generator": ref_gen} if name == "euler_a" else {}
         x_ref = ref.step(model(in_ref, t), t, x_ref, **kw).prev_sample
@@ -102,7 +106,7 @@ def _compare_loops(name, cfg: dict, steps, *, karras=False, seed=0):
         scale = max(scale, x_ref.abs().max().item())
         err = (x_ours - x_ref).abs().max().item() / scale
         worst = max(worst, err)
-        assert err <= TOL, f"{name} step {i}/{len(ref.timesteps)}: prev_sample differs by {err:.2e} (tol {TOL})"
+        assert err <= TOL, f"{name}{what} step {i}/{len(ref_ts)}: prev_sample differs by {err:.2e} (tol {TOL})"
     return worst
 
 
@@ -167,19 +171,7 @@ def _compare_img2img(name, cfg: dict, steps, strength, seed=0):
     scale = max(1.0, x_ref.abs().max().item())
     assert (x_ours - x_ref).abs().max().item() / scale <= TOL, f"{name}: add_noise differs"
 
-    model = _fake_model(seed + 1)
-    ref_gen, our_gen = torch.Generator().manual_seed(seed + 3), torch.Generator().manual_seed(seed + 3)
-    state = ours.init_state(x_ours)
-    for i, t in enumerate(ref_ts):
-        in_ref, in_ours = ref.scale_model_input(x_ref, t), ours.scale_model_input(x_ours, i)
-        assert (in_ours - in_ref).abs().max().item() / scale <= TOL, f"{name} step {i}: model input differs"
-        kw = {"generator": ref_gen} if name == "euler_a" else {}
-        x_ref = ref.step(model(in_ref, t), t, x_ref, **kw).prev_sample
-        step_noise = randn_tensor(SHAPE, generator=our_gen, dtype=torch.float64) if ours.needs_noise else None
-        x_ours = ours.step(model(in_ours, ours.timesteps[i]), i, x_ours, state, noise=step_noise)
-        scale = max(scale, x_ref.abs().max().item())
-        err = (x_ours - x_ref).abs().max().item() / scale
-        assert err <= TOL, f"{name} step {i}/{len(ref_ts)} at strength {strength}: prev_sample differs by {err:.2e}"
+    _run_both(name, ref, ours, ref_ts, x_ref, x_ours, seed, what=f" at strength {strength}")
 
 
 @pytest.mark.parametrize("steps", (1, 4, 10, 25))
