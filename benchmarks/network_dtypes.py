@@ -5,8 +5,8 @@ and error side by side, the measurement behind `fastdiff.precision.NETWORK_DTYPE
     python benchmarks/network_dtypes.py --size 512 --json dtypes.json
     python benchmarks/network_dtypes.py --model tiny-shapes --size 64   # trained weights (the embedded model)
 
-Each network is fastdiff's own torch module (the torch backend's, "auto" kernels: packed oneDNN
-convolutions) loaded twice, in float32 and in bfloat16, and called on the same inputs, interleaved
+Each network is the torch backend's call (fastdiff's own modules, "auto" kernels: packed oneDNN
+convolutions), the backend loaded twice, in float32 and in bfloat16, and called on the same inputs, interleaved
 (fp32, bf16, fp32, ...), median of `--repeats`. The error is against the float32 output: relative
 RMS for the text encoder's hidden states and the UNet's noise prediction, PSNR (peak 1.0) for the
 decoded image. Random weights give shape-true timings, trained weights (`--model`) realistic
@@ -26,41 +26,35 @@ from pathlib import Path
 
 import torch
 
-from fastdiff import ops, precision, testing
-from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
-from fastdiff.weights import find_weights, load_module, resolve_model
+from fastdiff import iospec, precision, testing
+from fastdiff.backends import make_backend
+from fastdiff.weights import read_configs, resolve_model
 
 NETWORKS = ("text_encoder", "unet", "vae_decode")
 
 
 def load(root: Path, dtype: torch.dtype) -> dict:
-    """network -> (module, how to call it on the shared inputs)."""
-    text = load_module(CLIPTextModel, CLIPTextConfig.from_json(root / "text_encoder" / "config.json"),
-                       find_weights(root / "text_encoder"), dtype=dtype)
-    unet = load_module(UNet2DConditionModel, UNetConfig.from_json(root / "unet" / "config.json"),
-                       find_weights(root / "unet"), dtype=dtype)
-    vae = load_module(AutoencoderKL, VAEConfig.from_json(root / "vae" / "config.json"), find_weights(root / "vae"), dtype=dtype)
+    """network -> how the torch backend calls it on the shared inputs (its own modules and casts)."""
+    net = make_backend("torch", root, device=torch.device("cpu"), dtype=dtype, kernels="auto")
     return {
-        "text_encoder": lambda i: text(i["ids"])[0],
-        "unet": lambda i: unet(i["latents"].to(dtype), i["t"], i["context"].to(dtype)),
-        "vae_decode": lambda i: vae.decode(i["vae_latents"].to(dtype)),
+        "text_encoder": lambda i: net.encode_text(i["ids"]),
+        "unet": lambda i: net.unet(i["latents"], i["t"], i["context"]),
+        "vae_decode": lambda i: net.decode(i["vae_latents"]),
     }
 
 
 def inputs(root: Path, size: int, seed: int) -> dict:
     """One CFG batch of 2 for the text encoder and UNet, one image's latents for the decoder."""
-    unet_cfg = json.loads((root / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((root / "vae" / "config.json").read_text())
-    text_cfg = json.loads((root / "text_encoder" / "config.json").read_text())
+    configs = read_configs(root)
     g = torch.Generator().manual_seed(seed)
-    side = size // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    side = size // iospec.vae_scale_factor(configs["vae"])
     return {
-        "ids": torch.randint(0, text_cfg["vocab_size"] - 2, (2, 77), generator=g),
-        "latents": torch.randn(2, unet_cfg["in_channels"], side, side, generator=g),
+        "ids": torch.randint(0, configs["text_encoder"]["vocab_size"] - 2, (2, 77), generator=g),
+        "latents": torch.randn(2, configs["unet"]["in_channels"], side, side, generator=g),
         "t": torch.tensor(500.0),
-        "context": torch.randn(2, 77, unet_cfg["cross_attention_dim"], generator=g),
+        "context": torch.randn(2, 77, configs["unet"]["cross_attention_dim"], generator=g),
         # a decoder input of the scale it meets (denoised latents / scaling_factor)
-        "vae_latents": torch.randn(1, vae_cfg["latent_channels"], side, side, generator=g),
+        "vae_latents": torch.randn(1, configs["vae"]["latent_channels"], side, side, generator=g),
     }
 
 
@@ -98,7 +92,7 @@ def main(argv=None) -> int:
         x = inputs(root, args.size, args.seed)
     times = {(n, dt): [] for n in NETWORKS for dt in nets}
     outs = {}
-    with torch.inference_mode(), ops.kernels("auto"):
+    with torch.inference_mode():
         for r in range(args.repeats + 1):  # the first round warms up (weight packing)
             for n in NETWORKS:
                 for dt, net in nets.items():
