@@ -325,7 +325,7 @@ class Scheduler:
         self.timesteps = torch.as_tensor(h["timesteps"]).to(device=self.device, dtype=self._timestep_dtype)
         self.c_in = torch.as_tensor(h["c_in"]).to(device=self.device, dtype=dtype)
         self.coef = torch.as_tensor(h["coef"]).to(device=self.device, dtype=dtype)
-        self.noise_coef = torch.as_tensor(h["noise"][0]).to(device=self.device, dtype=dtype)  # [2]: first step
+        self.noise_coefs = torch.as_tensor(h["noise"]).to(device=self.device, dtype=dtype)  # [evals, 2]: (a, b) per step
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "Scheduler":
         """A copy with the tables on `device` / in `dtype` (re-rounded from the float64 host tables)."""
@@ -353,10 +353,12 @@ class Scheduler:
             return sample
         return sample * self._row(self.c_in, i)
 
-    def add_noise(self, sample: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """A clean sample noised to the first step's noise level: a x0 + b noise, (a, b) =
-        (sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t)) or, for sigma-parametrised samplers, (1, sigma)."""
-        a, b = self.noise_coef.unbind(0)
+    def add_noise(self, sample: torch.Tensor, noise: torch.Tensor, i=0) -> torch.Tensor:
+        """A clean sample noised to step i's noise level (img2img's start: i = 0; inpainting's
+        known region after step i: i + 1): a x0 + b noise, (a, b) = (sqrt(alpha_bar_t),
+        sqrt(1 - alpha_bar_t)) or, for sigma-parametrised samplers, (1, sigma). `i` an int or a
+        0-dim device tensor (no sync)."""
+        a, b = self._row(self.noise_coefs, i).unbind(0)
         return a * sample + b * noise
 
     def init_state(self, sample: torch.Tensor) -> dict[str, torch.Tensor]:

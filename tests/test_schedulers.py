@@ -82,9 +82,11 @@ def _compare_loops(name, cfg: dict, steps, *, karras=False, seed=0):
     return _run_both(name, ref, ours, ref.timesteps, x0 * float(ref.init_noise_sigma), x0 * ours.init_noise_sigma, seed)
 
 
-def _run_both(name, ref, ours, ref_ts, x_ref, x_ours, seed, what=""):
+def _run_both(name, ref, ours, ref_ts, x_ref, x_ours, seed, what="", clean=None):
     """Both loops over `ref_ts` from their starting samples, each on its own outputs; assert
-    agreement of every model input and prev_sample; return the worst relative error seen."""
+    agreement of every model input and prev_sample; return the worst relative error seen. With
+    `clean` (x0, noise): after each step but the last, x0 noised to the next step's level, as
+    inpainting's known region is (diffusers reads its step index there; ours a device index)."""
     model = _fake_model(seed + 1)
     ref_gen = torch.Generator().manual_seed(seed + 3)  # diffusers' euler_a draws from this...
     our_gen = torch.Generator().manual_seed(seed + 3)  # ...and we draw the same, in the same order
@@ -107,6 +109,11 @@ def _run_both(name, ref, ours, ref_ts, x_ref, x_ours, seed, what=""):
         err = (x_ours - x_ref).abs().max().item() / scale
         worst = max(worst, err)
         assert err <= TOL, f"{name}{what} step {i}/{len(ref_ts)}: prev_sample differs by {err:.2e} (tol {TOL})"
+        if clean is not None and i + 1 < len(ref_ts):
+            want = ref.add_noise(*clean, ref_ts[i + 1 : i + 2])
+            got = ours.add_noise(*clean, torch.tensor(i + 1))
+            err = (got - want).abs().max().item() / max(1.0, want.abs().max().item())
+            assert err <= TOL, f"{name}{what} after step {i}: add_noise to the next step differs by {err:.2e}"
     return worst
 
 
@@ -171,7 +178,7 @@ def _compare_img2img(name, cfg: dict, steps, strength, seed=0):
     scale = max(1.0, x_ref.abs().max().item())
     assert (x_ours - x_ref).abs().max().item() / scale <= TOL, f"{name}: add_noise differs"
 
-    _run_both(name, ref, ours, ref_ts, x_ref, x_ours, seed, what=f" at strength {strength}")
+    _run_both(name, ref, ours, ref_ts, x_ref, x_ours, seed, what=f" at strength {strength}", clean=(clean, noise))
 
 
 @pytest.mark.parametrize("steps", (1, 4, 10, 25))
