@@ -4,7 +4,9 @@ and one each for the text encoder and VAE decode calls.
 Launch overhead dominates SD1.5's UNet at fp16 on a big GPU (hundreds of small kernels per step),
 so the step is captured once per (shapes, scheduler, steps, CFG) and replayed for every step.
 The step index is a device tensor that the graph itself increments, so the same graph serves
-step 0 and step N-1: the scheduler indexes its precomputed coefficient tables with it.
+step 0 and step N-1: the scheduler indexes its precomputed coefficient tables with it. img2img
+replays the same kind of graph on a truncated schedule (its start is part of the key); inpainting
+adds its mask inputs or its blend (fastdiff.editing.Inpainting) to the captured step.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class GraphKey:
     scheduler: str
     karras: bool
     steps: int
+    start: int  # first step run (img2img's strength < 1): the tables the graph reads are truncated there
+    inpaint: str  # "" | "concat" (9-channel UNet) | "blend" (4-channel): fastdiff.editing.Inpainting.kind
     cfg: bool
     dtype: torch.dtype
     kernels: str  # ops mode in force at capture ("torch" / "triton" / "auto"): which ops were recorded
@@ -53,7 +57,7 @@ class GraphedStep:
     Off CUDA nothing is captured and `run` calls the body eagerly on the same static buffers and
     device-tensor step index, so CPU tests check everything but the capture itself."""
 
-    def __init__(self, key: GraphKey, sched, unet, device: torch.device):
+    def __init__(self, key: GraphKey, sched, unet, device: torch.device, inpaint=None):
         self.key, self.sched, self.unet = key, sched, unet
         self.lock = threading.Lock()
         n_evals = len(sched.timesteps)
@@ -64,6 +68,11 @@ class GraphedStep:
         self.noise = (
             torch.zeros((n_evals, *key.shape), device=device, dtype=torch.float32) if sched.needs_noise else None
         )
+        self.inpaint = None  # static copies of the call's inpainting tensors
+        if inpaint is not None:
+            from fastdiff.editing import Inpainting
+
+            self.inpaint = Inpainting(**{k: torch.zeros(v.shape, device=device, dtype=v.dtype) for k, v in inpaint.tensors().items()})
         self.state = sched.init_state(self.latents)
         self._state0 = {k: v.clone() for k, v in self.state.items()}
 
@@ -81,16 +90,24 @@ class GraphedStep:
         i, lat = self.index, self.latents
         x = torch.cat([lat, lat]) if self.key.cfg else lat  # [(2)N, 4, h, w]
         x = self.sched.scale_model_input(x, i)
+        if self.inpaint is not None:
+            x = self.inpaint.unet_input(x)  # [(2)N, 9, h, w] for an inpainting UNet
         eps = self.unet(x, self.sched.timestep(i), self.context).float()
         if self.key.cfg:
             eps_uncond, eps_text = eps.chunk(2)
             eps = eps_uncond + self.guidance * (eps_text - eps_uncond)
         noise = None if self.noise is None else self.noise.index_select(0, i.reshape(1))[0]
-        lat.copy_(self.sched.step(eps, i, lat, self.state, noise=noise))
+        out = self.sched.step(eps, i, lat, self.state, noise=noise)
+        if self.inpaint is not None:
+            out = self.inpaint.blend(self.sched, out, i)
+        lat.copy_(out)
         i.add_(1)
 
-    def run(self, latents, context, guidance_scale: float, noise) -> torch.Tensor:
+    def run(self, latents, context, guidance_scale: float, noise, inpaint=None) -> torch.Tensor:
         """Denoise `latents` fully by replaying the graph once per evaluation; returns a copy."""
+        if self.inpaint is not None:
+            for k, v in inpaint.tensors().items():
+                getattr(self.inpaint, k).copy_(v)
         self.latents.copy_(latents)
         self.context.copy_(context)
         self.guidance.fill_(guidance_scale)

@@ -1,4 +1,5 @@
-"""Text-to-image pipeline: tokenize, encode, denoise with classifier-free guidance, decode.
+"""The pipeline: tokenize, encode, denoise with classifier-free guidance, decode; img2img and
+inpainting start from an encoded image (fastdiff.editing) and otherwise run the same stages.
 
 The loop is shared by every backend (torch, onnxruntime, tensorrt): a backend only runs the three
 networks. Latents are kept in float32 for the scheduler math whatever the network dtype, and the
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import iospec, ops, precision, schedulers
+from fastdiff import editing, iospec, ops, precision, schedulers
 from fastdiff.backends import BACKENDS, Backend, backend_class, make_backend
 from fastdiff.backends import resolve as resolve_backend
 from fastdiff.tokenizer import CLIPTokenizer
@@ -165,7 +166,8 @@ class ModelFacts:
     scheduler_config: schedulers.SchedulerConfig
     vae_scale_factor: int
     scaling_factor: float
-    latent_channels: int
+    latent_channels: int  # the VAE's
+    unet_in_channels: int  # latent_channels, or 2 * latent_channels + 1 for an inpainting UNet
     default_size: int  # px
     model_name: str
 
@@ -180,17 +182,35 @@ class ModelFacts:
             scheduler_config=schedulers.SchedulerConfig.from_json(root / "scheduler" / "scheduler_config.json"),
             vae_scale_factor=f,
             scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-            latent_channels=int(unet.get("in_channels", 4)),
+            latent_channels=int(vae.get("latent_channels", 4)),
+            unet_in_channels=int(unet.get("in_channels", 4)),
             default_size=int(unet.get("sample_size", 64)) * f,
             model_name=index.get("_name_or_path") or root.name,
         )
 
 
+    @property
+    def inpainting_unet(self) -> bool:
+        """A 9-channel UNet (latents + mask + masked-image latents): it only inpaints."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
+
+
 def check_request(facts: ModelFacts, limits: Limits, steps: int, height, width, scheduler: str, images: int,
-                  backend: Backend | None = None, device="cpu"):
+                  backend: Backend | None = None, device="cpu", edit: editing.EditInputs | None = None):
     """The model's own rules for one call, from its small files, checked before any model work:
-    its size rule (on `backend`, whose export may narrow it), the pixel limits, and the scheduler's
-    step range for its timestep spacing. Returns (height, width, scheduler object on `device`)."""
+    its size rule (on `backend`, whose export may narrow it), the pixel limits, the scheduler's
+    step range for its timestep spacing and img2img's strength, and which modes its UNet runs.
+    Returns (height, width, scheduler object on `device`)."""
+    if facts.unet_in_channels not in (facts.latent_channels, 2 * facts.latent_channels + 1):
+        raise ValueError(f"{facts.model_name}: a UNet with {facts.unet_in_channels} input channels is neither a "
+                         f"{facts.latent_channels}-channel nor an inpainting UNet")
+    if facts.inpainting_unet and (edit is None or edit.mode != "inpaint"):
+        raise ValueError(f"mask_image: {facts.model_name} is an inpainting model (a {facts.unet_in_channels}-channel UNet); "
+                         "give image= and mask_image=")
+    if edit is not None:
+        height, width = edit.height, edit.width
+        if backend is not None and not backend.encodes_images:
+            raise ValueError(f"image: backend={backend.name!r} has no VAE encoder (img2img and inpainting need one); use backend='torch'")
     height, width = int(height or facts.default_size), int(width or facts.default_size)
     f = facts.vae_scale_factor
     multiple = f * (backend.latent_multiple if backend is not None else 1)
@@ -205,8 +225,16 @@ def check_request(facts: ModelFacts, limits: Limits, steps: int, height, width, 
             "export it without --static for other sizes"
         )
     check_pixels(height, width, images, limits)
-    sched = schedulers.make_scheduler(scheduler, facts.scheduler_config, int(steps), device=device, dtype=torch.float32)
+    sched = schedulers.make_scheduler(scheduler, facts.scheduler_config, int(steps), device=device, dtype=torch.float32,
+                                      strength=edit.strength if edit is not None else 1.0)
     return height, width, sched
+
+
+def read_edit(facts: ModelFacts, image, mask_image, strength, height, width, backend: Backend | None = None):
+    """`editing.read_inputs` at this model's (and backend's) size step: None for text to image."""
+    f = facts.vae_scale_factor
+    multiple = f * (backend.latent_multiple if backend is not None else 1)
+    return editing.read_inputs(image, mask_image, strength, height, width, scale=f, multiple=multiple)
 
 
 def _default_device() -> torch.device:
@@ -283,17 +311,18 @@ class Pipeline:
     def _graphs_enabled(self) -> bool:
         return self.cuda_graph and self.device.type == "cuda" and self.backend.capturable
 
-    def _graphed_step(self, sched, name, steps, cfg, latents, context):
+    def _graphed_step(self, sched, name, steps, cfg, latents, context, inpaint=None):
         """The captured step for these settings (captured on first use), or None when not on CUDA."""
         if not self._graphs_enabled():
             return None
         from fastdiff.graphs import GraphedStep, GraphKey
 
         key = GraphKey(
-            tuple(latents.shape), tuple(context.shape), name, sched.karras, steps, cfg, self.dtype, self._kernel_mode()
-        )
+            tuple(latents.shape), tuple(context.shape), name, sched.karras, steps, sched.start,
+            inpaint.kind if inpaint is not None else "", cfg, self.dtype, self._kernel_mode(),
+        )  # fmt: skip
         return self._captured(
-            self._graphs, key, _MAX_GRAPHS, lambda: GraphedStep(key, sched, self.backend.unet, self.device)
+            self._graphs, key, _MAX_GRAPHS, lambda: GraphedStep(key, sched, self.backend.unet, self.device, inpaint)
         )
 
     def _kernel_mode(self) -> str:
@@ -359,10 +388,20 @@ class Pipeline:
         scheduler: str = "dpmpp_2m",
         num_images: int = 1,
         output_type: str = "pil",
+        image=None,
+        mask_image=None,
+        strength: float | None = None,
     ):
         """One PIL.Image for one prompt and one image, else a list; output_type="np" gives
         float32 [N, H, W, 3] in [0, 1]. The arguments are `run`'s (tests/test_bad_inputs.py keeps
-        the three signatures equal)."""
+        the three signatures equal).
+
+        image: img2img's start (a PIL image of any mode, a numpy array [H, W(, C)] uint8 or float
+            in [0, 1], or a file path); the output has its size unless height / width are given.
+        mask_image: with image, inpainting: white repaints, black keeps (binarised at 0.5).
+        strength: how much of the schedule runs from the image, in (0, 1]; default 0.8 for
+            img2img, 1.0 for inpainting (diffusers' defaults).
+        """
         return self.run(**arguments(locals())).images
 
     def run(
@@ -378,6 +417,9 @@ class Pipeline:
         scheduler: str = "dpmpp_2m",
         num_images: int = 1,
         output_type: str = "pil",
+        image=None,
+        mask_image=None,
+        strength: float | None = None,
         timed: bool = False,
     ) -> Result:
         """Like `generate`, returning a `Result` with per-stage seconds (synchronised when timed)."""
@@ -386,8 +428,10 @@ class Pipeline:
             prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type,
             seed, self.limits,
         )
+        edit = read_edit(self.facts, image, mask_image, strength, height, width, self.backend)
+        n = len(prompts) * int(num_images)
         height, width, sched = check_request(
-            self.facts, self.limits, steps, height, width, scheduler, len(prompts) * int(num_images), self.backend, self.device
+            self.facts, self.limits, steps, height, width, scheduler, n, self.backend, self.device, edit
         )
         guidance_scale = float(guidance_scale)
 
@@ -398,14 +442,19 @@ class Pipeline:
             context = self.encode_prompt(prompts, negative if cfg else None, num_images, cfg)
         generator = torch.Generator("cpu")
         generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
-        latents, noise = self.initial_latents(generator, sched, len(prompts) * num_images, height, width)
+        inpaint = None
+        if edit is None:
+            latents, noise = self.initial_latents(generator, sched, n, height, width)
+        else:
+            with clock("vae_encode"):
+                latents, noise, inpaint = self.edit_latents(edit, generator, sched, n, cfg)
         with clock("denoise"):
-            latents = self.denoise(sched, scheduler, latents, context, guidance_scale, noise)
+            latents = self.denoise(sched, scheduler, latents, context, guidance_scale, noise, inpaint)
         timings["unet_step"] = timings["denoise"] / len(sched.timesteps) if timed else 0.0
         with clock("vae_decode"):
             image = self.decode(latents)
         if timed:
-            timings["end_to_end"] = sum(timings[k] for k in ("text_encoder", "denoise", "vae_decode"))
+            timings["end_to_end"] = sum(timings.get(k, 0.0) for k in ("text_encoder", "vae_encode", "denoise", "vae_decode"))
 
         if output_type == "np":
             return Result(image, timings)
@@ -427,19 +476,53 @@ class Pipeline:
             raise NonFiniteError(self._nonfinite_message("text encoder", "its output", "text_encoder"))
         return context.repeat_interleave(num_images, dim=0)  # [(2)N, 77, D]
 
+    def draw(self, generator: torch.Generator, shape: tuple) -> torch.Tensor:
+        """Standard normal noise drawn as diffusers' randn_tensor draws it (CPU generator, network
+        dtype), as float32 on the device."""
+        return torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
+
+    def latent_shape(self, n: int, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.facts.vae_scale_factor
+        return n, self.facts.latent_channels, height // f, width // f
+
+    def step_noise(self, generator: torch.Generator, sched, shape: tuple) -> torch.Tensor | None:
+        """An ancestral sampler's per-step noise [steps, *shape] (drawn after everything else, in
+        step order, as diffusers' scheduler draws it inside the loop), else None."""
+        return self.draw(generator, (len(sched.timesteps), *shape)) if sched.needs_noise else None
+
     def initial_latents(self, generator: torch.Generator, sched, n: int, height: int, width: int):
         """(latents [N, C, h, w], per-step noise [steps, N, C, h, w] or None), float32 on the device,
-        drawn as diffusers draws them: CPU generator, network dtype, then scaled; an ancestral
-        sampler's per-step noise next, in step order."""
-        f = self.facts.vae_scale_factor
-        shape = (n, self.facts.latent_channels, height // f, width // f)
-        latents = torch.randn(shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
-        latents = latents * sched.init_noise_sigma
-        noise = None
-        if sched.needs_noise:
-            steps = len(sched.timesteps)
-            noise = torch.randn((steps, *shape), generator=generator, dtype=self.dtype).to(self.device, torch.float32)
-        return latents, noise
+        drawn as diffusers draws them: the latents first, scaled; the per-step noise next."""
+        shape = self.latent_shape(n, height, width)
+        latents = self.draw(generator, shape) * sched.init_noise_sigma
+        return latents, self.step_noise(generator, sched, shape)
+
+    def edit_latents(self, edit: editing.EditInputs, generator: torch.Generator, sched, n: int, cfg: bool):
+        """img2img's and inpainting's (latents, per-step noise, Inpainting or None), drawn from
+        `generator` in diffusers' order: the image's latents, the initial noise, the masked image's
+        latents, the per-step noise. One image serves all n rows."""
+        shape = self.latent_shape(n, edit.height, edit.width)
+        inpainting = edit.mode == "inpaint"
+        nine = self.facts.inpainting_unet
+        known = None
+        if not inpainting or edit.strength < 1 or not nine:  # where diffusers encodes the image
+            known = self.image_latents(edit.image, generator).expand(shape)  # [N, C, h, w]
+        noise = self.draw(generator, shape)
+        if inpainting and edit.strength == 1:  # StableDiffusionInpaintPipeline starts from pure noise...
+            latents = noise * sched.init_noise_sigma
+        else:  # ...its img2img pipeline always noises the image to the first step
+            latents = sched.add_noise(known, noise)
+        inpaint = None
+        if inpainting:
+            mask = edit.latent_mask.to(self.device).expand(n, -1, -1, -1)  # [N, 1, h, w]
+            if nine:
+                masked = self.image_latents(edit.image * (edit.mask < 0.5), generator).expand(shape)  # [N, C, h, w]
+                concat = torch.cat([mask, masked], dim=1)  # [N, 1 + C, h, w]
+                inpaint = editing.Inpainting(concat=torch.cat([concat, concat]) if cfg else concat)
+            else:
+                self.draw(generator, (1, *shape[1:]))  # diffusers encodes the masked image for any UNet: its draw, unused
+                inpaint = editing.Inpainting(known=known, noise=noise, mask=mask)
+        return latents, self.step_noise(generator, sched, shape), inpaint
 
     def image_latents(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """image [N, 3, H, W] in [-1, 1] -> its scaled latents [N, C, H / f, W / f], float32 on the
@@ -451,27 +534,32 @@ class Pipeline:
         sample = torch.randn(mean.shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
         return (mean + torch.exp(0.5 * logvar) * sample) * self.facts.scaling_factor
 
-    def denoise(self, sched, scheduler: str, latents, context, guidance_scale: float, noise=None) -> torch.Tensor:
+    def denoise(self, sched, scheduler: str, latents, context, guidance_scale: float, noise=None,
+                inpaint: editing.Inpainting | None = None) -> torch.Tensor:
         """Every step of `sched` from `latents`: one captured CUDA graph per step where possible,
         else the same loop eagerly. NaN/inf in the result raises NonFiniteError naming the step."""
         cfg = guidance_scale > 1.0
         n_evals = len(sched.timesteps)
-        graphed = self._graphed_step(sched, scheduler, sched.num_steps, cfg, latents, context)
+        graphed = self._graphed_step(sched, scheduler, sched.num_steps, cfg, latents, context, inpaint)
         first_bad = None  # the first step whose latents are not finite, tracked on the device (no sync)
         if graphed is not None:
             with graphed.lock:
-                latents = graphed.run(latents, context, guidance_scale, noise)
+                latents = graphed.run(latents, context, guidance_scale, noise, inpaint)
         else:
             state = sched.init_state(latents)
             first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
             for i in range(n_evals):
                 x = torch.cat([latents, latents]) if cfg else latents  # [(2)N, 4, h, w]
                 x = sched.scale_model_input(x, i)
+                if inpaint is not None:
+                    x = inpaint.unet_input(x)  # [(2)N, 9, h, w] for an inpainting UNet
                 eps = self.backend.unet(x, sched.timesteps[i], context).float()
                 if cfg:
                     eps_uncond, eps_text = eps.chunk(2)
                     eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
                 latents = sched.step(eps, i, latents, state, noise=None if noise is None else noise[i])
+                if inpaint is not None:
+                    latents = inpaint.blend(sched, latents, i)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(latents).all(), i, first_bad)
         if not torch.isfinite(latents).all():
             at = "a step of the captured graph" if first_bad is None else f"step {int(first_bad) + 1} of {n_evals}"
@@ -577,9 +665,12 @@ def generate(
     model: str | Path | None = None,
     backend: str = "auto",
     output_type: str = "pil",
+    image=None,
+    mask_image=None,
+    strength: float | None = None,
 ):
-    """Text to image in one call; keeps one loaded Pipeline per (model, backend) for reuse. The
-    other arguments are `Pipeline.generate`'s."""
+    """Text to image, img2img (image=) or inpainting (image= and mask_image=) in one call; keeps
+    one loaded Pipeline per (model, backend) for reuse. The other arguments are `Pipeline.generate`'s."""
     options = arguments(locals(), "model", "backend")  # first: locals() holds just the arguments
     prompts, _ = check_args(
         prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type, seed
@@ -588,6 +679,8 @@ def generate(
         raise ValueError(f"backend={backend!r}: allowed values are {', '.join(BACKENDS)}")
     root = resolve_model(model)
     if cache_key(root, backend) not in _cache:  # before a first load; a loaded pipeline checks in run()
-        check_request(ModelFacts.read(root), Limits.from_env(), steps, height, width, scheduler,
-                      len(prompts) * int(num_images))  # fmt: skip
+        facts = ModelFacts.read(root)
+        edit = read_edit(facts, image, mask_image, strength, height, width)
+        check_request(facts, Limits.from_env(), steps, height, width, scheduler, len(prompts) * int(num_images),
+                      edit=edit)  # fmt: skip
     return cached_pipeline(root, backend).generate(**options)

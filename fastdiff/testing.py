@@ -135,17 +135,21 @@ def perturb_(module: torch.nn.Module, seed: int, scale: float = 0.02) -> None:
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
 
 
-def build_random_folder(folder: Path, arch: str = "tiny", seed: int = 0, sd15_layout: bool = True) -> Path:
+def build_random_folder(folder: Path, arch: str = "tiny", seed: int = 0, sd15_layout: bool = True,
+                        inpainting: bool = False) -> Path:
     """A seeded random-weight StableDiffusionPipeline of architecture `arch`, saved to `folder`
     in diffusers format (fp32 safetensors, the CLIP tokenizer). The embedded model's architecture
     is the default; SD1.5's gives shape-true timings. `sd15_layout`: files as SD1.5's download
     holds them (`text_model.` keys, its scheduler config verbatim); else as save_pretrained writes
     them (transformers 5's unprefixed keys, PNDMScheduler's own config), the other layout fastdiff
-    must load."""
+    must load. `inpainting`: a 9-channel UNet (latents, mask, masked-image latents), as
+    stable-diffusion-inpainting's."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     unet_cfg, vae_cfg, text_cfg, sched_cfg = architecture(arch)
+    if inpainting:
+        unet_cfg = dict(unet_cfg, in_channels=2 * vae_cfg["latent_channels"] + 1)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_cfg)
     vae = AutoencoderKL(**vae_cfg)
