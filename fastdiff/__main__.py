@@ -1,4 +1,5 @@
-"""Command line: python -m fastdiff "a red circle on a blue background" -o out.png"""
+"""Command line: python -m fastdiff "a red circle on a blue background" -o out.png
+(img2img: --image in.png [--strength 0.8]; inpainting: --image in.png --mask mask.png)"""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 def main(argv=None) -> int:
     from fastdiff.pipeline import BACKENDS, SCHEDULER_NAMES
 
-    p = argparse.ArgumentParser(prog="python -m fastdiff", description="Text to image with fastdiff.")
+    p = argparse.ArgumentParser(prog="python -m fastdiff", description="Text to image, img2img and inpainting with fastdiff.")
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="PNG path; with --num-images N, _0.._N-1 are appended")
     p.add_argument("--negative-prompt", default=None)
@@ -23,6 +24,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--scheduler", default="dpmpp_2m", choices=SCHEDULER_NAMES)
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--image", default=None, help="img2img: the start image (its size is the output's unless --height/--width)")
+    p.add_argument("--mask", default=None, help="with --image, inpainting: white repaints, black keeps")
+    p.add_argument("--strength", type=float, default=None,
+                   help="how much of the schedule runs from --image, in (0, 1] (default 0.8 img2img, 1.0 inpainting)")
     p.add_argument("--model", default=None, help="a name (sd15, tiny-shapes) or a diffusers-format folder")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None)
@@ -91,7 +96,8 @@ def save_atomically(image, path: str) -> None:
 
 
 def run(args) -> int:
-    from fastdiff.pipeline import Limits, ModelFacts, Pipeline, check_args, check_request
+    from fastdiff.editing import read_image
+    from fastdiff.pipeline import Limits, ModelFacts, Pipeline, check_args, check_request, read_edit
     from fastdiff.weights import resolve_model
 
     check_args(
@@ -99,9 +105,13 @@ def run(args) -> int:
         args.scheduler, args.num_images, "pil", args.seed,
     )
     paths = check_output(args.output, args.num_images)
+    image = read_image("--image", args.image) if args.image is not None else None  # unreadable files named here
+    mask = read_image("--mask", args.mask) if args.mask is not None else None
     model = resolve_model(args.model)
-    check_request(ModelFacts.read(model), Limits.from_env(), args.steps, args.height, args.width, args.scheduler,
-                  args.num_images)  # fmt: skip
+    facts = ModelFacts.read(model)
+    edit = read_edit(facts, image, mask, args.strength, args.height, args.width)
+    check_request(facts, Limits.from_env(), args.steps, args.height, args.width, args.scheduler, args.num_images,
+                  edit=edit)  # fmt: skip
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(model, backend=args.backend, device=args.device, dtype=args.dtype)
     load_s = time.perf_counter() - t0
@@ -116,6 +126,9 @@ def run(args) -> int:
         scheduler=args.scheduler,
         num_images=args.num_images,
         output_type="pil",
+        image=image,
+        mask_image=mask,
+        strength=args.strength,
         timed=True,
     )
     images = result.images if isinstance(result.images, list) else [result.images]
@@ -125,6 +138,8 @@ def run(args) -> int:
     print(f"model        {pipe.facts.model_name} ({pipe.backend.name}, {pipe.device}, {str(pipe.dtype).replace('torch.', '')})")
     print(f"load         {load_s:8.3f} s")
     print(f"text encoder {t['text_encoder']:8.3f} s")
+    if "vae_encode" in t:
+        print(f"vae encode   {t['vae_encode']:8.3f} s")
     print(f"denoise      {t['denoise']:8.3f} s  ({t['unet_step'] * 1000:.1f} ms per UNet step)")
     print(f"vae decode   {t['vae_decode']:8.3f} s")
     print(f"end to end   {t['end_to_end']:8.3f} s")

@@ -35,18 +35,54 @@ ERRORS = [
     (["x", "--steps", "1000", "--scheduler", "ddim"], 2, "steps=1000", True),
     (["x", "--model", "no-such-model"], 2, "no-such-model", True),
     (["x", "--guidance-scale", "1e30", "--steps", "2"], 1, "NonFiniteError", False),
+    (["x", "--image", "no-such.png"], 2, "--image='no-such.png': no such file", True),
+    (["x", "--image", "bad.png"], 2, "--image='bad.png': not a readable image", True),
+    (["x", "--image", "in.png", "--mask", "bad.png"], 2, "--mask='bad.png': not a readable image", True),
+    (["x", "--mask", "in.png"], 2, "mask_image: inpainting needs the image too", True),
+    (["x", "--image", "in.png", "--strength", "0"], 2, "strength=0.0: must be a number in (0, 1]", True),
+    (["x", "--image", "in.png", "--mask", "black.png"], 2, "mask_image is all black", True),
 ]
+
+
+def _inputs(folder):
+    """Inputs for the default model (64x64 px): in.png (a red square on grey), mask.png (white box on its right half), black.png, bad.png."""
+    img = Image.new("RGB", (64, 64), (128, 128, 128))
+    img.paste((220, 30, 30), (10, 20, 34, 44))
+    img.save(folder / "in.png")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 8, 60, 56))
+    mask.save(folder / "mask.png")
+    Image.new("L", (64, 64), 0).save(folder / "black.png")
+    (folder / "bad.png").write_bytes(b"not an image")
 
 
 @pytest.mark.parametrize("args,status,names,early", ERRORS, ids=[" ".join(a[1:]) for a, *_ in ERRORS])
 def test_errors_are_one_line(tmp_path, args, status, names, early):
+    _inputs(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
     proc = cli(tmp_path, *args)
     assert proc.returncode == status, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and names in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert ("fastdiff: loaded" in proc.stderr) != early, proc.stderr
-    assert not list(tmp_path.glob("*.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["img2img", "inpaint"])
+def test_image_and_mask_files(tmp_path, mask):
+    """--image / --mask / --strength write the image generate() makes from the same files."""
+    _inputs(tmp_path)
+    extra = ["--mask", "mask.png"] if mask else []
+    proc = cli(tmp_path, "a blue circle", "-o", "out.png", "--steps", "4", "--seed", "3", "--image", "in.png",
+               "--strength", "0.9", *extra)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "vae encode" in proc.stdout
+    got = np.asarray(Image.open(tmp_path / "out.png"), dtype=np.int16)
+    edit = {"mask_image": str(tmp_path / "mask.png")} if mask else {}
+    want = fastdiff.generate("a blue circle", steps=4, seed=3, image=str(tmp_path / "in.png"), strength=0.9, **edit)
+    want = np.asarray(want, dtype=np.int16)
+    assert got.shape == want.shape == (64, 64, 3) and np.abs(got - want).max() <= 1
 
 
 def test_debug_shows_the_traceback(tmp_path):
