@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fastdiff import iospec, sd15
 
-FORMAT = 1  # bump when the export layout or its meaning changes
+FORMAT = 2  # bump when the export layout or its meaning changes (2: vae_encoder/ added)
 MANIFEST = "manifest.json"
 ATTENTION = ("mha", "plain")
 
@@ -31,7 +31,8 @@ class Shapes:
     """Fixed sizes for a static export: `batch` images of `height` x `width` pixels.
 
     The text encoder and UNet are exported for 2 * batch rows (classifier-free guidance runs the
-    negative and positive prompts together), the VAE decoder for `batch`.
+    negative and positive prompts together), the VAE decoder and encoder for `batch` (img2img
+    encodes each init image once per call).
     """
 
     batch: int

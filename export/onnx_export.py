@@ -1,4 +1,4 @@
-"""Export fastdiff's text encoder, UNet and VAE decoder to ONNX, in Optimum's folder layout.
+"""Export fastdiff's text encoder, UNet, VAE decoder and VAE encoder to ONNX, in Optimum's folder layout.
 
 Exporter: torch.onnx.export(dynamo=True) with `dynamic_shapes`. The TorchScript exporter still
 exists in torch 2.13 and was faster on the SD1.5 UNet (79 s against 176 s here, same 2-core
@@ -18,7 +18,11 @@ onnxruntime's CPU provider the node made the UNet step faster (README, "Export a
 fp16: the modules are traced in half precision (time embedding angles stay float32 as the model
 computes them), then InstanceNormalization / LayerNormalization / Softmax nodes get Cast nodes so
 their statistics run in float32. A VAE whose config says `force_upcast` (SD1.5's does: it
-overflows in fp16) is exported in float32 inside, with float16 inputs and outputs.
+overflows in fp16) is exported in float32 inside, with float16 inputs and outputs (decoder and
+encoder alike).
+
+The VAE encoder outputs the Gaussian's moments, not a sample: the pipeline draws the sample with
+its own generator (`fastdiff.iospec` says why).
 
 Every export is checked (onnx.checker, then onnxruntime against the torch module on fresh
 inputs of a size other than the traced one) before `manifest.json` is written and the folder is
@@ -92,6 +96,19 @@ class VaeDecoderExport(nn.Module):
         return self.model.decode(latent_sample)
 
 
+class VaeEncoderExport(nn.Module):
+    """image in [-1, 1] -> latent_parameters: the Gaussian's mean, then its clamped logvar."""
+
+    def __init__(self, model: nn.Module, upcast: bool = False):
+        super().__init__()
+        self.model, self.upcast = model, upcast
+
+    def forward(self, sample):
+        mean, logvar = self.model.encode(sample.float() if self.upcast else sample)  # 2 x [B, latent, h, w]
+        moments = torch.cat([mean, logvar], dim=1)  # [B, 2 * latent, h, w]
+        return moments.to(sample.dtype) if self.upcast else moments  # fp16 I/O around a float32 encoder
+
+
 def wrap(name: str, module: nn.Module, configs: dict, precision: str) -> nn.Module:
     """The export wrapper of network `name`, in the precision it is traced in."""
     half = precision == "fp16"
@@ -102,7 +119,10 @@ def wrap(name: str, module: nn.Module, configs: dict, precision: str) -> nn.Modu
     if name == "unet":
         return UNetExport(module.half() if half else module).eval()
     upcast = half and bool(configs["vae"].get("force_upcast", True))
-    return VaeDecoderExport(module.half() if half and not upcast else module, upcast=upcast).eval()
+    vae = module.half() if half and not upcast else module
+    if name == "vae_encoder":
+        return VaeEncoderExport(vae, upcast=upcast).eval()
+    return VaeDecoderExport(vae, upcast=upcast).eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +130,8 @@ def wrap(name: str, module: nn.Module, configs: dict, precision: str) -> nn.Modu
 
 
 def load_networks(model_root: Path) -> dict[str, nn.Module]:
-    """fastdiff's three modules with the model's weights, float32 on the CPU, keyed by iospec name."""
+    """fastdiff's three modules with the model's weights, float32 on the CPU, keyed by iospec name
+    (the VAE under both vae_decoder and vae_encoder: one module, loaded once)."""
     from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
     from fastdiff.weights import find_weights, load_module
 
@@ -123,6 +144,7 @@ def load_networks(model_root: Path) -> dict[str, nn.Module]:
     ):
         sub = root / iospec.NETWORKS[name].source
         out[name] = load_module(cls, cfg.from_json(sub / "config.json"), find_weights(sub))
+    out["vae_encoder"] = out["vae_decoder"]
     return out
 
 
@@ -132,10 +154,12 @@ def random_networks(seed: int = 0) -> dict[str, nn.Module]:
 
     torch.manual_seed(seed)
     c = sd15.SD15_CONFIGS
+    vae = AutoencoderKL(VAEConfig.from_dict(c["vae"])).eval().requires_grad_(False)
     return {
         "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(c["text_encoder"])).eval().requires_grad_(False),
         "unet": UNet2DConditionModel(UNetConfig.from_dict(c["unet"])).eval().requires_grad_(False),
-        "vae_decoder": AutoencoderKL(VAEConfig.from_dict(c["vae"])).eval().requires_grad_(False),
+        "vae_decoder": vae,
+        "vae_encoder": vae,
     }
 
 
@@ -168,14 +192,16 @@ def check_size(configs: dict, options: ExportOptions) -> tuple[int, int, int]:
 
 
 def batch_for(name: str, batch: int, options: ExportOptions) -> int:
-    """Rows of network `name` for `batch` images: text encoder and UNet see CFG's 2x in static exports."""
-    return 2 * batch if options.static and name != "vae_decoder" else batch
+    """Rows of network `name` for `batch` images: text encoder and UNet see CFG's 2x in static
+    exports; the VAE decoder and encoder one row per image."""
+    return 2 * batch if options.static and not iospec.NETWORKS[name].per_image else batch
 
 
 def dynamic_shapes(net: iospec.NetworkSpec, configs: dict) -> dict:
-    """torch.export Dims for the dynamic axes; UNet latent sides as multiples of `latent_multiple`,
-    so the traced graph is exact for every size it accepts."""
-    m = latent_multiple(configs)
+    """torch.export Dims for the dynamic axes; UNet latent sides as multiples of `latent_multiple`
+    and image sides (the VAE encoder's input) as multiples of the VAE's scale factor, so the traced
+    graph is exact for every size it accepts."""
+    m, f = latent_multiple(configs), iospec.vae_scale_factor(configs["vae"])
     batch = torch.export.Dim("batch", min=1, max=4096)
     sides = {}
     for axis in ("latent_height", "latent_width"):
@@ -183,6 +209,8 @@ def dynamic_shapes(net: iospec.NetworkSpec, configs: dict) -> dict:
             sides[axis] = m * torch.export.Dim(f"{axis}_blocks", min=1, max=4096 // m)
         else:
             sides[axis] = torch.export.Dim(axis, min=1, max=4096)
+    for axis in ("height", "width"):
+        sides[axis] = f * torch.export.Dim(f"{axis}_cells", min=1, max=4096)
     out = {}
     for t in net.inputs:
         axes = {i: batch if s == "batch" else sides[s] for i, s in enumerate(t.shape) if s in iospec.DYNAMIC}
@@ -396,7 +424,7 @@ def model_index(source: dict) -> dict:
     index["_class_name"] = "OnnxStableDiffusionPipeline"
     for name in iospec.NETWORKS:
         index[name] = ["diffusers", "OnnxRuntimeModel"]
-    index.update(vae_encoder=[None, None], safety_checker=[None, None], feature_extractor=[None, None])
+    index.update(safety_checker=[None, None], feature_extractor=[None, None])
     index["requires_safety_checker"] = False
     return index
 

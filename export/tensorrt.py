@@ -6,7 +6,7 @@ precisions the ONNX graph states: fp16 everywhere except the float32 islands aro
 and softmax (and a VAE exported with `force_upcast`). They are stored beside the ONNX files:
 
     <export>/tensorrt/<gpu>-trt<version>/timing.cache
-    <export>/tensorrt/<gpu>-trt<version>/<profile key>/{text_encoder,unet,vae_decoder}.plan, engines.json
+    <export>/tensorrt/<gpu>-trt<version>/<profile key>/{text_encoder,unet,vae_decoder,vae_encoder}.plan, engines.json
 
 keyed by GPU name + TensorRT version (an engine only runs where it was built) and, per profile,
 by the ONNX files' sha256 and the shapes. `engines.json` is written last, as the export's
@@ -60,7 +60,8 @@ class Profile:
     """Optimisation profile in images: (batch, height, width) at min / opt / max.
 
     The text encoder and UNet take up to 2 * batch rows (classifier-free guidance); their min is
-    1 row so guidance-free runs fit too. min == opt == max is a static profile.
+    1 row so guidance-free runs fit too. The VAE decoder and encoder take `batch` rows. min == opt
+    == max is a static profile.
     """
 
     min: tuple[int, int, int]
@@ -81,7 +82,7 @@ class Profile:
     def shapes(self, net: iospec.NetworkSpec, configs: dict) -> dict[str, tuple[tuple[int, ...], ...]]:
         """{input name: (min shape, opt shape, max shape)} for network `net`."""
         out = {}
-        cfg_rows = net.name != "vae_decoder"
+        cfg_rows = not net.per_image
         for which in ("min", "opt", "max"):
             b, h, w = getattr(self, which)
             rows = 2 * b if cfg_rows and (which != "min" or self.static) else b
@@ -131,7 +132,7 @@ def find_engines(export_dir: Path, profile: Profile) -> Path | None:
 
 
 def build_engines(export_dir: Path, profile: Profile) -> Path:
-    """Build (or reuse) the three engines for `profile`; returns their folder."""
+    """Build (or reuse) an engine per exported network for `profile`; returns their folder."""
     trt = require_tensorrt()
     export_dir = Path(export_dir)
     manifest = cache.read_manifest(export_dir) or {}

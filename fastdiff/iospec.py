@@ -1,10 +1,18 @@
 """The I/O spec of each exported network: names, dtypes and axes, in one place.
 
 Export, the onnxruntime / TensorRT backends and the benchmarks all read it. Names follow Hugging
-Face Optimum's Stable Diffusion ONNX layout (`text_encoder/`, `unet/`, `vae_decoder/`), so an
-export also opens with Optimum's ORTStableDiffusionPipeline and diffusers' OnnxStableDiffusionPipeline:
-both feed int32 `input_ids` and a float32 `timestep` of shape [1] (they read the timestep dtype from
-the session; float keeps the fractional timesteps of the Euler / Karras schedules exact).
+Face Optimum's Stable Diffusion ONNX layout (`text_encoder/`, `unet/`, `vae_decoder/`,
+`vae_encoder/`), so an export also opens with Optimum's ORTStableDiffusionPipeline and diffusers'
+OnnxStableDiffusionPipeline: both feed int32 `input_ids` and a float32 `timestep` of shape [1] (they
+read the timestep dtype from the session; float keeps the fractional timesteps of the Euler /
+Karras schedules exact).
+
+The VAE encoder outputs the latent Gaussian's moments, `latent_parameters` [B, 2 * latent, h, w]
+(mean, then logvar clamped to [-30, 20]), as Optimum's VaeEncoderOnnxConfig does; Optimum's
+pipelines rebuild diffusers' DiagonalGaussianDistribution from them (its clamp is the same). Not
+diffusers' older `latent_sample`, a latent sampled inside the graph (what its
+OnnxStableDiffusionImg2ImgPipeline reads, so that pipeline cannot use this encoder): img2img must
+draw the sample from the caller's generator, exactly as `latent_dist.sample(generator)` does.
 
 A shape is a tuple of axis symbols. `dims()` gives every symbol its size for a model (from its
 config dicts) and a batch / image size; `DYNAMIC` lists the symbols left free in a dynamic export.
@@ -39,10 +47,11 @@ class TensorSpec:
 class NetworkSpec:
     """One exported network: its folder in the export, the diffusers folder it comes from, its I/O."""
 
-    name: str  # subfolder in the export: text_encoder / unet / vae_decoder
+    name: str  # subfolder in the export: text_encoder / unet / vae_decoder / vae_encoder
     source: str  # subfolder of the diffusers model it is exported from
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    per_image: bool = False  # one row per image (the VAE); the text encoder and UNet see CFG's 2x rows
 
     @property
     def tensors(self) -> tuple[TensorSpec, ...]:
@@ -81,8 +90,17 @@ VAE_DECODER = NetworkSpec(
     source="vae",
     inputs=(TensorSpec("latent_sample", "float", ("batch", "latent_channels", "latent_height", "latent_width")),),
     outputs=(TensorSpec("sample", "float", ("batch", "image_channels", "height", "width")),),
+    per_image=True,
 )
-NETWORKS: dict[str, NetworkSpec] = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER)}
+VAE_ENCODER = NetworkSpec(
+    name="vae_encoder",
+    source="vae",
+    inputs=(TensorSpec("sample", "float", ("batch", "image_in_channels", "height", "width")),),
+    outputs=(TensorSpec("latent_parameters", "float", ("batch", "latent_moments", "latent_height", "latent_width")),),
+    per_image=True,  # img2img encodes each init image once per call
+)
+# Export order; the VAE encoder last, so the first three keep the order they always had.
+NETWORKS: dict[str, NetworkSpec] = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
 
 
 def vae_scale_factor(vae_config: dict) -> int:
@@ -107,7 +125,9 @@ def dims(configs: dict[str, dict], batch: int, height: int, width: int) -> dict[
         "unet_out_channels": unet.get("out_channels", 4),
         "context_dim": cross if isinstance(cross, int) else cross[0],
         "latent_channels": vae.get("latent_channels", 4),
+        "latent_moments": 2 * vae.get("latent_channels", 4),  # mean and logvar, stacked on the channel axis
         "image_channels": vae.get("out_channels", 3),
+        "image_in_channels": vae.get("in_channels", 3),
         "latent_height": height // f,
         "latent_width": width // f,
         "height": height,

@@ -73,6 +73,24 @@ def test_vae_decoder_matches_diffusers(exported):
     assert np.abs(got - expected).max() <= 1e-4
 
 
+def test_vae_encoder_matches_diffusers(exported):
+    """latent_parameters are what Optimum's pipelines take: diffusers' DiagonalGaussianDistribution
+    built from them has the mean and logvar of diffusers' own encode()."""
+    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    folder, out, _ = exported
+    ref = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    image = torch.rand(B, 3, H, W) * 2 - 1
+    with torch.no_grad():
+        expected = ref.encode(image).latent_dist
+    got = _session(out / "vae_encoder" / "model.onnx").run(["latent_parameters"], {"sample": image.numpy()})[0]
+    assert got.shape == (B, 8, H // 2, W // 2)
+    dist = DiagonalGaussianDistribution(torch.from_numpy(got))
+    assert (dist.mean - expected.mean).abs().max() <= 1e-4
+    assert (dist.logvar - expected.logvar).abs().max() <= 1e-4
+
+
 def test_text_encoder_matches_transformers(exported):
     from transformers import CLIPTextModel
 
@@ -115,7 +133,7 @@ def test_attention_is_multihead_node(exported):
     unet = ox.load_networks(folder)["unet"]
     ops = {n: [x.op_type for x in onnx.load(str(out / n / "model.onnx")).graph.node] for n in iospec.NETWORKS}
     assert ops["unet"].count("MultiHeadAttention") == sum(isinstance(m, Attention) for m in unet.modules()) > 0
-    assert ops["vae_decoder"].count("MultiHeadAttention") == 1
+    assert ops["vae_decoder"].count("MultiHeadAttention") == ops["vae_encoder"].count("MultiHeadAttention") == 1
     assert "MultiHeadAttention" not in ops["text_encoder"] and "Softmax" in ops["text_encoder"]
     assert "Softmax" not in ops["unet"]
 
@@ -128,7 +146,8 @@ def test_layout_and_manifest(exported):
     assert (out / "tokenizer" / "vocab.json").is_file() or (out / "tokenizer" / "tokenizer.json").is_file()
     assert (out / "scheduler" / "scheduler_config.json").is_file()
     index = json.loads((out / "model_index.json").read_text())
-    assert index["unet"] == index["vae_decoder"] == ["diffusers", "OnnxRuntimeModel"] and "vae" not in index
+    assert index["unet"] == index["vae_decoder"] == index["vae_encoder"] == ["diffusers", "OnnxRuntimeModel"]
+    assert "vae" not in index
 
     m = cache.read_manifest(out)
     assert m["key"] == cache.export_key(cache.source_hash(folder), cache.ExportOptions())
@@ -140,6 +159,33 @@ def test_layout_and_manifest(exported):
     assert set(m["networks"]) == set(iospec.NETWORKS)
     assert all(0 <= n["max_abs_err"] <= 1e-4 for n in m["networks"].values())
     assert m["io"]["unet"]["sample"]["shape"] == ["batch", 4, "latent_height", "latent_width"]
+    assert m["io"]["vae_encoder"] == {
+        "sample": {"dtype": "float32", "shape": ["batch", 3, "height", "width"]},
+        "latent_parameters": {"dtype": "float32", "shape": ["batch", 8, "latent_height", "latent_width"]},
+    }
+
+
+def test_export_without_the_encoder_is_rebuilt(exported, fresh_root, fake_trace):
+    """A folder made before the VAE encoder was exported (manifest format 1, no vae_encoder/) is
+    not valid, nor is one whose manifest lacks the encoder: both are rebuilt with it."""
+    folder = exported[0]
+    dst = _copy_to(exported, fresh_root)
+    m = cache.read_manifest(dst)
+    old = dict(m, format=1)
+    cache.write_manifest(dst, old)
+    ok, why = cache.validate(dst, m["key"])
+    assert not ok and "format 1" in why
+
+    shutil.rmtree(dst / "vae_encoder")
+    lacking = dict(m, files={k: v for k, v in m["files"].items() if not k.startswith("vae_encoder/")})
+    cache.write_manifest(dst, lacking)
+    ok, why = cache.validate(dst, m["key"])
+    assert not ok and why == "manifest lacks vae_encoder/model.onnx"
+    assert find_export(folder, "fp32") is None
+
+    assert ox.export(folder) == dst
+    assert fake_trace == list(iospec.NETWORKS) and "vae_encoder" in fake_trace
+    assert cache.validate(dst, m["key"])[0] and (dst / "vae_encoder" / "model.onnx").is_file()
 
 
 def test_find_export(exported, cache_root):
@@ -185,6 +231,25 @@ def test_fp16_static_export(exported, fresh_root):
     m = cache.read_manifest(out)
     assert m["io"]["unet"]["sample"] == {"dtype": "float16", "shape": [2, 4, 16, 24]}
     assert m["io"]["vae_decoder"]["latent_sample"]["shape"] == [1, 4, 16, 24]
+    # the encoder sees each image once (no CFG rows); fp16 in and out, moments as float32 from the backend
+    assert m["io"]["vae_encoder"]["sample"] == {"dtype": "float16", "shape": [1, 3, 32, 48]}
+    _encoder_matches_torch_backend(folder, out, torch.float16, batch=1, height=32, width=48, tol=2e-2)
+
+
+def _encoder_matches_torch_backend(folder, out, dtype, *, batch, height, width, tol):
+    """The onnxruntime backend's encode_image on export `out` against the float32 torch backend's,
+    on a fresh image: float32 (mean, logvar) on the CPU, within `tol` x max(1, max |reference|)."""
+    from fastdiff.backends.ort_backend import OnnxRuntimeBackend
+    from fastdiff.backends.torch_backend import TorchBackend
+
+    cpu = torch.device("cpu")
+    image = torch.rand(batch, 3, height, width) * 2 - 1
+    expected = TorchBackend(folder, device=cpu, dtype=torch.float32).encode_image(image)
+    got = OnnxRuntimeBackend(out, device=cpu, dtype=dtype).encode_image(image)
+    for what, a, b in zip(("mean", "logvar"), got, expected):
+        assert a.dtype == torch.float32 and a.device == cpu and a.shape == b.shape == (batch, 4, height // 2, width // 2)
+        err = (a - b).abs().max().item()
+        assert err <= tol * max(1.0, b.abs().max().item()), f"{what}: max abs {err:.2e}"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The openvino backend: whole pipelines against the torch backend at float32 (every scheduler,
-batch 2, negative prompts, non-square), bf16 where the CPU runs it, a damaged export rebuilt,
-and its errors for devices and dtypes it does not run."""
+"""The openvino backend: whole pipelines and the VAE encoder against the torch backend at float32
+(every scheduler, batch 2, negative prompts, non-square), bf16 where the CPU runs it, a damaged
+export rebuilt, and its errors for devices and dtypes it does not run."""
 
 from __future__ import annotations
 
@@ -64,6 +64,35 @@ def test_bf16_stays_near_float32(exported, pipes, monkeypatch):
     print(f"openvino bf16 vs float32: mean {err.mean():.2e}, max {err.max():.2e}")
     # about 3x what an AMX Xeon measured (benchmarks/NOTES-cpu.md, "Tests on the AMX machine")
     assert err.mean() <= 1e-2 and err.max() <= 6e-2, f"seed {seed}: mean {err.mean():.2e}, max {err.max():.2e}"
+
+
+def _encode_both(ref, backend):
+    """(torch backend's, `backend`'s) (mean, logvar) of one fresh image: batch 2, non-square."""
+    image = torch.rand(2, 3, 64, 96) * 2 - 1
+    return ref.backend.encode_image(image), backend.encode_image(image)
+
+
+def test_encode_image_matches_torch_backend(pipes):
+    ref, ours = pipes
+    assert ours.backend.encodes_images
+    for what, a, b in zip(("mean", "logvar"), *_encode_both(ref, ours.backend)):
+        assert b.dtype == torch.float32 and b.device.type == "cpu" and a.shape == b.shape == (2, 4, 32, 48)
+        err = (a - b).abs().max().item()
+        assert err <= 1e-4, f"{what}: max abs {err:.2e}"
+
+
+@pytest.mark.skipif(not precision.cpu_runs_fast(torch.bfloat16), reason="this CPU has no AMX-BF16/AVX512-BF16")
+def test_bf16_encode_image_stays_near_float32(exported, pipes):
+    """bf16 compiles the same encoder: (mean, logvar) stay float32 and near the torch backend's
+    (about 3x the error measured on a bf16 CPU: mean 2.8e-3, max 2.3e-2 on this tiny model)."""
+    from fastdiff.backends.openvino_backend import OpenVINOBackend
+
+    ref, _ = pipes
+    bf16 = OpenVINOBackend(exported[1], device=torch.device("cpu"), dtype=torch.bfloat16)
+    for what, a, b in zip(("mean", "logvar"), *_encode_both(ref, bf16)):
+        assert b.dtype == torch.float32 and a.shape == b.shape == (2, 4, 32, 48)
+        err = (a - b).abs()
+        assert err.mean() <= 1e-2 and err.max() <= 6e-2, f"{what}: mean {err.mean():.2e}, max {err.max():.2e}"
 
 
 def test_damaged_export_is_rebuilt(exported, tmp_path, monkeypatch):

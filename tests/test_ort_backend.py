@@ -1,5 +1,6 @@
-"""The onnxruntime backend: whole pipelines against the torch backend, backend selection
-(`onnxruntime`, `auto`), size errors, and diffusers' own ONNX pipeline opening our export."""
+"""The onnxruntime backend: whole pipelines and the VAE encoder against the torch backend,
+backend selection (`onnxruntime`, `auto`), size errors, and diffusers' own ONNX pipeline opening
+our export."""
 
 from __future__ import annotations
 
@@ -52,6 +53,22 @@ def test_backend_calls_return_torch_tensors(pipes):
     assert eps.shape == (2, 4, 8, 12) and eps.device.type == "cpu"
     img = b.decode(torch.randn(1, 4, 8, 12))
     assert img.shape == (1, 3, 16, 24)
+
+
+def test_encode_image_matches_torch_backend(pipes):
+    """The exported VAE encoder gives the torch backend's (mean, logvar): float32, on the CPU,
+    batch 2, a non-square size other than the traced and checked ones."""
+    ref, ours = pipes
+    assert ours.backend.encodes_images
+    image = torch.rand(2, 3, 64, 96) * 2 - 1
+    expected = ref.backend.encode_image(image)
+    got = ours.backend.encode_image(image)
+    for what, a, b in zip(("mean", "logvar"), got, expected):
+        assert a.dtype == torch.float32 and a.device.type == "cpu" and a.shape == b.shape == (2, 4, 32, 48)
+        err = (a - b).abs().max().item()
+        assert err <= 1e-4, f"{what}: max abs {err:.2e}"
+    with pytest.raises(ValueError, match="height=63, width=96: must be multiples of 2"):
+        ours.backend.encode_image(torch.zeros(1, 3, 63, 96))
 
 
 def test_unet_size_the_graph_cannot_take_is_a_clear_error(pipes):

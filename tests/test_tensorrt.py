@@ -57,6 +57,8 @@ def test_profile_shapes():
     assert unet["encoder_hidden_states"] == ((1, 77, 768), (4, 77, 768), (8, 77, 768))
     assert dyn.shapes(iospec.VAE_DECODER, configs)["latent_sample"] == ((1, 4, 32, 32), (2, 4, 64, 96), (4, 4, 128, 128))
     assert dyn.shapes(iospec.TEXT_ENCODER, configs)["input_ids"] == ((1, 77), (4, 77), (8, 77))
+    # img2img encodes each image once: one row per image, image-sized input
+    assert dyn.shapes(iospec.VAE_ENCODER, configs)["sample"] == ((1, 3, 256, 256), (2, 3, 512, 768), (4, 3, 1024, 1024))
 
     static = trt_export.Profile.for_request(1, 512, 512, static=True)
     assert static.static
@@ -87,7 +89,7 @@ def test_engines_match_torch(tmp_path, monkeypatch):
     configs = read_configs(folder)
     for name in iospec.NETWORKS:
         net = iospec.NETWORKS[name]
-        rows = 2 if name != "vae_decoder" else 1
+        rows = 1 if net.per_image else 2
         inputs = iospec.sample_inputs(net, configs, batch=rows, height=32, width=48)
         with torch.no_grad():
             ref = ox.wrap(name, nets[name], configs, "fp32")(**inputs)
@@ -97,8 +99,10 @@ def test_engines_match_torch(tmp_path, monkeypatch):
         elif name == "unet":
             got = backend.unet(inputs["sample"], inputs["timestep"][0], inputs["encoder_hidden_states"])
             got = backend.unet(inputs["sample"], inputs["timestep"][0], inputs["encoder_hidden_states"])  # graph replay
-        else:
+        elif name == "vae_decoder":
             got = backend.decode(inputs["latent_sample"])
+        else:
+            got = torch.cat(backend.encode_image(inputs["sample"]), dim=1)  # [B, 2 * latent, h, w], as latent_parameters
         err = np.abs(got.float().cpu().numpy() - ref).max()
         assert err <= 3e-2 * max(1.0, np.abs(ref).max()), f"{name}: {err}"
     manifest = json.loads((engines / "engines.json").read_text())

@@ -27,11 +27,12 @@ HINTS = {torch.float32: "f32", torch.bfloat16: "bf16"}  # INFERENCE_PRECISION_HI
 
 
 class OpenVINOBackend(Backend):
-    """The three networks compiled by OpenVINO's CPU plugin from the model's ONNX export."""
+    """The four exported networks compiled by OpenVINO's CPU plugin from the model's ONNX export."""
 
     name = "openvino"
     device_types = ("cpu",)
     dtypes = (torch.float32, torch.bfloat16)
+    encodes_images = True
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:
@@ -75,6 +76,13 @@ class OpenVINOBackend(Backend):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run("vae_decoder", {"latent_sample": latents})
+
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # ValueError unless the sides are multiples of the VAE's scale factor (the graph would floor them)
+        iospec.dims(self.configs, image.shape[0], image.shape[-2], image.shape[-1])
+        moments = self._run("vae_encoder", {"sample": image})  # [B, 2 * latent, h, w], float32
+        mean, logvar = moments.chunk(2, dim=1)  # 2 x [B, latent, h, w]
+        return mean, logvar
 
     # ------------------------------------------------------------------------------------------
     def _run(self, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

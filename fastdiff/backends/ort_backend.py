@@ -55,10 +55,11 @@ def cached_or_new_export(root: Path, dtype: torch.dtype, *, attention: str) -> P
 
 
 class OnnxRuntimeBackend(Backend):
-    """The three networks on onnxruntime sessions, from an export of the model."""
+    """The four exported networks on onnxruntime sessions, from an export of the model."""
 
     name = "onnxruntime"
     dtypes = (torch.float32, torch.float16)
+    encodes_images = True
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:
@@ -112,6 +113,13 @@ class OnnxRuntimeBackend(Backend):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run("vae_decoder", {"latent_sample": latents})[0]
 
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # ValueError unless the sides are multiples of the VAE's scale factor (the graph would floor them)
+        iospec.dims(self.configs, image.shape[0], image.shape[-2], image.shape[-1])
+        moments = self._run("vae_encoder", {"sample": image})[0].float()  # [B, 2 * latent, h, w]
+        mean, logvar = moments.chunk(2, dim=1)  # 2 x [B, latent, h, w]
+        return mean, logvar
+
     # ------------------------------------------------------------------------------------------
     def _run(self, name: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         net = iospec.NETWORKS[name]
@@ -136,10 +144,13 @@ class OnnxRuntimeBackend(Backend):
         return outs
 
     def _dims(self, name: str, feed: dict[str, torch.Tensor]) -> dict[str, int]:
-        """iospec axis sizes for the inputs given (batch from dim 0, image size from the latents)."""
+        """iospec axis sizes for the inputs given (batch from dim 0, image size from the latents,
+        or from the image itself for the VAE encoder)."""
         f = iospec.vae_scale_factor(self.configs["vae"])
         first = next(iter(feed.values()))
         if name == "text_encoder":
             return iospec.dims(self.configs, first.shape[0], f, f)  # image size unused
         h, w = first.shape[-2:]
+        if name == "vae_encoder":
+            return iospec.dims(self.configs, first.shape[0], h, w)
         return iospec.dims(self.configs, first.shape[0], h * f, w * f)

@@ -96,11 +96,12 @@ def _numel(shape) -> int:
 
 
 class TensorRTBackend(Backend):
-    """The three networks on fp16 TensorRT engines built from an export of the model."""
+    """The four exported networks on fp16 TensorRT engines built from an export of the model."""
 
     name = "tensorrt"
     device_types = ("cuda",)
     dtypes = (torch.float16,)
+    encodes_images = True
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:
@@ -170,6 +171,15 @@ class TensorRTBackend(Backend):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         with self.lock:
             return self.engines["vae_decoder"]({"latent_sample": latents.to(self.device, self.dtype)})[0]
+
+    @torch.inference_mode()
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # ValueError unless the sides are multiples of the VAE's scale factor (the graph would floor them)
+        iospec.dims(self.configs, image.shape[0], image.shape[-2], image.shape[-1])
+        with self.lock:
+            moments = self.engines["vae_encoder"]({"sample": image.to(self.device, self.dtype)})[0]  # [B, 2C, h, w]
+        mean, logvar = moments.float().chunk(2, dim=1)  # 2 x [B, latent, h, w]
+        return mean, logvar
 
 
 def _default_profile(root: Path):
