@@ -3,9 +3,12 @@
     python benchmarks/latency.py                                   # small default model, all backends
     python benchmarks/latency.py --model sd15 --random-weights --height 256 --width 256 --steps 4
     python benchmarks/latency.py --gate benchmarks/gate.json --json out.json --report out/
+    python benchmarks/latency.py --strength 0.75                   # img2img, against StableDiffusionImg2ImgPipeline
 
 The reference is diffusers' StableDiffusionPipeline loaded from the same folder, on the same
-device and dtype, prompt, seed, scheduler and step count. Runs are interleaved (ref, backend 1,
+device and dtype, prompt, seed, scheduler and step count (with --strength: its
+StableDiffusionImg2ImgPipeline on the same input image; the steps run are the last
+int(steps * strength)). Runs are interleaved (ref, backend 1,
 backend 2, ref, ...) after warm-up, so drift of the machine hits every runner alike, and each
 speed-up is taken pair by pair (the ratio of repeat r to repeat r) before the median.
 
@@ -81,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="dpmpp_2m", choices=schedulers.NAMES)
     p.add_argument("--batch", type=int, default=1, help="images per call (the prompt repeated)")
     p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img from a fixed input image (input_image()) at this strength, in (0, 1]")
     p.add_argument("--prompt", default="a small red circle on the left on a blue background")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backends", default=None,
@@ -105,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--random-weights goes with --model sd15")
     if args.repeats < 1 or args.warmup < 0 or args.steps < 1 or args.batch < 1:
         p.error("--repeats, --steps and --batch must be >= 1, --warmup >= 0")
+    if args.strength is not None and not (0 < args.strength <= 1 and int(args.steps * args.strength) >= 1):
+        p.error("--strength must be in (0, 1] and leave int(steps * strength) >= 1 steps")
     return args
 
 
@@ -140,6 +147,23 @@ def image_size(folder: Path, height: int | None, width: int | None) -> tuple[int
     return height or side, width or side
 
 
+def input_image(height: int, width: int):
+    """img2img's input: a large red disc on a grey-blue gradient, the same for every runner."""
+    from PIL import Image, ImageDraw
+
+    y, x = np.mgrid[0:height, 0:width]
+    bg = np.stack([100 + 60 * x / width, 110 + 40 * y / height, 170 - 50 * x / width], axis=-1)  # [H, W, 3]
+    image = Image.fromarray(bg.round().astype(np.uint8))
+    r = min(height, width) * 0.3
+    ImageDraw.Draw(image).ellipse((width / 2 - r, height / 2 - r, width / 2 + r, height / 2 + r), fill=(220, 30, 30))
+    return image
+
+
+def edit_args(args) -> dict:
+    """What img2img adds to a call (nothing without --strength)."""
+    return {} if args.strength is None else {"image": input_image(args.height, args.width), "strength": args.strength}
+
+
 # ----------------------------------------------------------------------------------------------
 # runners: each call returns (images [N, H, W, 3] float32 in [0, 1], {stage: seconds})
 
@@ -158,7 +182,8 @@ class DiffusersRunner:
         import diffusers
 
         self.args, self.device, self.dtype = args, device, dtype
-        self.pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, dtype=dtype).to(device)
+        kind = diffusers.StableDiffusionPipeline if args.strength is None else diffusers.StableDiffusionImg2ImgPipeline
+        self.pipe = kind.from_pretrained(folder, dtype=dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         entry = schedulers.REGISTRY[args.scheduler]
         self.pipe.scheduler = getattr(diffusers, entry.diffusers_class).from_config(
@@ -196,14 +221,15 @@ class DiffusersRunner:
         self.events, self.unet_calls = [], 0
         _sync(self.device)
         t0 = time.perf_counter()
+        size = {"height": a.height, "width": a.width} if a.strength is None else {}  # img2img: the image's size
         images = self.pipe(
             prompt=[a.prompt] * a.batch,
             num_inference_steps=a.steps,
             guidance_scale=a.guidance_scale,
-            height=a.height,
-            width=a.width,
             generator=torch.Generator("cpu").manual_seed(a.seed),
             output_type="np",
+            **size,
+            **edit_args(a),
         ).images
         _sync(self.device)
         t1 = time.perf_counter()
@@ -276,6 +302,7 @@ class FastdiffRunner:
             scheduler=a.scheduler,
             output_type="np",
             timed=True,
+            **edit_args(a),
         )
         _sync(self.device)
         times = {s: float(result.timings[s]) for s in STAGES if s != "end_to_end"}
@@ -300,6 +327,9 @@ def load_runners(folder: Path, args, device, dtype):
         if not explicit and device.type not in types:
             skipped[name] = f"runs on {' or '.join(types)}, not {device.type}"
             continue
+        if not explicit and args.strength is not None and backend != "auto" and not backend_class(backend).encodes_images:
+            skipped[name] = "no VAE encoder (img2img)"
+            continue
         try:
             runners.append(FastdiffRunner(name, folder, args, device, dtype))
         except (NotImplementedError, ImportError) as e:
@@ -315,6 +345,11 @@ def peers(folder: Path, args, device, skipped: dict) -> list:
     from fastdiff import precision
 
     if args.peers == "none" or (args.peers == "auto" and device.type != "cpu"):
+        return []
+    if args.strength is not None:
+        if args.peers != "auto":
+            raise ValueError("--peers: the OpenVINO peer runs text to image only; use --peers none with --strength")
+        skipped[PEER] = "text to image only (no img2img runner)"
         return []
     wanted = args.peers.split(",") if args.peers != "auto" else ["fp32", "bf16"]
     try:
