@@ -577,7 +577,8 @@ def format_table(res: dict) -> str:
     backends = [n for n in names if n != REF]
     lines = [
         f"model: {res['model']['description']}",
-        f"{s['height']}x{s['width']}, {s['steps']} steps {s['scheduler']}, batch {s['batch']}, guidance "
+        f"{s['height']}x{s['width']}, {s['steps']} steps {s['scheduler']}"
+        f"{'' if s.get('strength') is None else ' img2img at strength %g' % s['strength']}, batch {s['batch']}, guidance "
         f"{s['guidance_scale']}, {res['environment']['device']} {s['dtype']}, "
         f"{res['environment']['torch_threads']} threads ({res['environment']['gpu'] or res['environment']['cpu']}), "
         f"{s['repeats']} repeats interleaved after {s['warmup']} warm-up",

@@ -251,3 +251,16 @@ def test_profile_step_runs_on_cpu(tmp_path, capsys):
     if 2 % torch.get_num_threads() == 0:  # batch 2 fills the threads: ops' im2col path (thnn_conv2d)
         assert "aten::_slow_conv2d_forward" in names["auto"]
     assert "convolution" in capsys.readouterr().out
+
+
+def test_img2img_mode_runs_diffusers_img2img(folder, tmp_path):
+    """--strength: both sides start from the same input image; parity with diffusers'
+    StableDiffusionImg2ImgPipeline holds only if fastdiff really ran img2img at that strength."""
+    out = tmp_path / "img2img.json"
+    argv = _argv(folder, "--strength", "0.5", "--backends", "torch", "--peers", "none", "--repeats", "1", "--json", str(out))
+    argv[argv.index("--steps") + 1] = "4"  # 2 of the 4 steps run
+    assert latency.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert res["settings"]["strength"] == 0.5
+    assert res["parity"]["torch"]["max_abs"] <= 1e-4, res["parity"]
+    assert res["parity"]["torch"]["psnr_db"] > 60
