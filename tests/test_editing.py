@@ -1,8 +1,10 @@
 """img2img and inpainting against diffusers' StableDiffusionImg2ImgPipeline and
 StableDiffusionInpaintPipeline on the same folders, images, masks and seeds (CPU, fp32): every
 scheduler, strength 0.3 / 0.75 / 1.0, with and without negative prompts, batch 2, non-square;
-a 4-channel model (img2img, and inpainting by blending) and a 9-channel inpainting UNet. Then the
-input checks, each a ValueError naming the argument before any model work."""
+a 4-channel model (img2img, and inpainting by blending) and a 9-channel inpainting UNet; on the
+torch backend and on onnxruntime (its exports of both models: every scheduler and mode, the
+strengths taken in turn). Then the input checks, each a ValueError naming the argument before any
+model work."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ PROMPTS = ["a red circle on the left", "a photo of a cat, 4k, highly detailed"]
 NEGATIVES = ["blurry", "low quality, jpeg artifacts"]
 H, W = 32, 48  # non-square; the small VAEs downsample by 2
 STEPS = 6
-TOL = 1e-4  # as text to image (tests/test_pipeline.py)
+TOL = {"torch": 1e-4, "onnxruntime": 1e-3}  # as text to image (tests/test_pipeline.py, tests/test_ort_backend.py)
 
 
 def random_image(seed: int, h: int = H, w: int = W) -> Image.Image:
@@ -55,6 +57,15 @@ def ours(folders):
 
 
 @pytest.fixture(scope="module")
+def ours_ort(folders, tmp_path_factory):
+    """onnxruntime pipelines of both models, exported into a cache of this module's own."""
+    pytest.importorskip("onnxruntime")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDIFF_CACHE", str(tmp_path_factory.mktemp("editing-cache")))
+        return {k: Pipeline.from_pretrained(v, backend="onnxruntime", device="cpu") for k, v in folders.items()}
+
+
+@pytest.fixture(scope="module")
 def reference(folders):
     from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
@@ -77,11 +88,17 @@ def _diffusers_scheduler(name, config):
 
 
 MODES = [("img2img", "a"), ("inpaint", "a"), ("inpaint", "b9")]
+STRENGTHS = (0.3, 0.75, 1.0)
 CASES = [
     (mode, model, name, strength, (i + j) % 2 == 1)  # negative prompts on every other case
     for i, (mode, model) in enumerate(MODES)
     for j, name in enumerate(schedulers.NAMES)
-    for strength in (0.3, 0.75, 1.0)
+    for strength in STRENGTHS
+]
+ORT_CASES = [  # the loop is shared: onnxruntime adds its networks (9-channel UNet, encoder), so one strength per case
+    (mode, model, name, STRENGTHS[(i + j) % 3], j % 2 == 1)
+    for i, (mode, model) in enumerate(MODES)
+    for j, name in enumerate(schedulers.NAMES)
 ]
 
 
@@ -109,7 +126,8 @@ def _compare(ref, pipe, mode, *, seed, scheduler="dpmpp_2m", strength=0.75, nega
     n = (1 if isinstance(prompts, str) else len(prompts)) * num_images
     assert got.shape == expected.shape == (n, h, w, 3)
     err = np.abs(got - expected).max()
-    assert err <= TOL, f"{mode} {scheduler} strength {strength}, seed {seed}: max abs {err:.2e}"
+    tol = TOL[pipe.backend.name]
+    assert err <= tol, f"{pipe.backend.name} {mode} {scheduler} strength {strength}, seed {seed}: max abs {err:.2e}"
     assert expected.std() > 1e-3
     return got
 
@@ -118,6 +136,13 @@ def _compare(ref, pipe, mode, *, seed, scheduler="dpmpp_2m", strength=0.75, nega
 def test_matches_diffusers(reference, ours, mode, model, scheduler, strength, negative):
     seed = int(torch.randint(0, 2**31, ()).item())
     _compare(reference[mode, model], ours[model], mode, seed=seed, scheduler=scheduler, strength=strength, negative=negative)
+
+
+@pytest.mark.parametrize("mode,model,scheduler,strength,negative", ORT_CASES)
+def test_onnxruntime_matches_diffusers(reference, ours_ort, mode, model, scheduler, strength, negative):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    _compare(reference[mode, model], ours_ort[model], mode, seed=seed, scheduler=scheduler, strength=strength,
+             negative=negative)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode,model", MODES)
