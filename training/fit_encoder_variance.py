@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import shapes_data as shapes  # the sibling scripts: this folder is sys.path[0]
-from train_tiny_shapes import OUT, TrainConfig, lr_at
+from train_tiny_shapes import OUT, TrainConfig, lr_at, vae_loss
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 BATCH = 16
@@ -101,10 +101,7 @@ def fit(vae, images: torch.Tensor, steps: int, cfg: TrainConfig, gen: torch.Gene
         x = images[torch.randint(len(images), (BATCH,), generator=gen)]  # [B, 3, 64, 64]
         post = head(x)
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)  # [B, C, h, w]
-        y = vae.decode(z).sample
-        rec = F.mse_loss(y, x) + 0.1 * (y - x).abs().mean()
-        kl = post.kl().mean() / x[0].numel()
-        loss = rec + cfg.kl_weight * kl
+        loss, rec, kl = vae_loss(vae.decode(z).sample, x, post, cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

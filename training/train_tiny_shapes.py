@@ -158,6 +158,14 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         e.lerp_(p, 1 - decay)
 
 
+def vae_loss(y: torch.Tensor, x: torch.Tensor, post, kl_weight: float):
+    """(loss, reconstruction, KL per pixel): MSE + 0.1 L1 of the decoded `y` against `x`, plus the
+    weighted KL of the posterior `post` (flat colours need no GAN/LPIPS)."""
+    rec = F.mse_loss(y, x) + 0.1 * (y - x).abs().mean()
+    kl = post.kl().mean() / x[0].numel()
+    return rec + kl_weight * kl, rec, kl
+
+
 def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
     """Pixels in [-1, 1] -> reconstruct; MSE + L1 + tiny KL (flat colours need no GAN/LPIPS)."""
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -169,9 +177,7 @@ def train_vae(vae, images: torch.Tensor, cfg: TrainConfig, gen: torch.Generator)
         x = images[idx]  # whole images: crops shifted GroupNorm statistics (washed-out colours)
         post = vae.encode(x).latent_dist
         y = vae.decode(post.mean).sample  # the mean: sampling at init std 1 drowns the signal
-        rec = F.mse_loss(y, x) + 0.1 * (y - x).abs().mean()
-        kl = post.kl().mean() / x[0].numel()
-        loss = rec + cfg.kl_weight * kl
+        loss, rec, kl = vae_loss(y, x, post, cfg.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
