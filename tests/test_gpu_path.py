@@ -128,9 +128,15 @@ def test_graph_body_equals_eager_loop_cpu(folder, scheduler, monkeypatch):
     assert sorted(k[0] for k in graphed._calls) == ["text_encoder", "vae_decode"]  # through GraphedCall too
 
 
+IMAGE = np.random.default_rng(0).random((24, 16, 3)).astype(np.float32)  # img2img's input, [H, W, 3] in [0, 1]
+MASK = np.zeros((24, 16), np.float32)
+MASK[4:20, 8:] = 1.0  # repaint the right half
+
+
 def test_graph_body_never_stale_cpu(folder, monkeypatch):
-    """Size, steps, scheduler, guidance and batch changes between calls: each result equals the
-    eager loop's, and each new setting (but not guidance, a buffer) made a new GraphedStep."""
+    """Size, steps, scheduler, guidance, batch, img2img strength and inpainting changes between
+    calls: each result equals the eager loop's, and each new setting (but not guidance, a buffer)
+    made a new GraphedStep (two strengths: two truncated schedules, two graphs)."""
     graphed = _graph_body_on_cpu(Pipeline.from_pretrained(folder, backend="torch", device="cpu"), monkeypatch)
     eager = Pipeline.from_pretrained(folder, backend="torch", device="cpu")
     settings = [
@@ -142,6 +148,9 @@ def test_graph_body_never_stale_cpu(folder, monkeypatch):
         dict(prompt="x", height=24, width=16, steps=4, scheduler="euler_a", guidance_scale=1.0),
         dict(prompt=["x", "y"], height=24, width=16, steps=4, scheduler="euler_a", guidance_scale=2.0),
         dict(prompt="x", height=16, width=16, steps=3, scheduler="ddim", guidance_scale=7.5),
+        dict(prompt="x", steps=4, scheduler="euler_a", guidance_scale=2.0, image=IMAGE, strength=0.5),
+        dict(prompt="x", steps=4, scheduler="euler_a", guidance_scale=2.0, image=IMAGE, strength=0.75),
+        dict(prompt="x", steps=4, scheduler="euler_a", guidance_scale=2.0, image=IMAGE, mask_image=MASK, strength=0.75),
     ]
     keys = set()
     for kw in settings:
@@ -149,8 +158,8 @@ def test_graph_body_never_stale_cpu(folder, monkeypatch):
         b = eager.generate(seed=2, output_type="np", **kw)
         assert np.abs(a - b).max() <= 1e-5, kw
         keys |= set(graphed._graphs)
-    # 8 calls, 6 keys: guidance 7.5 -> 2.0 and the final repeat of the first setting share a key.
-    assert len(keys) == 6
+    # 11 calls, 9 keys: guidance 7.5 -> 2.0 and the repeat of the first setting share a key.
+    assert len(keys) == 9
 
 
 @cuda
@@ -178,6 +187,9 @@ def test_cuda_graph_never_stale(folder):
         dict(height=48, width=32, steps=7, scheduler="euler", guidance_scale=3.0),
         dict(height=48, width=32, steps=7, scheduler="euler", guidance_scale=1.0),
         dict(height=32, width=32, steps=4, scheduler="ddim", guidance_scale=7.5),
+        dict(steps=7, scheduler="euler", guidance_scale=7.5, image=IMAGE, strength=0.5),
+        dict(steps=7, scheduler="euler", guidance_scale=7.5, image=IMAGE, strength=0.8),
+        dict(steps=7, scheduler="euler", guidance_scale=7.5, image=IMAGE, mask_image=MASK, strength=0.8),
     ]
     for kw in settings:
         a = graphed.generate("a red circle", seed=2, output_type="np", **kw)
