@@ -115,11 +115,11 @@ def check_strength(strength, mode: str) -> float:
 
 
 def read_inputs(image, mask_image, strength, height: int | None, width: int | None, *, scale: int,
-                multiple: int) -> EditInputs | None:
+                multiple: int, max_pixels: int | None = None) -> EditInputs | None:
     """The image and mask of one call, read, sized and checked before any model work (None for
     text to image). The output size is the image's unless height / width are given (then the image
-    and mask are resized to it); either way it must be a multiple of `multiple` px. `scale`: the
-    VAE's pixels per latent cell."""
+    and mask are resized to it); either way it must be a multiple of `multiple` px and at most
+    `max_pixels` (checked before the pixels are converted). `scale`: the VAE's pixels per latent cell."""
     if image is None:
         if mask_image is not None:
             raise ValueError("mask_image: inpainting needs the image too (image=...)")
@@ -142,6 +142,9 @@ def read_inputs(image, mask_image, strength, height: int | None, width: int | No
             where = f"{side}={v}" if given is not None else f"image: its {side} {v} px"
             raise ValueError(f"{where} is not a multiple of {multiple} px (this model's and backend's size step); "
                              f"resize or crop the image, or give height= and width=")
+    if max_pixels is not None and out[0] * out[1] > max_pixels:
+        raise ValueError(f"image: {out[1]}x{out[0]} px is over the limit of {max_pixels} pixels per image; "
+                         "give a smaller height= and width= (or raise FASTDIFF_MAX_PIXELS)")
     x = to_tensor(picture, *out, grey=False) * 2 - 1  # [1, 3, H, W] in [-1, 1]
     m = small = None
     if mask is not None:

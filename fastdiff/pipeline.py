@@ -230,11 +230,14 @@ def check_request(facts: ModelFacts, limits: Limits, steps: int, height, width, 
     return height, width, sched
 
 
-def read_edit(facts: ModelFacts, image, mask_image, strength, height, width, backend: Backend | None = None):
-    """`editing.read_inputs` at this model's (and backend's) size step: None for text to image."""
+def read_edit(facts: ModelFacts, image, mask_image, strength, height, width, backend: Backend | None = None,
+              limits: Limits | None = None):
+    """`editing.read_inputs` at this model's (and backend's) size step and pixel limit: None for
+    text to image."""
     f = facts.vae_scale_factor
     multiple = f * (backend.latent_multiple if backend is not None else 1)
-    return editing.read_inputs(image, mask_image, strength, height, width, scale=f, multiple=multiple)
+    max_pixels = (limits or Limits.from_env()).max_pixels
+    return editing.read_inputs(image, mask_image, strength, height, width, scale=f, multiple=multiple, max_pixels=max_pixels)
 
 
 def _default_device() -> torch.device:
@@ -428,7 +431,7 @@ class Pipeline:
             prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type,
             seed, self.limits,
         )
-        edit = read_edit(self.facts, image, mask_image, strength, height, width, self.backend)
+        edit = read_edit(self.facts, image, mask_image, strength, height, width, self.backend, self.limits)
         n = len(prompts) * int(num_images)
         height, width, sched = check_request(
             self.facts, self.limits, steps, height, width, scheduler, n, self.backend, self.device, edit

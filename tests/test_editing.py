@@ -255,6 +255,7 @@ BAD = [
     (dict(image=np.zeros((H, W, 2), np.uint8)), r"image: a numpy image must be \[H, W\] or \[H, W, C\]"),
     (dict(image=np.full((H, W, 3), 2.0)), r"image: a float numpy image must hold values in \[0, 1\]"),
     (dict(image=[random_image(0)]), r"image: got a list"),
+    (dict(image=np.zeros((2048, 1024, 3), np.uint8)), r"image: 1024x2048 px is over the limit of 1048576 pixels"),
 ]
 
 
