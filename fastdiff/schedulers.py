@@ -1,4 +1,4 @@
-"""Samplers for SD1.5 (DDIM, PNDM/PLMS, Euler, Euler ancestral, DPM-Solver++ 2M), built for graph capture.
+"""Samplers for SD1.5 (DDIM, PNDM/PLMS, Euler, Euler ancestral, DPM-Solver++ 2M, LCM), built for graph capture.
 
 Each scheduler reproduces the timesteps and step outputs of the diffusers class of the same kind
 created with `from_config(scheduler_config.json)`, but is laid out differently: everything that
@@ -95,6 +95,9 @@ class SchedulerConfig:
     euler_at_final: bool | None = None
     lambda_min_clipped: float | None = None
     variance_type: str | None = None
+    # LCM
+    original_inference_steps: int | None = None
+    timestep_scaling: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "SchedulerConfig":
@@ -157,6 +160,8 @@ _OFF = dict(
     euler_at_final=False,
     lambda_min_clipped=-math.inf,
     variance_type=None,
+    original_inference_steps=50,
+    timestep_scaling=10.0,
 )
 
 
@@ -841,6 +846,81 @@ class DPMSolverPP2M(Scheduler):
 
 
 # ----------------------------------------------------------------------------------------------
+# LCM
+
+
+class LCM(Scheduler):
+    """Latent consistency model sampling (Luo et al. 2023), multistep: each step maps the sample to
+    the consistency function's output, denoised = c_out x0 + c_skip x (the boundary-condition
+    scalings at t), then re-noises it to the next timestep with fresh noise (none after the last).
+    For LCM-distilled UNets and LCM-LoRA: 2-8 steps at guidance 1-2.
+
+    Timesteps: `original_inference_steps` (50) evenly spaced training timesteps k - 1, 2k - 1, ...
+    (k = T // 50), of which `num_steps` are taken at evenly spaced indices, descending.
+    coef row: [p0, p1, c_out, c_skip, sqrt(alpha_bar_next), sqrt(1 - alpha_bar_next)] (the last
+    row [.., 1, 0]: no re-noising). `step` needs this step's standard normal `noise`.
+    """
+
+    name = "lcm"
+    diffusers_class = "LCMScheduler"
+    defaults = dict(
+        _COMMON,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        original_inference_steps=50,
+        clip_sample=False,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        thresholding=False,
+        timestep_spacing="leading",
+        timestep_scaling=10.0,
+        rescale_betas_zero_snr=False,
+    )
+    needs_noise = True
+
+    def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, start: int = 0):
+        super().__init__(config, num_steps, device=device, dtype=dtype, start=start)
+        cfg = self.config
+        if cfg.thresholding:
+            raise ValueError("lcm: thresholding=True is not supported (it is meant for pixel-space models)")
+        _require(cfg, "lcm", "prediction_type", ("epsilon", "v_prediction", "sample"))
+        T, original = cfg.num_train_timesteps, int(cfg.original_inference_steps)
+        if not 1 <= original <= T:
+            raise ValueError(f"lcm: original_inference_steps={original} must be in [1, num_train_timesteps={T}]")
+        if num_steps > original:
+            raise ValueError(f"steps={num_steps}: lcm supports 1 to {original} steps (original_inference_steps={original})")
+        ac = _alphas_cumprod(cfg).double().numpy()
+
+        # 1. Timesteps: the distillation schedule, num_steps of it at evenly spaced indices.
+        origin = (np.arange(1, original + 1) * (T // original) - 1)[::-1]
+        ts = origin[np.floor(np.linspace(0, original, num_steps, endpoint=False)).astype(np.int64)]
+        a_t = ac[ts]
+        a_next = np.append(ac[ts[1:]], 1.0)  # the last step is not re-noised: its row is [.., 1, 0]
+
+        # 2. x0 from the model output, then the boundary-condition scalings (sigma_data 0.5).
+        p0, p1, _, _ = _data_and_noise(cfg.prediction_type, np.sqrt(a_t), np.sqrt(1 - a_t), "lcm")
+        scaled = ts * float(cfg.timestep_scaling)
+        c_skip = 0.25 / (scaled**2 + 0.25)
+        c_out = scaled / np.sqrt(scaled**2 + 0.25)
+        coef = np.stack([p0, p1, c_out, c_skip, np.sqrt(a_next), np.sqrt(1 - a_next)], axis=1)  # [N, 6]
+        self._clip = float(cfg.clip_sample_range) if cfg.clip_sample else None
+        noise = np.stack([np.sqrt(a_t), np.sqrt(1 - a_t)], axis=1)  # [N, 2]
+        self._host = dict(timesteps=ts.astype(np.int64), c_in=np.ones(num_steps), coef=coef, noise=noise)
+        self._finish(device, dtype)
+
+    def step(self, model_output, i, sample, state=None, noise=None):
+        if noise is None:
+            raise ValueError("lcm: step() needs this step's standard normal noise (noise=...)")
+        p0, p1, c_out, c_skip, a_next, s_next = self._row(self.coef, i).unbind(0)
+        x0 = p0 * sample + p1 * model_output
+        if self._clip is not None:  # clip_sample: a config flag, fixed at construction
+            x0 = x0.clamp(-self._clip, self._clip)
+        denoised = c_out * x0 + c_skip * sample
+        return a_next * denoised + s_next * noise
+
+
+# ----------------------------------------------------------------------------------------------
 # The registry: every `scheduler=` name, read by the pipeline, the CLI, the tests and the
 # benchmarks. Adding a scheduler = one class (name, diffusers_class, defaults) in KINDS + its
 # parity test.
@@ -865,7 +945,7 @@ class SchedulerEntry:
         return {"use_karras_sigmas": True} if self.karras else {}
 
 
-KINDS = {cls.name: cls for cls in (DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M)}
+KINDS = {cls.name: cls for cls in (DDIM, PNDM, Euler, EulerAncestral, DPMSolverPP2M, LCM)}
 SCHEDULERS = tuple(KINDS)  # one per class
 REGISTRY = {name: SchedulerEntry(name, cls) for name, cls in KINDS.items()}
 REGISTRY.update({c.karras_name: SchedulerEntry(c.karras_name, c, karras=True) for c in KINDS.values() if c.karras_name})

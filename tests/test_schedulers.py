@@ -88,7 +88,7 @@ def _run_both(name, ref, ours, ref_ts, x_ref, x_ours, seed, what="", clean=None)
     `clean` (x0, noise): after each step but the last, x0 noised to the next step's level, as
     inpainting's known region is (diffusers reads its step index there; ours a device index)."""
     model = _fake_model(seed + 1)
-    ref_gen = torch.Generator().manual_seed(seed + 3)  # diffusers' euler_a draws from this...
+    ref_gen = torch.Generator().manual_seed(seed + 3)  # diffusers' euler_a and lcm draw from this...
     our_gen = torch.Generator().manual_seed(seed + 3)  # ...and we draw the same, in the same order
     state = ours.init_state(x_ours)
     worst = 0.0
@@ -100,7 +100,7 @@ def _run_both(name, ref, ours, ref_ts, x_ref, x_ours, seed, what="", clean=None)
         err = (in_ours - in_ref).abs().max().item() / scale
         assert err <= TOL, f"{name}{what} step {i}/{len(ref_ts)}: model input differs by {err:.2e}"
 
-        kw = {"generator": ref_gen} if name == "euler_a" else {}
+        kw = {"generator": ref_gen} if ours.needs_noise else {}
         x_ref = ref.step(model(in_ref, t), t, x_ref, **kw).prev_sample
         noise = randn_tensor(SHAPE, generator=our_gen, dtype=torch.float64) if ours.needs_noise else None
         x_ours = ours.step(model(in_ours, ours.timesteps[i]), i, x_ours, state, noise=noise)
@@ -256,7 +256,7 @@ def test_trained_betas_match_diffusers():
 
 def test_errors():
     cfg = SchedulerConfig.from_dict(SD15)
-    with pytest.raises(ValueError, match="allowed values are ddim, pndm, euler, euler_a, dpmpp_2m, dpmpp_2m_karras"):
+    with pytest.raises(ValueError, match="allowed values are ddim, pndm, euler, euler_a, dpmpp_2m, lcm, dpmpp_2m_karras"):
         make_scheduler("lms", cfg, 10)
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="num_steps"):
@@ -271,10 +271,25 @@ def test_errors():
         make_scheduler("dpmpp_2m", SchedulerConfig.from_dict(dict(SD15, algorithm_type="sde-dpmsolver++")), 10)
     with pytest.raises(ValueError, match="prediction_type"):
         make_scheduler("euler_a", SchedulerConfig.from_dict(dict(SD15, prediction_type="sample")), 10)
-    with pytest.raises(ValueError, match="noise"):
-        s = make_scheduler("euler_a", cfg, 10)
-        x = torch.zeros(SHAPE)
-        s.step(x, 0, x, s.init_state(x))
+    for name in ("euler_a", "lcm"):
+        with pytest.raises(ValueError, match="noise"):
+            s = make_scheduler(name, cfg, 10)
+            x = torch.zeros(SHAPE)
+            s.step(x, 0, x, s.init_state(x))
+
+
+def test_lcm_step_range():
+    """LCM takes its steps from the 50-step distillation schedule (original_inference_steps): 50
+    steps match diffusers, 51 are refused naming the range, as diffusers refuses them."""
+    _compare_loops("lcm", SD15, 50)
+    with pytest.raises(ValueError, match=r"steps=51: lcm supports 1 to 50 steps \(original_inference_steps=50\)"):
+        make_scheduler("lcm", SchedulerConfig.from_dict(SD15), 51)
+    ref = _reference("lcm", SD15)
+    with pytest.raises(ValueError):
+        ref.set_timesteps(51)
+    _compare_loops("lcm", dict(SD15, original_inference_steps=20, clip_sample=True), 7)
+    # At SD's timesteps c_skip is < 1e-5; a small timestep_scaling makes the skip term count.
+    _compare_loops("lcm", dict(SD15, timestep_scaling=0.01), 4)
 
 
 def test_to_dtype_and_lengths():
