@@ -16,13 +16,14 @@ import os
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fastdiff import editing, iospec, ops, precision, schedulers
+from fastdiff import editing, iospec, lora, ops, precision, schedulers
 from fastdiff.backends import BACKENDS, Backend, backend_class, make_backend
 from fastdiff.backends import resolve as resolve_backend
 from fastdiff.tokenizer import CLIPTokenizer
@@ -240,6 +241,43 @@ def read_edit(facts: ModelFacts, image, mask_image, strength, height, width, bac
     return editing.read_inputs(image, mask_image, strength, height, width, scale=f, multiple=multiple, max_pixels=max_pixels)
 
 
+class WeightsLock:
+    """Many generations read the weights at once; an adapter swap waits for them and holds new
+    ones back until it is done (writers first), so no generation sees half-merged weights."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def reading(self):
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing and not self._waiting_writers)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def writing(self):
+        with self._cond:
+            self._waiting_writers += 1
+            self._cond.wait_for(lambda: not self._writing and not self._readers)
+            self._waiting_writers -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -271,6 +309,9 @@ class Pipeline:
         self._calls: dict = {}  # (network, input shape, dtype, kernel mode) -> GraphedCall
         self._graphs_lock = threading.Lock()
         self.facts = facts or ModelFacts.read(root)
+        self.weights_lock = WeightsLock()  # generations read, adapter swaps write
+        self.adapters: dict[str, float] = {}  # the LoRA adapters merged now: {path: weight}
+        self.captures = 0  # CUDA graphs captured so far (a swap must not add any)
 
     @classmethod
     def from_pretrained(
@@ -340,6 +381,7 @@ class Pipeline:
                 if len(cache) >= limit:  # bound memory: drop the oldest capture
                     cache.pop(next(iter(cache)))
                 graphed = cache[key] = make()
+                self.captures += 1
         return graphed
 
     def _call(self, network: str, fn, x: torch.Tensor) -> torch.Tensor:
@@ -438,24 +480,25 @@ class Pipeline:
         )
         guidance_scale = float(guidance_scale)
 
-        timings: dict[str, float] = {}
-        clock = _Clock(self.device, timed, timings)
-        cfg = guidance_scale > 1.0  # as diffusers: guidance off at <= 1
-        with clock("text_encoder"):
-            context = self.encode_prompt(prompts, negative if cfg else None, num_images, cfg)
-        generator = torch.Generator("cpu")
-        generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
-        inpaint = None
-        if edit is None:
-            latents, noise = self.initial_latents(generator, sched, n, height, width)
-        else:
-            with clock("vae_encode"):
-                latents, noise, inpaint = self.edit_latents(edit, generator, sched, n, cfg)
-        with clock("denoise"):
-            latents = self.denoise(sched, scheduler, latents, context, guidance_scale, noise, inpaint)
-        timings["unet_step"] = timings["denoise"] / len(sched.timesteps) if timed else 0.0
-        with clock("vae_decode"):
-            image = self.decode(latents)
+        with self.weights_lock.reading():  # an adapter swap waits for this call, and this call for it
+            timings: dict[str, float] = {}
+            clock = _Clock(self.device, timed, timings)
+            cfg = guidance_scale > 1.0  # as diffusers: guidance off at <= 1
+            with clock("text_encoder"):
+                context = self.encode_prompt(prompts, negative if cfg else None, num_images, cfg)
+            generator = torch.Generator("cpu")
+            generator.manual_seed(int(seed) if seed is not None else int(torch.seed() % 2**63))
+            inpaint = None
+            if edit is None:
+                latents, noise = self.initial_latents(generator, sched, n, height, width)
+            else:
+                with clock("vae_encode"):
+                    latents, noise, inpaint = self.edit_latents(edit, generator, sched, n, cfg)
+            with clock("denoise"):
+                latents = self.denoise(sched, scheduler, latents, context, guidance_scale, noise, inpaint)
+            timings["unet_step"] = timings["denoise"] / len(sched.timesteps) if timed else 0.0
+            with clock("vae_decode"):
+                image = self.decode(latents)
         if timed:
             timings["end_to_end"] = sum(timings.get(k, 0.0) for k in ("text_encoder", "vae_encode", "denoise", "vae_decode"))
 
@@ -463,6 +506,24 @@ class Pipeline:
             return Result(image, timings)
         pil = to_pil(image)
         return Result(pil[0] if single and num_images == 1 else pil, timings)
+
+    def set_adapters(self, adapters: dict | None) -> None:
+        """Merge LoRA adapters ({path to .safetensors: weight}, fastdiff.lora's layouts) into the
+        weights, replacing the ones merged before; None or {} restores the base weights bit for bit.
+        Files are read and checked before anything changes; the merge waits for running
+        generations and holds new ones until done. Captured CUDA graphs stay valid (same storage)."""
+        adapters = lora.check_weights(adapters)
+        if adapters and not self.backend.merges_lora:
+            raise ValueError(f"adapters: backend={self.backend.name!r} takes no LoRA adapters yet; use backend='torch'")
+        modules = self.backend.lora_modules() if adapters else {}
+        read = {path: lora.read_adapter(path, modules) for path in adapters}  # ValueErrors before any change
+        layers = [layer for path in adapters for layer in read[path]]
+        weights = [adapters[path] for path in adapters for _ in read[path]]
+        if not adapters and not self.adapters:
+            return
+        with self.weights_lock.writing():
+            self.backend.merge(layers, weights)
+            self.adapters = adapters
 
     # ------------------------------------------------------------------------------------------
     # The stages of a run, each usable on its own (img2img and inpainting start denoising from

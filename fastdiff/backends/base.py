@@ -31,6 +31,7 @@ class Backend(ABC):
     static_size: tuple[int, int] | None = None  # the only (height, width) in px it takes, if fixed
     fp32_decode: bool = False  # decode_fp32() exists: the pipeline's retry when an fp16 decode overflows
     encodes_images: bool = False  # encode_image() exists (img2img, inpainting); checked before model work
+    merges_lora: bool = False  # lora_modules() and merge() exist (LoRA adapters, fastdiff.lora)
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:
@@ -63,6 +64,15 @@ class Backend(ABC):
         """image [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the latent Gaussian, [B, 4, H / f, W / f]
         each, float32, unscaled (only where `encodes_images`)."""
         raise NotImplementedError(f"the {self.name} backend has no VAE encoder")
+
+    def lora_modules(self) -> dict[str, set[str]]:
+        """{"unet" / "text_encoder": names of the modules a LoRA may adapt} (only where `merges_lora`)."""
+        raise NotImplementedError(f"the {self.name} backend takes no LoRA adapters")
+
+    def merge(self, layers, weights) -> None:
+        """Set the networks' weights to base + sum of weights[i] * layers[i]'s updates, in place
+        (only where `merges_lora`); empty `layers`: the base weights again."""
+        raise NotImplementedError(f"the {self.name} backend takes no LoRA adapters")
 
     def decode_fp32(self, latents: torch.Tensor) -> torch.Tensor:
         """`decode` with a float32 VAE (only where `fp32_decode`)."""

@@ -20,6 +20,7 @@ class TorchBackend(Backend):
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     fp32_decode = True
     encodes_images = True
+    merges_lora = True
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:
@@ -45,6 +46,7 @@ class TorchBackend(Backend):
         # native layout for fp16 tensor-core convolutions); results are the same function.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self._vae_fp32 = None
+        self.base_weights: dict[tuple[str, str], torch.Tensor] = {}  # (network, module) -> the weight before any adapter
         self.text_encoder = _load(CLIPTextModel, CLIPTextConfig, root / "text_encoder", device, dtype)
         self.unet_model = _load(UNet2DConditionModel, UNetConfig, root / "unet", device, dtype)
         self.vae = _load(AutoencoderKL, VAEConfig, root / "vae", device, dtype)
@@ -82,6 +84,36 @@ class TorchBackend(Backend):
         with ops.kernels(self.kernels):
             return self._vae_fp32.decode(latents.to(torch.float32, memory_format=self.memory_format))
 
+
+    def lora_modules(self) -> dict[str, set[str]]:
+        kinds = (torch.nn.Linear, torch.nn.Conv2d)
+        return {target: {n for n, m in self.network(target).named_modules() if isinstance(m, kinds)}
+                for target in ("unet", "text_encoder")}  # fmt: skip
+
+    def network(self, target: str) -> torch.nn.Module:
+        return {"unet": self.unet_model, "text_encoder": self.text_encoder}[target]
+
+    @torch.no_grad()
+    def merge(self, layers, weights) -> None:
+        """Each adapted weight becomes (base + sum of weight * update) in float32, rounded once to
+        the network dtype and copied into the weight's own storage (CUDA graphs read it by
+        address). The base of every weight ever adapted is kept as a copy on first touch (memory:
+        those weights once more, e.g. SD1.5's attention projections), so removing every adapter
+        restores it bit for bit."""
+        deltas: dict[tuple[str, str], list] = {}
+        for layer, w in zip(layers, weights):
+            weight = self.network(layer.target).get_submodule(layer.module).weight
+            if layer.up.shape[0] != weight.shape[0] or layer.down.flatten(1).shape[1] != weight[0].numel():
+                raise ValueError(f"LoRA layer {layer.target} {layer.module}: an update of shape [{layer.up.shape[0]}, "
+                                 f"{layer.down.flatten(1).shape[1]}] does not fit its weight {tuple(weight.shape)}")
+            deltas.setdefault((layer.target, layer.module), []).append((layer, w))
+        for key in set(self.base_weights) | set(deltas):  # every check passed: nothing half-merged
+            weight = self.network(key[0]).get_submodule(key[1]).weight
+            base = self.base_weights.setdefault(key, weight.detach().clone())
+            total = base.float()
+            for layer, w in deltas.get(key, ()):
+                total = total + w * layer.delta(weight.shape).to(total.device)
+            weight.copy_(total.to(weight.dtype) if key in deltas else base)
 
     def nonfinite_weight(self, network: str) -> str | None:
         """The first parameter of `network` ("text_encoder", "unet", "vae") holding NaN/inf, or None:
