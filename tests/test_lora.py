@@ -225,3 +225,20 @@ def test_backends_without_merge_say_so(setup):
     other.backend = type("NoLora", (), {"name": "onnxruntime", "merges_lora": False})()
     with pytest.raises(ValueError, match="backend='onnxruntime' takes no LoRA adapters yet"):
         other.set_adapters({kohya: 1.0})
+
+
+def test_swap_benchmark_runs(tmp_path):
+    """benchmarks/lora_swap.py on the embedded model: its adapters cover every attention
+    projection, and the base copies it reports are those projections' weights."""
+    from pathlib import Path
+    import json
+
+    bench = testing.load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "lora_swap.py")
+    out = tmp_path / "swap.json"
+    assert bench.main(["--repeats", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    pipe = Pipeline.from_pretrained(testing.TINY_SHAPES, backend="torch", device="cpu", dtype=torch.float32)
+    attention = [(t, n) for t, names in pipe.backend.lora_modules().items() for n in names if n.endswith(bench.ATTENTION)]
+    size = sum(pipe.backend.network(t).get_submodule(n).weight.numel() * 4 for t, n in attention)
+    assert res["layers"] == len(attention) and res["recaptures"] == 0
+    assert abs(res["kept_base_mib"] - size / 2**20) < 1e-6
