@@ -20,7 +20,8 @@ from fastdiff.__main__ import configure_logging
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m fastdiff.export", description=__doc__.split("\n")[0])
-    p.add_argument("model", help="sd15, tiny-shapes, or a diffusers-format folder")
+    p.add_argument("model", help="sd15, tiny-shapes, a diffusers-format folder, or a single-file .safetensors checkpoint (LDM layout, SD1.5 configs)")
+    p.add_argument("--config", default=None, help="for a single-file checkpoint: the diffusers folder whose configs it follows")
     p.add_argument("--out", default=None, help="export folder (default: under $FASTDIFF_CACHE or ~/.cache/fastdiff)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights and activations (norm statistics in fp32)")
     p.add_argument("--static", action="store_true", help="fixed shapes (--batch/--height/--width) instead of dynamic axes")
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
             out=args.out,
             random_weights=args.random_weights,
             force=args.force,
+            config=args.config,
         )
     except (ModelNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -463,8 +463,10 @@ def export(
     seed: int = 0,
     force: bool = False,
     providers: list | None = None,
+    config: str | os.PathLike | None = None,
 ) -> Path:
-    """Export `model` (a known name or a diffusers folder) to ONNX; returns the export folder.
+    """Export `model` (a known name, a diffusers folder, or a single-file checkpoint with the
+    configs of the diffusers folder `config`, else SD1.5's) to ONNX; returns the export folder.
 
     Reuses a valid folder with the same content key; otherwise builds it in a temp folder next to
     the target, checks every file, writes manifest.json last and renames the folder into place.
@@ -478,7 +480,7 @@ def export(
     else:
         from fastdiff.weights import resolve_model
 
-        model_root = resolve_model(model)
+        model_root = resolve_model(model, config)
         configs = read_configs(model_root)
         source_sha = cache.source_hash(model_root)
     if static is not None:

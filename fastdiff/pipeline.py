@@ -325,8 +325,10 @@ class Pipeline:
         cuda_graph: bool = True,
         channels_last: bool | None = None,
         limits: Limits | None = None,
+        config: str | Path | None = None,
     ) -> "Pipeline":
-        """Load `model` (a name or a diffusers-format folder) onto `backend`.
+        """Load `model` (a name, a diffusers-format folder, or a single-file .safetensors
+        checkpoint in the CompVis/LDM layout) onto `backend`.
 
         dtype: the networks' dtype; None: `fastdiff.precision.default_dtype` (float16 on CUDA,
             bfloat16 on CPUs with AMX-BF16 / AVX512-BF16 for models of SD1.5's size, else float32).
@@ -336,12 +338,14 @@ class Pipeline:
             None: on for CUDA (measured faster there: the torch:nchw runner of benchmarks/latency.py,
             figures in benchmarks/NOTES-gpu.md), off on CPU (not measured faster there).
         limits: caps on one call's work (default: `Limits.from_env()`).
+        config: for a single-file checkpoint, the diffusers folder whose configs it follows
+            (default: SD1.5's).
         """
         device = torch.device(device) if device is not None else _default_device()
         backend = resolve_backend(backend, device)  # ValueError for an unknown name
         if dtype is not None:
             dtype = precision.check_dtype(device, dtype)  # a bad dtype is named before any model work
-        root = resolve_model(model)
+        root = resolve_model(model, config)
         facts = ModelFacts.read(root)  # the small files first: a damaged one is named before weights load
         if dtype is None:  # fp16 on CUDA; on CPU bf16 where it runs natively, pays, and the backend has it
             unet_params = parameter_count(find_weights(root / "unet")) if device.type == "cpu" else None  # only the CPU rule reads it

@@ -169,10 +169,12 @@ def default_model() -> Path:
     return resolve_model(DEFAULT_MODEL)
 
 
-def resolve_model(model: str | os.PathLike | None = None) -> Path:
+def resolve_model(model: str | os.PathLike | None = None, config: str | os.PathLike | None = None) -> Path:
     """The diffusers-format folder for a path or a known name (None: `DEFAULT_MODEL`).
 
     Offline only: names are looked up in the local hub cache or the package, never downloaded.
+    A single-file `.safetensors` checkpoint (CompVis/LDM layout) is converted once into a cached
+    folder (fastdiff.convert), with the configs of the diffusers folder `config`, else SD1.5's.
     """
     if model is None:
         return default_model()
@@ -195,6 +197,13 @@ def resolve_model(model: str | os.PathLike | None = None) -> Path:
         )
 
     path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+        raise ModelNotFoundError(f"model {str(model)!r}: pickled checkpoints are refused (loading one runs code); "
+                                 "use its .safetensors file")
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        from fastdiff.convert import single_file_folder
+
+        return single_file_folder(path, config)
     if path.is_dir():
         problem = folder_problem(path)
         if problem is not None:
