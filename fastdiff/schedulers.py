@@ -398,6 +398,20 @@ def _data_and_noise(prediction_type: str, alpha: np.ndarray, sigma: np.ndarray, 
     )
 
 
+def _require_x0_prediction(cfg: SchedulerConfig, name: str) -> None:
+    """The configs DDIM and LCM take: any prediction type, no dynamic thresholding."""
+    if cfg.thresholding:
+        raise ValueError(f"{name}: thresholding=True is not supported (it is meant for pixel-space models)")
+    _require(cfg, name, "prediction_type", ("epsilon", "v_prediction", "sample"))
+
+
+def predicted_x0(p0, p1, sample, model_output, clip: float | None) -> torch.Tensor:
+    """x0 = p0 x + p1 m, clamped to [-clip, clip] when the config's clip_sample asks (a flag fixed
+    at construction, not a tensor branch)."""
+    x0 = p0 * sample + p1 * model_output
+    return x0 if clip is None else x0.clamp(-clip, clip)
+
+
 # ----------------------------------------------------------------------------------------------
 # DDIM
 
@@ -423,9 +437,7 @@ class DDIM(Scheduler):
     def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, start: int = 0):
         super().__init__(config, num_steps, device=device, dtype=dtype, start=start)
         cfg = self.config
-        if cfg.thresholding:
-            raise ValueError("ddim: thresholding=True is not supported (it is meant for pixel-space models)")
-        _require(cfg, "ddim", "prediction_type", ("epsilon", "v_prediction", "sample"))
+        _require_x0_prediction(cfg, "ddim")
         T = cfg.num_train_timesteps
         check_spacing("ddim", cfg, num_steps, lambda n: _spaced_timesteps(cfg, n, round_linspace=True))
         ac = _alphas_cumprod(cfg).double().numpy()
@@ -449,9 +461,7 @@ class DDIM(Scheduler):
 
     def step(self, model_output, i, sample, state=None, noise=None):
         p0, p1, q0, q1, a_prev, s_prev = self._row(self.coef, i).unbind(0)
-        x0 = p0 * sample + p1 * model_output
-        if self._clip is not None:  # clip_sample: a config flag, fixed at construction
-            x0 = x0.clamp(-self._clip, self._clip)
+        x0 = predicted_x0(p0, p1, sample, model_output, self._clip)
         eps = q0 * sample + q1 * model_output
         return a_prev * x0 + s_prev * eps
 
@@ -882,9 +892,7 @@ class LCM(Scheduler):
     def __init__(self, config: SchedulerConfig, num_steps: int, *, device="cpu", dtype=torch.float32, start: int = 0):
         super().__init__(config, num_steps, device=device, dtype=dtype, start=start)
         cfg = self.config
-        if cfg.thresholding:
-            raise ValueError("lcm: thresholding=True is not supported (it is meant for pixel-space models)")
-        _require(cfg, "lcm", "prediction_type", ("epsilon", "v_prediction", "sample"))
+        _require_x0_prediction(cfg, "lcm")
         T, original = cfg.num_train_timesteps, int(cfg.original_inference_steps)
         if not 1 <= original <= T:
             raise ValueError(f"lcm: original_inference_steps={original} must be in [1, num_train_timesteps={T}]")
@@ -913,9 +921,7 @@ class LCM(Scheduler):
         if noise is None:
             raise ValueError("lcm: step() needs this step's standard normal noise (noise=...)")
         p0, p1, c_out, c_skip, a_next, s_next = self._row(self.coef, i).unbind(0)
-        x0 = p0 * sample + p1 * model_output
-        if self._clip is not None:  # clip_sample: a config flag, fixed at construction
-            x0 = x0.clamp(-self._clip, self._clip)
+        x0 = predicted_x0(p0, p1, sample, model_output, self._clip)
         denoised = c_out * x0 + c_skip * sample
         return a_next * denoised + s_next * noise
 

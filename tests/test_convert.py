@@ -120,20 +120,17 @@ VAE_KINDS = ["encoder.down_blocks", "encoder.mid_block.attentions", "decoder.up_
              "downsamplers", "upsamplers", "quant_conv", "conv_norm_out"]  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_unet_block_kinds_match_diffusers(case, kind):
-    folder, path, single, ours, ref = case
-    want = {k: v for k, v in single.unet.state_dict().items() if kind in k}
-    got = {k: v for k, v in ours.backend.unet_model.state_dict().items() if kind in k}
-    assert want and sorted(got) == sorted(want)
-    assert all(torch.equal(got[k], want[k]) for k in want)
+BLOCKS = [("unet", kind) for kind in KINDS] + [("vae", kind) for kind in VAE_KINDS]
 
 
-@pytest.mark.parametrize("kind", VAE_KINDS)
-def test_vae_block_kinds_match_diffusers(case, kind):
+@pytest.mark.parametrize("network,kind", BLOCKS)
+def test_block_kinds_match_diffusers(case, network, kind):
+    """Each block kind's tensors, converted by fastdiff, equal diffusers' from_single_file ones."""
     folder, path, single, ours, ref = case
-    want = {k: v for k, v in single.vae.state_dict().items() if kind in k}
-    got = {k: v for k, v in ours.backend.vae.state_dict().items() if kind in k}
+    theirs = single.unet if network == "unet" else single.vae
+    mine = ours.backend.unet_model if network == "unet" else ours.backend.vae
+    want = {k: v for k, v in theirs.state_dict().items() if kind in k}
+    got = {k: v for k, v in mine.state_dict().items() if kind in k}
     assert want and sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
 
