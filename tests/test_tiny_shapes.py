@@ -108,9 +108,12 @@ def test_matches_diffusers():
     expected = ref(prompts, num_inference_steps=12, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(seed),
                    output_type="np").images
     got = ours.generate(prompts, steps=12, guidance_scale=GUIDANCE, seed=seed, output_type="np")
-    err = np.abs(got - expected).max()
-    print(f"tiny-shapes vs diffusers: max abs {err:.2e}")
-    assert err <= 1e-4
+    err, mean = np.abs(got - expected).max(), np.abs(got - expected).mean()
+    print(f"tiny-shapes vs diffusers, seed {seed}: max abs {err:.2e}, mean abs {mean:.2e}")
+    # The trained model's guided 12-step loop amplifies float32 rounding on a few pixels for some
+    # seeds: over seeds 0-59, max abs median 7.3e-6, largest 2.0e-4 (seed 55), mean abs at most
+    # 2.4e-6; a CI run saw 3.0e-4. A wrong pipeline moves whole images (mean abs >= 1e-3).
+    assert err <= 1e-3 and mean <= 1e-5, f"seed {seed}"
 
 
 # ----------------------------------------------------------------------------------------------
