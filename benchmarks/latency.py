@@ -110,8 +110,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--random-weights goes with --model sd15")
     if args.repeats < 1 or args.warmup < 0 or args.steps < 1 or args.batch < 1:
         p.error("--repeats, --steps and --batch must be >= 1, --warmup >= 0")
-    if args.strength is not None and not (0 < args.strength <= 1 and int(args.steps * args.strength) >= 1):
-        p.error("--strength must be in (0, 1] and leave int(steps * strength) >= 1 steps")
+    if args.strength is not None:
+        try:
+            schedulers.start_step(args.steps, args.strength)  # the pipeline's own rule
+        except ValueError as e:
+            p.error(f"--strength: {e}")
     return args
 
 
@@ -160,7 +163,8 @@ def input_image(height: int, width: int):
 
 
 def edit_args(args) -> dict:
-    """What img2img adds to a call (nothing without --strength)."""
+    """What img2img adds to a call (nothing without --strength); made once per runner, outside
+    the timed calls."""
     return {} if args.strength is None else {"image": input_image(args.height, args.width), "strength": args.strength}
 
 
@@ -182,6 +186,7 @@ class DiffusersRunner:
         import diffusers
 
         self.args, self.device, self.dtype = args, device, dtype
+        self.edit = edit_args(args)
         kind = diffusers.StableDiffusionPipeline if args.strength is None else diffusers.StableDiffusionImg2ImgPipeline
         self.pipe = kind.from_pretrained(folder, dtype=dtype).to(device)
         self.pipe.set_progress_bar_config(disable=True)
@@ -229,7 +234,7 @@ class DiffusersRunner:
             generator=torch.Generator("cpu").manual_seed(a.seed),
             output_type="np",
             **size,
-            **edit_args(a),
+            **self.edit,
         ).images
         _sync(self.device)
         t1 = time.perf_counter()
@@ -284,6 +289,7 @@ class FastdiffRunner:
 
         backend, options = split_variant(name)
         self.name, self.args, self.device = name, args, device
+        self.edit = edit_args(args)
         dtype = options.pop("dtype", dtype)
         self.pipe = Pipeline.from_pretrained(folder, backend=backend, device=device, dtype=dtype, **options)
         self.dtype = self.pipe.dtype
@@ -302,7 +308,7 @@ class FastdiffRunner:
             scheduler=a.scheduler,
             output_type="np",
             timed=True,
-            **edit_args(a),
+            **self.edit,
         )
         _sync(self.device)
         times = {s: float(result.timings[s]) for s in STAGES if s != "end_to_end"}

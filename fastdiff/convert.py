@@ -163,14 +163,6 @@ def configs_from(folder: str | os.PathLike | None) -> dict[str, dict]:
     return {k: read_config(folder / f) for k, f in files.items()}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def single_file_folder(path: str | os.PathLike, config: str | os.PathLike | None = None) -> Path:
     """The diffusers-format folder made from the single-file checkpoint `path` (configs from the
     diffusers folder `config`, else SD1.5's; the tokenizer from the embedded CLIP vocabulary),
@@ -179,7 +171,7 @@ def single_file_folder(path: str | os.PathLike, config: str | os.PathLike | None
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from fastdiff.export.cache import cache_root
+    from fastdiff.export.cache import cache_root, file_sha256  # the hash memoised per (path, size, mtime)
     from fastdiff.weights import ASSETS
 
     path = Path(path)

@@ -103,6 +103,13 @@ VAE_ENCODER = NetworkSpec(
 NETWORKS: dict[str, NetworkSpec] = {n.name: n for n in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
 
 
+def latent_gaussian(latent_parameters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE_ENCODER's output [B, 2C, h, w] -> (mean, logvar), float32 [B, C, h, w] each: what
+    `Backend.encode_image` returns, whichever runtime ran the encoder."""
+    mean, logvar = latent_parameters.float().chunk(2, dim=1)
+    return mean, logvar
+
+
 def vae_scale_factor(vae_config: dict) -> int:
     """Pixels per latent cell: 2 ** (number of VAE resolution levels - 1), 8 for SD."""
     return 2 ** (len(vae_config["block_out_channels"]) - 1)

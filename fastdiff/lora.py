@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 TARGETS = ("unet", "text_encoder")
-PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LAYOUTS = ("diffusers/PEFT (lora_A/lora_B, lora.down/lora.up)", "kohya (lora_unet_/lora_te_ ... lora_down/lora_up)")
 
 
@@ -49,8 +48,10 @@ def read_adapter(path: str | Path, modules: dict[str, set[str]]) -> list[LoraLay
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from fastdiff.weights import PICKLES
+
     path = Path(path)
-    if path.suffix.lower() in PICKLED:
+    if path.suffix.lower() in PICKLES:
         raise ValueError(f"{path}: pickled adapters are refused (loading one runs code); use its .safetensors file")
     if not path.is_file():
         raise ValueError(f"{path}: no such adapter file")

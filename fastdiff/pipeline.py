@@ -196,6 +196,11 @@ class ModelFacts:
         return self.unet_in_channels == 2 * self.latent_channels + 1
 
 
+def size_step(facts: ModelFacts, backend: Backend | None) -> int:
+    """The px multiple image sides must have: the VAE's scale factor, times an exported UNet's rule."""
+    return facts.vae_scale_factor * (backend.latent_multiple if backend is not None else 1)
+
+
 def check_request(facts: ModelFacts, limits: Limits, steps: int, height, width, scheduler: str, images: int,
                   backend: Backend | None = None, device="cpu", edit: editing.EditInputs | None = None):
     """The model's own rules for one call, from its small files, checked before any model work:
@@ -213,8 +218,7 @@ def check_request(facts: ModelFacts, limits: Limits, steps: int, height, width, 
         if backend is not None and not backend.encodes_images:
             raise ValueError(f"image: backend={backend.name!r} has no VAE encoder (img2img and inpainting need one); use backend='torch'")
     height, width = int(height or facts.default_size), int(width or facts.default_size)
-    f = facts.vae_scale_factor
-    multiple = f * (backend.latent_multiple if backend is not None else 1)
+    f, multiple = facts.vae_scale_factor, size_step(facts, backend)
     for name, v in (("height", height), ("width", width)):
         if v % multiple:
             also = "" if multiple == f else f"; backend='torch' takes multiples of {f} px"
@@ -235,10 +239,9 @@ def read_edit(facts: ModelFacts, image, mask_image, strength, height, width, bac
               limits: Limits | None = None):
     """`editing.read_inputs` at this model's (and backend's) size step and pixel limit: None for
     text to image."""
-    f = facts.vae_scale_factor
-    multiple = f * (backend.latent_multiple if backend is not None else 1)
     max_pixels = (limits or Limits.from_env()).max_pixels
-    return editing.read_inputs(image, mask_image, strength, height, width, scale=f, multiple=multiple, max_pixels=max_pixels)
+    return editing.read_inputs(image, mask_image, strength, height, width, scale=facts.vae_scale_factor,
+                               multiple=size_step(facts, backend), max_pixels=max_pixels)  # fmt: skip
 
 
 class WeightsLock:
@@ -599,7 +602,7 @@ class Pipeline:
         if not self.backend.encodes_images:
             raise ValueError(f"backend={self.backend.name!r} has no VAE encoder (img2img needs one); use backend='torch'")
         mean, logvar = self.backend.encode_image(image)
-        sample = torch.randn(mean.shape, generator=generator, dtype=self.dtype).to(self.device, torch.float32)
+        sample = self.draw(generator, mean.shape)
         return (mean + torch.exp(0.5 * logvar) * sample) * self.facts.scaling_factor
 
     def denoise(self, sched, scheduler: str, latents, context, guidance_scale: float, noise=None,

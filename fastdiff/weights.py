@@ -58,7 +58,7 @@ DEFAULT_MODEL = "tiny-shapes"  # model=None: the embedded model, so a fresh inst
 
 _FULL = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 _FP16 = ("diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
-_PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+PICKLES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")  # file suffixes refused: unpickling runs code
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -197,7 +197,7 @@ def resolve_model(model: str | os.PathLike | None = None, config: str | os.PathL
         )
 
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
+    if path.is_file() and path.suffix.lower() in PICKLES:
         raise ModelNotFoundError(f"model {str(model)!r}: pickled checkpoints are refused (loading one runs code); "
                                  "use its .safetensors file")
     if path.is_file() and path.suffix.lower() == ".safetensors":
@@ -252,7 +252,7 @@ def find_weights(subfolder: str | os.PathLike) -> Path:
     files = sorted(p.name for p in folder.iterdir() if p.is_file())
     if any(n.endswith(".safetensors.index.json") for n in files):
         raise ModelNotFoundError(f"{folder}: sharded checkpoints are not supported; found {files}")
-    pickles = [n for n in files if n.endswith(_PICKLES)]
+    pickles = [n for n in files if n.endswith(PICKLES)]
     if pickles:
         src, dst = pickles[0], _safetensors_name(pickles[0])
         raise UnsafeWeightsError(

@@ -80,9 +80,7 @@ class OpenVINOBackend(Backend):
     def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # ValueError unless the sides are multiples of the VAE's scale factor (the graph would floor them)
         iospec.dims(self.configs, image.shape[0], image.shape[-2], image.shape[-1])
-        moments = self._run("vae_encoder", {"sample": image})  # [B, 2 * latent, h, w], float32
-        mean, logvar = moments.chunk(2, dim=1)  # 2 x [B, latent, h, w]
-        return mean, logvar
+        return iospec.latent_gaussian(self._run("vae_encoder", {"sample": image}))
 
     # ------------------------------------------------------------------------------------------
     def _run(self, name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -84,14 +84,14 @@ class TorchBackend(Backend):
         with ops.kernels(self.kernels):
             return self._vae_fp32.decode(latents.to(torch.float32, memory_format=self.memory_format))
 
-
     def lora_modules(self) -> dict[str, set[str]]:
         kinds = (torch.nn.Linear, torch.nn.Conv2d)
         return {target: {n for n, m in self.network(target).named_modules() if isinstance(m, kinds)}
                 for target in ("unet", "text_encoder")}  # fmt: skip
 
-    def network(self, target: str) -> torch.nn.Module:
-        return {"unet": self.unet_model, "text_encoder": self.text_encoder}[target]
+    def network(self, name: str) -> torch.nn.Module:
+        """The module of network `name`: "text_encoder", "unet" or "vae"."""
+        return {"text_encoder": self.text_encoder, "unet": self.unet_model, "vae": self.vae}[name]
 
     @torch.no_grad()
     def merge(self, layers, weights) -> None:
@@ -118,7 +118,7 @@ class TorchBackend(Backend):
     def nonfinite_weight(self, network: str) -> str | None:
         """The first parameter of `network` ("text_encoder", "unet", "vae") holding NaN/inf, or None:
         the pipeline's NaN guard names it (a scan of every weight, so only on that error path)."""
-        module = {"text_encoder": self.text_encoder, "unet": self.unet_model, "vae": self.vae}[network]
+        module = self.network(network)
         return next((name for name, p in module.named_parameters() if not torch.isfinite(p).all()), None)
 
 

@@ -177,9 +177,8 @@ class TensorRTBackend(Backend):
         # ValueError unless the sides are multiples of the VAE's scale factor (the graph would floor them)
         iospec.dims(self.configs, image.shape[0], image.shape[-2], image.shape[-1])
         with self.lock:
-            moments = self.engines["vae_encoder"]({"sample": image.to(self.device, self.dtype)})[0]  # [B, 2C, h, w]
-        mean, logvar = moments.float().chunk(2, dim=1)  # 2 x [B, latent, h, w]
-        return mean, logvar
+            moments = self.engines["vae_encoder"]({"sample": image.to(self.device, self.dtype)})[0]
+        return iospec.latent_gaussian(moments)
 
 
 def _default_profile(root: Path):
