@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="openvino: the float32 MHA export the openvino backend compiles (bf16 is its compile option), "
         "compiled once here as a check",
     )
+    p.add_argument("--lora", action="append", metavar="PATH[=WEIGHT]",
+                   help="merge this LoRA adapter (.safetensors) with WEIGHT (default 1) before exporting; repeatable")
     p.add_argument("--random-weights", action="store_true", help="with sd15: SD1.5 architecture, random weights (timing)")
     p.add_argument("--force", action="store_true", help="rebuild even if a valid export with the same key exists")
     p.add_argument("-v", "--verbose", action="store_true", help="also show the exporter's own log messages and warnings")
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
             print("error: --format openvino compiles the float32 MHA export: drop --fp16 / --attention plain", file=sys.stderr)
             return 2
 
+    from fastdiff import lora
     from fastdiff.export.cache import Shapes
     from fastdiff.export.onnx_export import ExportError, export
     from fastdiff.weights import ModelNotFoundError
@@ -76,6 +79,7 @@ def main(argv=None) -> int:
     precision = "fp16" if args.fp16 and args.engine == "onnx" else "fp32"  # TensorRT: fp16 engines from fp32 ONNX
     t0 = time.perf_counter()
     try:
+        adapters = lora.from_cli(args.lora)
         folder = export(
             args.model,
             precision=precision,
@@ -85,6 +89,7 @@ def main(argv=None) -> int:
             random_weights=args.random_weights,
             force=args.force,
             config=args.config,
+            adapters=adapters,
         )
     except (ModelNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

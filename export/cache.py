@@ -151,6 +151,43 @@ def source_hash(model_root: Path) -> str:
     return h.hexdigest()
 
 
+def with_adapters(source_sha256: str, adapters: dict[str, float] | None) -> str:
+    """The source hash of a model with LoRA adapters merged ({path: weight}): the model's, then
+    `fastdiff.lora.content_hash` of the adapters; the model's own without adapters."""
+    if not adapters:
+        return source_sha256
+    from fastdiff.lora import content_hash
+
+    return hashlib.sha256(f"{source_sha256}\0lora\0{content_hash(adapters)}".encode()).hexdigest()
+
+
+def prune_adapted(keep_folder: Path, base_sha256: str, limit: int | None = None) -> list[Path]:
+    """Remove the oldest exports of the same base model with other LoRA adapters beyond `limit`
+    ($FASTDIFF_LORA_EXPORTS, default 4) in keep_folder's parent, `keep_folder` never: each is a
+    whole copy of the model (SD1.5: GBs), so the disk a run of adapter changes takes is bounded.
+    Age is the manifest's mtime, which a reuse renews (`touch_manifest`). Returns what was removed."""
+    limit = max(1, int(os.environ.get("FASTDIFF_LORA_EXPORTS", "4")) if limit is None else limit)
+    others = []
+    for folder in Path(keep_folder).parent.iterdir():
+        m = read_manifest(folder) if folder != keep_folder and folder.is_dir() else None
+        if m and m.get("adapters") and (m.get("model") or {}).get("base_source_sha256") == base_sha256:
+            others.append(((folder / MANIFEST).stat().st_mtime, folder))
+    others.sort()  # oldest first
+    removed = [folder for _, folder in others[: max(0, len(others) - (limit - 1))]]
+    for folder in removed:
+        with locked(folder.parent / f".{folder.name}.lock"):
+            shutil.rmtree(folder, ignore_errors=True)
+    return removed
+
+
+def touch_manifest(folder: Path) -> None:
+    """Mark an export as just used (what `prune_adapted` orders by)."""
+    try:
+        os.utime(Path(folder) / MANIFEST)
+    except OSError:
+        pass
+
+
 def random_source_hash(seed: int) -> str:
     """Stand-in source hash of a `--random-weights` export: the SD1.5 configs and the seed."""
     blob = json.dumps({"random_weights": True, "seed": seed, "configs": sd15.SD15_CONFIGS}, sort_keys=True)
@@ -268,8 +305,10 @@ def find_export(
     static: Shapes | None = None,
     attention: str = "mha",
     out: Path | None = None,
+    adapters: dict[str, float] | None = None,
 ) -> Path | None:
-    """The valid export of `model_root` with these options in the cache (or at `out`), else None.
+    """The valid export of `model_root` (with LoRA `adapters` merged) with these options in the
+    cache (or at `out`), else None.
 
     Never returns a `--random-weights` export for a real model: its key is built from a different
     source hash, and its manifest says random.
@@ -279,7 +318,7 @@ def find_export(
     if out is None and not (exports_dir().is_dir() and any(exports_dir().iterdir())):
         return None  # nothing cached: skip hashing the model
     try:
-        key = export_key(source_hash(root), options)
+        key = export_key(with_adapters(source_hash(root), adapters), options)
     except FileNotFoundError:
         return None
     if out is not None:
@@ -290,6 +329,8 @@ def find_export(
     for folder in candidates:
         ok, _ = validate(folder, key)
         if ok and not read_manifest(folder).get("random_weights"):
+            if adapters:
+                touch_manifest(folder)
             return folder
     return None
 

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastdiff import iospec, ops, sd15
+from fastdiff import iospec, lora, ops, sd15
 from fastdiff.export import cache
 from fastdiff.export.cache import ExportOptions, Shapes
 from fastdiff.weights import read_config, read_configs
@@ -464,15 +464,19 @@ def export(
     force: bool = False,
     providers: list | None = None,
     config: str | os.PathLike | None = None,
+    adapters: dict[str, float] | None = None,
 ) -> Path:
     """Export `model` (a known name, a diffusers folder, or a single-file checkpoint with the
     configs of the diffusers folder `config`, else SD1.5's) to ONNX; returns the export folder.
+    `adapters` ({.safetensors path: weight}): LoRA adapters merged into the modules first; the
+    export's key includes their content and weights.
 
     Reuses a valid folder with the same content key; otherwise builds it in a temp folder next to
     the target, checks every file, writes manifest.json last and renames the folder into place.
     `random_weights` (with "sd15" only) builds SD1.5's architecture with random weights, for timing.
     """
     options = ExportOptions(precision=precision, static=static, attention=attention, random_weights=random_weights)
+    adapters = lora.check_weights(adapters)
     if random_weights:
         if str(model) != "sd15":
             raise ValueError("--random-weights builds SD1.5's architecture: use it with MODEL sd15")
@@ -483,16 +487,22 @@ def export(
         model_root = resolve_model(model, config)
         configs = read_configs(model_root)
         source_sha = cache.source_hash(model_root)
+    base_sha = source_sha
+    if adapters:  # read and checked before any export work
+        layers = lora.read_adapters(adapters, lora.model_modules(configs))
+        source_sha = cache.with_adapters(source_sha, adapters)
     if static is not None:
         iospec.dims(configs, static.batch, static.height, static.width)  # raises on sizes the VAE cannot make
     key = cache.export_key(source_sha, options)
-    name = cache.folder_name(cache.model_name(model, model_root), options, key)
+    name = cache.folder_name(cache.model_name(model, model_root) + ("-lora" if adapters else ""), options, key)
     final = Path(out).expanduser().resolve() if out is not None else cache.exports_dir() / name
 
     with cache.locked(final.parent / f".{final.name}.lock"):
         ok, why = cache.validate(final, key)
         if ok and not force:
             log.info("fastdiff.export: reusing %s (same content key)", final)
+            if adapters:
+                cache.touch_manifest(final)
             return final
         if final.exists():
             ours = final.parent == cache.exports_dir() or (final / cache.MANIFEST).exists() or not any(final.iterdir())
@@ -502,12 +512,14 @@ def export(
         cache.remove_stale_temps(final.parent)
         tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
-            manifest = _build(tmp, model_root, configs, options, providers, seed)
+            manifest = _build(tmp, model_root, configs, options, providers, seed, layers if adapters else None)
             manifest.update(
                 key=key,
-                model={"name": str(model), "root": str(model_root) if model_root else None, "source_sha256": source_sha},
+                model={"name": str(model), "root": str(model_root) if model_root else None, "source_sha256": source_sha,
+                       "base_source_sha256": base_sha},  # fmt: skip
                 random_weights=random_weights,
                 seed=seed if random_weights else None,
+                adapters=[{"path": p, "weight": w} for p, w in adapters.items()],
             )
             manifest["files"] = cache.hash_files(tmp)
             cache.write_manifest(tmp, manifest)  # last: a folder without it is never valid
@@ -516,12 +528,18 @@ def export(
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     log.info("fastdiff.export: wrote %s", final)
+    if adapters and out is None:  # bound the disk adapter exports take in the cache
+        for old in cache.prune_adapted(final, base_sha):
+            log.info("fastdiff.export: removed %s (older LoRA export of the same model; FASTDIFF_LORA_EXPORTS)", old)
     return final
 
 
-def _build(folder: Path, model_root: Path | None, configs: dict, options: ExportOptions, providers, seed: int) -> dict:
+def _build(folder: Path, model_root: Path | None, configs: dict, options: ExportOptions, providers, seed: int,
+           adapters: tuple[list, list] | None = None) -> dict:
     folder.mkdir(parents=True)
     modules = random_networks(seed) if model_root is None else load_networks(model_root)
+    if adapters is not None:  # (layers, weights): merged once into the float32 modules; every check below sees them
+        lora.merge({t: modules[t] for t in lora.TARGETS}, *adapters, base={})
     _write_side_files(folder, model_root, configs)
     nets, errors = {}, {}
     for name in iospec.NETWORKS:

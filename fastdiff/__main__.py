@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--mask", default=None, help="with --image, inpainting: white repaints, black keeps")
     p.add_argument("--strength", type=float, default=None,
                    help="how much of the schedule runs from --image, in (0, 1] (default 0.8 img2img, 1.0 inpainting)")
+    p.add_argument("--lora", action="append", metavar="PATH[=WEIGHT]",
+                   help="a LoRA adapter (.safetensors, diffusers/PEFT or kohya layout) merged with WEIGHT (default 1); repeatable")
     p.add_argument("--model", default=None, help="a name (sd15, tiny-shapes) or a diffusers-format folder")
     p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--device", default=None)
@@ -96,9 +98,10 @@ def save_atomically(image, path: str) -> None:
 
 
 def run(args) -> int:
+    from fastdiff import lora
     from fastdiff.editing import read_image
     from fastdiff.pipeline import Limits, ModelFacts, Pipeline, check_args, check_request, read_edit
-    from fastdiff.weights import resolve_model
+    from fastdiff.weights import read_configs, resolve_model
 
     check_args(
         args.prompt, args.negative_prompt, args.steps, args.guidance_scale, args.height, args.width,
@@ -112,8 +115,11 @@ def run(args) -> int:
     edit = read_edit(facts, image, mask, args.strength, args.height, args.width)
     check_request(facts, Limits.from_env(), args.steps, args.height, args.width, args.scheduler, args.num_images,
                   edit=edit)  # fmt: skip
+    adapters = lora.from_cli(args.lora)
+    lora.read_adapters(adapters, lora.model_modules(read_configs(model)))  # bad files named before loading
     t0 = time.perf_counter()
     pipe = Pipeline.from_pretrained(model, backend=args.backend, device=args.device, dtype=args.dtype)
+    pipe.set_adapters(adapters)  # an exported backend exports the adapted model here, once
     load_s = time.perf_counter() - t0
     result = pipe.run(
         args.prompt,

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastdiff import editing, iospec, lora, ops, precision, schedulers
+from fastdiff import editing, iospec, ops, precision, schedulers
+from fastdiff import lora as lora_files  # `lora` is also an argument's name
 from fastdiff.backends import BACKENDS, Backend, backend_class, make_backend
 from fastdiff.backends import resolve as resolve_backend
 from fastdiff.tokenizer import CLIPTokenizer
@@ -267,17 +268,31 @@ class WeightsLock:
                 self._cond.notify_all()
 
     @contextmanager
-    def writing(self):
+    def changing(self, change):
+        """Run `change()` once no generation reads the weights (new ones wait), then hold them for
+        reading from that same moment: the caller's generation runs with the change it asked for,
+        before any other change can start. If `change` raises, nothing is held."""
         with self._cond:
             self._waiting_writers += 1
             self._cond.wait_for(lambda: not self._writing and not self._readers)
             self._waiting_writers -= 1
             self._writing = True
         try:
+            change()
+        except BaseException:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+            raise
+        with self._cond:  # writer -> reader in one step: no other change comes in between
+            self._writing = False
+            self._readers += 1
+            self._cond.notify_all()
+        try:
             yield
         finally:
             with self._cond:
-                self._writing = False
+                self._readers -= 1
                 self._cond.notify_all()
 
 
@@ -312,9 +327,10 @@ class Pipeline:
         self._calls: dict = {}  # (network, input shape, dtype, kernel mode) -> GraphedCall
         self._graphs_lock = threading.Lock()
         self.facts = facts or ModelFacts.read(root)
-        self.weights_lock = WeightsLock()  # generations read, adapter swaps write
+        self.weights_lock = WeightsLock()  # generations read, adapter changes write
         self.adapters: dict[str, float] = {}  # the LoRA adapters merged now: {path: weight}
         self.captures = 0  # CUDA graphs captured so far (a swap must not add any)
+        self._lora_modules: dict[str, set[str]] | None = None  # what adapters may adapt (read on first use)
 
     @classmethod
     def from_pretrained(
@@ -443,6 +459,7 @@ class Pipeline:
         image=None,
         mask_image=None,
         strength: float | None = None,
+        lora: dict | None = None,
     ):
         """One PIL.Image for one prompt and one image, else a list; output_type="np" gives
         float32 [N, H, W, 3] in [0, 1]. The arguments are `run`'s (tests/test_bad_inputs.py keeps
@@ -453,6 +470,9 @@ class Pipeline:
         mask_image: with image, inpainting: white repaints, black keeps (binarised at 0.5).
         strength: how much of the schedule runs from the image, in (0, 1]; default 0.8 for
             img2img, 1.0 for inpainting (diffusers' defaults).
+        lora: LoRA adapters for this call, {path to .safetensors: weight} ({} for none), merged
+            first when they differ from the merged ones (`set_adapters`) and kept merged after;
+            None: whichever are merged now.
         """
         return self.run(**arguments(locals())).images
 
@@ -472,6 +492,7 @@ class Pipeline:
         image=None,
         mask_image=None,
         strength: float | None = None,
+        lora: dict | None = None,
         timed: bool = False,
     ) -> Result:
         """Like `generate`, returning a `Result` with per-stage seconds (synchronised when timed)."""
@@ -481,13 +502,14 @@ class Pipeline:
             seed, self.limits,
         )
         edit = read_edit(self.facts, image, mask_image, strength, height, width, self.backend, self.limits)
+        lora_weights = lora_files.check_weights(lora) if lora is not None else None
         n = len(prompts) * int(num_images)
         height, width, sched = check_request(
             self.facts, self.limits, steps, height, width, scheduler, n, self.backend, self.device, edit
         )
         guidance_scale = float(guidance_scale)
 
-        with self.weights_lock.reading():  # an adapter swap waits for this call, and this call for it
+        with self.adapters_merged(lora_weights):  # an adapter change waits for this call, and this call for it
             timings: dict[str, float] = {}
             clock = _Clock(self.device, timed, timings)
             cfg = guidance_scale > 1.0  # as diffusers: guidance off at <= 1
@@ -516,21 +538,51 @@ class Pipeline:
 
     def set_adapters(self, adapters: dict | None) -> None:
         """Merge LoRA adapters ({path to .safetensors: weight}, fastdiff.lora's layouts) into the
-        weights, replacing the ones merged before; None or {} restores the base weights bit for bit.
-        Files are read and checked before anything changes; the merge waits for running
-        generations and holds new ones until done. Captured CUDA graphs stay valid (same storage)."""
-        adapters = lora.check_weights(adapters)
-        if adapters and not self.backend.merges_lora:
-            raise ValueError(f"adapters: backend={self.backend.name!r} takes no LoRA adapters yet; use backend='torch'")
-        modules = self.backend.lora_modules() if adapters else {}
-        read = {path: lora.read_adapter(path, modules) for path in adapters}  # ValueErrors before any change
-        layers = [layer for path in adapters for layer in read[path]]
-        weights = [adapters[path] for path in adapters for _ in read[path]]
-        if not adapters and not self.adapters:
-            return
-        with self.weights_lock.writing():
-            self.backend.merge(layers, weights)
-            self.adapters = adapters
+        weights, replacing the ones merged before; None or {} restores the base weights (bit for
+        bit on the torch backend). Files are read and checked before anything changes.
+
+        torch: merged in place, waiting for running generations and holding new ones until done;
+        captured CUDA graphs stay valid (same storage). onnxruntime / OpenVINO / TensorRT: an
+        export of the merged modules (cached, keyed by the adapters' content and weights; made on
+        first use, minutes for SD1.5) is built while generations go on, then swapped in."""
+        with self.adapters_merged(lora_files.check_weights(adapters)):
+            pass
+
+    @contextmanager
+    def adapters_merged(self, adapters: dict[str, float] | None):
+        """Hold the weights for reading with `adapters` (checked, {} for none) merged; None:
+        whichever are merged now. A change is prepared first (files read and checked, an export
+        built) without blocking anyone, then applied when no generation runs."""
+        with self.weights_lock.reading():
+            if adapters is None or adapters == self.adapters:
+                yield
+                return
+        change = self._adapter_change(adapters)  # ValueErrors here, before any change
+        with self.weights_lock.changing(change):
+            yield
+
+    def _adapter_change(self, adapters: dict[str, float]):
+        """A function that makes `adapters` the merged ones; what can fail is done here first."""
+        if self._lora_modules is None:
+            self._lora_modules = lora_files.model_modules(read_configs(self.root))
+        if self.backend.merges_lora:
+            layers, weights = lora_files.read_adapters(adapters, self._lora_modules)
+
+            def change():
+                if self.adapters != adapters:  # a call that wanted the same may have got there first
+                    self.backend.merge(layers, weights)
+                    self.adapters = adapters
+        else:
+            lora_files.read_adapters(adapters, self._lora_modules)  # named errors before minutes of export
+            backend = type(self.backend).create(self.root, device=self.device, dtype=self.dtype, adapters=adapters or None)
+
+            def change():
+                self.backend, self.adapters = backend, adapters
+                with self._graphs_lock:  # captures of the old backend's calls
+                    self._graphs.clear()
+                    self._calls.clear()
+
+        return change
 
     # ------------------------------------------------------------------------------------------
     # The stages of a run, each usable on its own (img2img and inpainting start denoising from
@@ -739,10 +791,14 @@ def generate(
     image=None,
     mask_image=None,
     strength: float | None = None,
+    lora: dict | None = None,
 ):
     """Text to image, img2img (image=) or inpainting (image= and mask_image=) in one call; keeps
-    one loaded Pipeline per (model, backend) for reuse. The other arguments are `Pipeline.generate`'s."""
+    one loaded Pipeline per (model, backend) for reuse. `lora` ({path: weight}) runs this call
+    with those LoRA adapters merged; None runs it without any (whatever other calls asked for).
+    The other arguments are `Pipeline.generate`'s."""
     options = arguments(locals(), "model", "backend")  # first: locals() holds just the arguments
+    options["lora"] = lora_files.check_weights(lora)  # None -> {}: the base weights
     prompts, _ = check_args(
         prompt, negative_prompt, steps, guidance_scale, height, width, scheduler, num_images, output_type, seed
     )
@@ -751,6 +807,7 @@ def generate(
     root = resolve_model(model)
     if cache_key(root, backend) not in _cache:  # before a first load; a loaded pipeline checks in run()
         facts = ModelFacts.read(root)
+        lora_files.read_adapters(options["lora"], lora_files.model_modules(read_configs(root)))  # named ValueErrors
         edit = read_edit(facts, image, mask_image, strength, height, width)
         check_request(facts, Limits.from_env(), steps, height, width, scheduler, len(prompts) * int(num_images),
                       edit=edit)  # fmt: skip

@@ -41,6 +41,9 @@ ERRORS = [
     (["x", "--mask", "in.png"], 2, "mask_image: inpainting needs the image too", True),
     (["x", "--image", "in.png", "--strength", "0"], 2, "strength=0.0: must be a number in (0, 1]", True),
     (["x", "--image", "in.png", "--mask", "black.png"], 2, "mask_image is all black", True),
+    (["x", "--lora", "no-such.safetensors"], 2, "no-such.safetensors: no such adapter file", True),
+    (["x", "--lora", "in.png=strong"], 2, "--lora 'in.png=strong': give PATH or PATH=WEIGHT", True),
+    (["x", "--lora", "bad.png"], 2, "bad.png: not a readable .safetensors adapter", True),
 ]
 
 
@@ -83,6 +86,22 @@ def test_image_and_mask_files(tmp_path, mask):
     want = fastdiff.generate("a blue circle", steps=4, seed=3, image=str(tmp_path / "in.png"), strength=0.9, **edit)
     want = np.asarray(want, dtype=np.int16)
     assert got.shape == want.shape == (64, 64, 3) and np.abs(got - want).max() <= 1
+
+
+def test_lora_option(tmp_path):
+    """--lora PATH=WEIGHT writes the image generate(lora=) makes with the same adapter."""
+    from pathlib import Path
+
+    from fastdiff import testing
+
+    bench = testing.load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "lora_swap.py")
+    bench.write_adapter(testing.TINY_SHAPES, tmp_path / "style.safetensors", rank=4, seed=1, scale=0.3)
+    proc = cli(tmp_path, "a red circle", "-o", "out.png", "--steps", "4", "--seed", "3", "--lora", "style.safetensors=0.5")
+    assert proc.returncode == 0, proc.stderr
+    got = np.asarray(Image.open(tmp_path / "out.png"), dtype=np.int16)
+    want = np.asarray(fastdiff.generate("a red circle", steps=4, seed=3, lora={tmp_path / "style.safetensors": 0.5}), dtype=np.int16)
+    base = np.asarray(fastdiff.generate("a red circle", steps=4, seed=3), dtype=np.int16)
+    assert np.abs(got - want).max() <= 1 and np.abs(want - base).max() > 10
 
 
 def test_debug_shows_the_traceback(tmp_path):

@@ -188,6 +188,30 @@ def test_export_without_the_encoder_is_rebuilt(exported, fresh_root, fake_trace)
     assert cache.validate(dst, m["key"])[0] and (dst / "vae_encoder" / "model.onnx").is_file()
 
 
+def test_adapter_exports_are_bounded(exported, fresh_root, fake_trace, tmp_path, monkeypatch):
+    """Each LoRA adapter set is its own export (keyed by the files' content and weights); past
+    FASTDIFF_LORA_EXPORTS the least recently used of the same model go, never the base export.
+    (Weight 0: the merged modules equal the base ones, which the faked trace copies.)"""
+    from fastdiff import testing
+
+    bench = testing.load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "lora_swap.py")
+    monkeypatch.setenv("FASTDIFF_LORA_EXPORTS", "2")
+    base = _copy_to(exported, fresh_root)
+    adapters = []
+    for seed in range(4):
+        adapters.append({tmp_path / f"{seed}.safetensors": 0.0})
+        bench.write_adapter(exported[0], next(iter(adapters[-1])), rank=2, seed=seed)
+    folders = [ox.export(exported[0], adapters=a) for a in adapters[:2]]
+    assert len(set(folders + [base])) == 3 and all("-lora-" in f.name for f in folders)
+    assert find_export(exported[0], "fp32", adapters=adapters[0]) == folders[0]  # a reuse: now the newest
+    folders.append(ox.export(exported[0], adapters=adapters[2]))
+    assert [f.exists() for f in folders] == [True, False, True]  # 1 was the least recently used
+    folders.append(ox.export(exported[0], adapters=adapters[3]))
+    assert [f.exists() for f in folders] == [False, False, True, True] and base.exists()
+    assert find_export(exported[0], "fp32", adapters=adapters[1]) is None
+    assert find_export(exported[0], "fp32") == base
+
+
 def test_find_export(exported, cache_root):
     folder, out, _ = exported
     assert find_export(folder, "fp32") == out
@@ -423,6 +447,14 @@ def test_cli_missing_model(fresh_root, tmp_path, capsys):
     assert main([str(tmp_path / "no-such-model")]) == 2
     err = capsys.readouterr().err
     assert "no-such-model" in err and "not found" in err
+    assert not (fresh_root / "exports").exists() or not any((fresh_root / "exports").iterdir())
+
+
+def test_cli_bad_lora_is_named_before_any_export(fresh_root, exported, tmp_path, capsys):
+    from fastdiff.export.__main__ import main
+
+    assert main([str(exported[0]), "--lora", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors: no such adapter file" in capsys.readouterr().err
     assert not (fresh_root / "exports").exists() or not any((fresh_root / "exports").iterdir())
 
 

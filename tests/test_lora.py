@@ -1,7 +1,8 @@
 """LoRA adapters against diffusers' load_lora_weights (PEFT) on the same random-weight model:
 both layouts (diffusers/PEFT and kohya), UNet and text encoder, two adapters with weights; the
 base weights restored bit for bit; a swap under the captured step (no recapture); swaps racing
-generations (each image is one adapter's, never a mix); bad adapters named before any change."""
+generations and calls with their own `lora=` racing (each image is one adapter's, never a mix);
+onnxruntime and OpenVINO on adapted exports; bad adapters named before any change."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastdiff import testing
+from fastdiff import lora, testing
 from fastdiff.pipeline import Pipeline
+from fastdiff.weights import read_configs
 
 pytest.importorskip("peft")
 
@@ -64,13 +66,27 @@ def write_kohya(path, pairs, alpha: float):
     return path
 
 
-def write_peft(path, pairs):
+def write_peft(path, pairs, metadata: dict | None = None):
+    """diffusers' layout; `metadata`: its `lora_adapter_metadata` (PEFT's LoraConfig per target)."""
+    import json
+
     tensors = {}
     for (target, name), (down, up) in pairs.items():
         tensors[f"{target}.{name}.lora_A.weight"] = down
         tensors[f"{target}.{name}.lora_B.weight"] = up
-    save_file(tensors, str(path))
+    extra = {"format": "pt", "lora_adapter_metadata": json.dumps(metadata)} if metadata else None
+    save_file(tensors, str(path), metadata=extra)
     return path
+
+
+# The PEFT adapter's alphas come from its metadata, as diffusers' save_lora_weights writes them:
+# lora_alpha per network, and one module's own alpha through alpha_pattern.
+PEFT_METADATA = {
+    "unet.r": 3, "unet.lora_alpha": 6, "unet.alpha_pattern": {"mid_block.attentions.0.proj_in": 1.5},
+    "unet.target_modules": UNET_MODULES,
+    "text_encoder.r": 3, "text_encoder.lora_alpha": 4,
+    "text_encoder.target_modules": [m.removeprefix("text_model.") for m in TEXT_MODULES],
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +97,7 @@ def setup(tmp_path_factory):
     folder = testing.build_random_folder(root / "a", "a", seed=21, sd15_layout=False)
     ours = Pipeline.from_pretrained(folder, backend="torch", device="cpu")
     kohya = write_kohya(root / "style.safetensors", _pairs(ours, 1, rank=4, text_modules=KOHYA_TEXT_MODULES), alpha=2.0)
-    peft = write_peft(root / "detail.safetensors", _pairs(ours, 2, rank=3))
+    peft = write_peft(root / "detail.safetensors", _pairs(ours, 2, rank=3), PEFT_METADATA)
     ref = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     ref.scheduler = DPMSolverMultistepScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
@@ -217,14 +233,76 @@ def test_bad_adapters_are_named_before_any_change(setup, tmp_path):
     ours.set_adapters(None)
 
 
-def test_backends_without_merge_say_so(setup):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_backends_with_adapters(setup, exported, cache_root, backend):
+    """onnxruntime / OpenVINO run an export of the merged modules (model "a" of the shared export,
+    same shapes as this file's): the same images as the torch backend with the same adapters, at
+    their float32 text-to-image tolerance; removing them gives the base export's images again."""
+    pytest.importorskip(backend)
     folder, ours, ref, kohya, peft = setup
-    import copy
+    adapters = {kohya: 0.7, peft: -0.5}
+    seed = int(torch.randint(0, 2**31, ()).item())
+    torch_pipe = Pipeline.from_pretrained(exported[0], backend="torch", device="cpu", dtype=torch.float32)
+    want = torch_pipe.generate(PROMPTS, seed=seed, lora=adapters, **RUN)
+    other = Pipeline.from_pretrained(exported[0], backend=backend, device="cpu", dtype=torch.float32)
+    assert other.backend.export_dir == exported[1]
+    base = other.generate(PROMPTS, seed=seed, **RUN)
+    other.set_adapters(adapters)
+    got = other.generate(PROMPTS, seed=seed, **RUN)
+    assert other.backend.export_dir.name.split("-")[-5] == "lora" and other.adapters == {str(k): w for k, w in adapters.items()}
+    assert np.abs(got - want).max() <= 1e-3, f"seed {seed}: max abs {np.abs(got - want).max():.2e}"
+    assert np.abs(got - base).max() > 1e-2
+    other.set_adapters(None)
+    assert other.backend.export_dir == exported[1]
+    np.testing.assert_array_equal(other.generate(PROMPTS, seed=seed, **RUN), base)
 
-    other = copy.copy(ours)
-    other.backend = type("NoLora", (), {"name": "onnxruntime", "merges_lora": False})()
-    with pytest.raises(ValueError, match="backend='onnxruntime' takes no LoRA adapters yet"):
-        other.set_adapters({kohya: 1.0})
+
+def test_one_call_lora(setup):
+    """`generate(..., lora=)`: the call runs with exactly those adapters, whatever was merged
+    before, on a Pipeline and through the module-level one-call API (where no `lora` means none)."""
+    import fastdiff
+
+    folder, ours, ref, kohya, peft = setup
+    ours.set_adapters({kohya: 0.6})
+    want = ours.generate(PROMPTS[0], seed=7, **RUN)
+    ours.set_adapters({peft: 1.0})
+    np.testing.assert_array_equal(ours.generate(PROMPTS[0], seed=7, lora={kohya: 0.6}, **RUN), want)
+    assert ours.adapters == {str(kohya): 0.6}  # kept merged after the call
+    np.testing.assert_array_equal(ours.generate(PROMPTS[0], seed=7, **RUN), want)  # None: what is merged
+    base = ours.generate(PROMPTS[0], seed=7, lora={}, **RUN)
+    assert ours.adapters == {}
+    one = dict(model=folder, backend="torch")
+    np.testing.assert_allclose(fastdiff.generate(PROMPTS[0], seed=7, lora={kohya: 0.6}, **one, **RUN), want, atol=1e-6)
+    np.testing.assert_allclose(fastdiff.generate(PROMPTS[0], seed=7, **one, **RUN), base, atol=1e-6)
+    with pytest.raises(ValueError, match="no such adapter file"):
+        fastdiff.generate(PROMPTS[0], lora={folder / "missing.safetensors": 1.0}, **one, **RUN)
+
+
+def test_calls_with_different_lora_race(setup):
+    """Threads each generating with their own `lora=` at once: every image is its own adapter's
+    (a change is applied and used by its caller before any other change)."""
+    folder, ours, ref, kohya, peft = setup
+    run = dict(RUN, steps=2)
+    choices = {"style": {kohya: 1.0}, "detail": {peft: 1.0}, "none": {}}
+    want = {name: ours.generate(PROMPTS[0], seed=8, lora=a, **run) for name, a in choices.items()}
+    got, errors = [], []
+
+    def worker(name):
+        try:
+            for _ in range(3):
+                got.append((name, ours.generate(PROMPTS[0], seed=8, lora=choices[name], **run)))
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (*choices, "style")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ours.set_adapters(None)
+    assert not errors and len(got) == 12
+    for name, image in got:
+        np.testing.assert_array_equal(image, want[name], err_msg=name)
 
 
 def test_swap_benchmark_runs(tmp_path):
@@ -238,7 +316,8 @@ def test_swap_benchmark_runs(tmp_path):
     assert bench.main(["--repeats", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     pipe = Pipeline.from_pretrained(testing.TINY_SHAPES, backend="torch", device="cpu", dtype=torch.float32)
-    attention = [(t, n) for t, names in pipe.backend.lora_modules().items() for n in names if n.endswith(bench.ATTENTION)]
+    modules = lora.model_modules(read_configs(pipe.root))
+    attention = [(t, n) for t, names in modules.items() for n in names if n.endswith(bench.ATTENTION)]
     size = sum(pipe.backend.network(t).get_submodule(n).weight.numel() * 4 for t, n in attention)
     assert res["layers"] == len(attention) and res["recaptures"] == 0
     assert abs(res["kept_base_mib"] - size / 2**20) < 1e-6

@@ -31,7 +31,7 @@ class Backend(ABC):
     static_size: tuple[int, int] | None = None  # the only (height, width) in px it takes, if fixed
     fp32_decode: bool = False  # decode_fp32() exists: the pipeline's retry when an fp16 decode overflows
     encodes_images: bool = False  # encode_image() exists (img2img, inpainting); checked before model work
-    merges_lora: bool = False  # lora_modules() and merge() exist (LoRA adapters, fastdiff.lora)
+    merges_lora: bool = False  # merge() exists: LoRA adapters change the weights in place (else create(adapters=) again)
 
     @classmethod
     def auto_cost(cls, device: torch.device) -> float | None:
@@ -44,9 +44,10 @@ class Backend(ABC):
     @classmethod
     @abstractmethod
     def create(cls, root: Path, *, device: torch.device, dtype: torch.dtype, kernels: str | None = None,
-               channels_last: bool = False) -> "Backend":
+               channels_last: bool = False, adapters: dict[str, float] | None = None) -> "Backend":
         """The backend for the diffusers-format model folder `root`, building what it needs
-        (an export, engines) when it is not cached."""
+        (an export, engines) when it is not cached; `adapters` ({path: weight}, checked by
+        `fastdiff.lora.check_weights`): LoRA adapters merged into its networks."""
 
     @abstractmethod
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -64,10 +65,6 @@ class Backend(ABC):
         """image [B, 3, H, W] in [-1, 1] -> (mean, logvar) of the latent Gaussian, [B, 4, H / f, W / f]
         each, float32, unscaled (only where `encodes_images`)."""
         raise NotImplementedError(f"the {self.name} backend has no VAE encoder")
-
-    def lora_modules(self) -> dict[str, set[str]]:
-        """{"unet" / "text_encoder": names of the modules a LoRA may adapt} (only where `merges_lora`)."""
-        raise NotImplementedError(f"the {self.name} backend takes no LoRA adapters")
 
     def merge(self, layers, weights) -> None:
         """Set the networks' weights to base + sum of weights[i] * layers[i]'s updates, in place

@@ -39,9 +39,9 @@ class OpenVINOBackend(Backend):
         return None  # never auto's choice: it runs the export, whose UNet narrows latent sizes
 
     @classmethod
-    def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "OpenVINOBackend":
+    def create(cls, root, *, device, dtype, kernels=None, channels_last=False, adapters=None) -> "OpenVINOBackend":
         check_device(device, dtype)
-        return cls(cached_or_new_export(root, torch.float32, attention="mha"), device=device, dtype=dtype)
+        return cls(cached_or_new_export(root, torch.float32, attention="mha", adapters=adapters), device=device, dtype=dtype)
 
     def __init__(self, export_dir: Path, *, device: torch.device, dtype: torch.dtype, threads: int | None = None):
         import openvino as ov

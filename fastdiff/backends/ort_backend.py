@@ -41,17 +41,19 @@ def precision(dtype: torch.dtype) -> str:
     return precisions[dtype]
 
 
-def cached_or_new_export(root: Path, dtype: torch.dtype, *, attention: str) -> Path:
-    """The cached dynamic export of `root` for `dtype`; made (and logged) when missing."""
+def cached_or_new_export(root: Path, dtype: torch.dtype, *, attention: str, adapters: dict | None = None) -> Path:
+    """The cached dynamic export of `root` for `dtype` (with `adapters` merged); made (and
+    logged) when missing."""
     from fastdiff.export.cache import find_export
 
-    found = find_export(root, precision(dtype), attention=attention)
+    found = find_export(root, precision(dtype), attention=attention, adapters=adapters)
     if found is not None:
         return found
     from fastdiff.export.onnx_export import export
 
-    log.info("fastdiff: no %s ONNX export of %s in the cache: exporting (once; takes minutes for SD1.5)", precision(dtype), root)
-    return export(root, precision=precision(dtype), attention=attention)
+    log.info("fastdiff: no %s ONNX export of %s%s in the cache: exporting (once; takes minutes for SD1.5)",
+             precision(dtype), root, " with these LoRA adapters" if adapters else "")  # fmt: skip
+    return export(root, precision=precision(dtype), attention=attention, adapters=adapters)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -66,8 +68,8 @@ class OnnxRuntimeBackend(Backend):
         return None  # never auto's choice: its exported UNet takes latent sides in multiples of 2 ** (down blocks - 1)
 
     @classmethod
-    def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "OnnxRuntimeBackend":
-        return cls(cached_or_new_export(root, dtype, attention="mha"), device=device, dtype=dtype)
+    def create(cls, root, *, device, dtype, kernels=None, channels_last=False, adapters=None) -> "OnnxRuntimeBackend":
+        return cls(cached_or_new_export(root, dtype, attention="mha", adapters=adapters), device=device, dtype=dtype)
 
     def __init__(self, export_dir: Path, *, device: torch.device, dtype: torch.dtype, session_options=None):
         import onnxruntime as ort

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from fastdiff import ops
+from fastdiff import lora, ops
 from fastdiff.backends.base import Backend
 from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
-from fastdiff.weights import find_weights, load_module
+from fastdiff.weights import find_weights, load_module, read_configs
 
 
 class TorchBackend(Backend):
@@ -28,8 +28,11 @@ class TorchBackend(Backend):
         return 1.0
 
     @classmethod
-    def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "TorchBackend":
-        return cls(root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
+    def create(cls, root, *, device, dtype, kernels=None, channels_last=False, adapters=None) -> "TorchBackend":
+        backend = cls(root, device=device, dtype=dtype, kernels=kernels, channels_last=channels_last)
+        if adapters:
+            backend.merge(*lora.read_adapters(adapters, lora.model_modules(read_configs(root))))
+        return backend
 
     def __init__(
         self,
@@ -84,36 +87,16 @@ class TorchBackend(Backend):
         with ops.kernels(self.kernels):
             return self._vae_fp32.decode(latents.to(torch.float32, memory_format=self.memory_format))
 
-    def lora_modules(self) -> dict[str, set[str]]:
-        kinds = (torch.nn.Linear, torch.nn.Conv2d)
-        return {target: {n for n, m in self.network(target).named_modules() if isinstance(m, kinds)}
-                for target in ("unet", "text_encoder")}  # fmt: skip
-
     def network(self, name: str) -> torch.nn.Module:
         """The module of network `name`: "text_encoder", "unet" or "vae"."""
         return {"text_encoder": self.text_encoder, "unet": self.unet_model, "vae": self.vae}[name]
 
-    @torch.no_grad()
     def merge(self, layers, weights) -> None:
-        """Each adapted weight becomes (base + sum of weight * update) in float32, rounded once to
-        the network dtype and copied into the weight's own storage (CUDA graphs read it by
-        address). The base of every weight ever adapted is kept as a copy on first touch (memory:
-        those weights once more, e.g. SD1.5's attention projections), so removing every adapter
-        restores it bit for bit."""
-        deltas: dict[tuple[str, str], list] = {}
-        for layer, w in zip(layers, weights):
-            weight = self.network(layer.target).get_submodule(layer.module).weight
-            if layer.up.shape[0] != weight.shape[0] or layer.down.flatten(1).shape[1] != weight[0].numel():
-                raise ValueError(f"LoRA layer {layer.target} {layer.module}: an update of shape [{layer.up.shape[0]}, "
-                                 f"{layer.down.flatten(1).shape[1]}] does not fit its weight {tuple(weight.shape)}")
-            deltas.setdefault((layer.target, layer.module), []).append((layer, w))
-        for key in set(self.base_weights) | set(deltas):  # every check passed: nothing half-merged
-            weight = self.network(key[0]).get_submodule(key[1]).weight
-            base = self.base_weights.setdefault(key, weight.detach().clone())
-            total = base.float()
-            for layer, w in deltas.get(key, ()):
-                total = total + w * layer.delta(weight.shape).to(total.device)
-            weight.copy_(total.to(weight.dtype) if key in deltas else base)
+        """`fastdiff.lora.merge` into the UNet and text encoder in place (CUDA graphs read the
+        weights by address). The base of every weight ever adapted is kept as a copy on first touch
+        (memory: those weights once more, e.g. SD1.5's attention projections), so removing every
+        adapter restores it bit for bit."""
+        lora.merge({"unet": self.unet_model, "text_encoder": self.text_encoder}, layers, weights, self.base_weights)
 
     def nonfinite_weight(self, network: str) -> str | None:
         """The first parameter of `network` ("text_encoder", "unet", "vae") holding NaN/inf, or None:

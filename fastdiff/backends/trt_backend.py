@@ -108,8 +108,8 @@ class TensorRTBackend(Backend):
         return None  # never auto's choice: its engines take only their profiles' sizes
 
     @classmethod
-    def create(cls, root, *, device, dtype, kernels=None, channels_last=False) -> "TensorRTBackend":
-        return cls.from_model(root, device=device, dtype=dtype)
+    def create(cls, root, *, device, dtype, kernels=None, channels_last=False, adapters=None) -> "TensorRTBackend":
+        return cls.from_model(root, device=device, dtype=dtype, adapters=adapters)
 
     def __init__(self, engine_dir: Path, export_dir: Path, *, device: torch.device):
         from fastdiff.export.tensorrt import require_tensorrt
@@ -135,19 +135,20 @@ class TensorRTBackend(Backend):
         return export_dir is not None and find_engines(export_dir, _default_profile(root)) is not None
 
     @classmethod
-    def from_model(cls, root: Path, *, device: torch.device, dtype: torch.dtype) -> "TensorRTBackend":
-        """Engines for `root` (fp16, dynamic profile around the model's default size), built when missing."""
+    def from_model(cls, root: Path, *, device: torch.device, dtype: torch.dtype, adapters: dict | None = None) -> "TensorRTBackend":
+        """Engines for `root` (fp16, dynamic profile around the model's default size; `adapters`
+        merged into the export they are built from), built when missing."""
         from fastdiff.export.cache import find_export
         from fastdiff.export.tensorrt import build_engines, require_tensorrt
 
         require_tensorrt()
         if dtype != torch.float16:
             raise ValueError("backend='tensorrt' runs fp16 engines: use dtype=torch.float16")
-        export_dir = find_export(root, "fp16", attention="plain")
+        export_dir = find_export(root, "fp16", attention="plain", adapters=adapters)
         if export_dir is None:
             from fastdiff.export.onnx_export import export
 
-            export_dir = export(root, precision="fp16", attention="plain")
+            export_dir = export(root, precision="fp16", attention="plain", adapters=adapters)
         return cls(build_engines(export_dir, _default_profile(root)), export_dir, device=device)
 
     # ------------------------------------------------------------------------------------------
