@@ -63,7 +63,7 @@ class GraphedStep:
         n_evals = len(sched.timesteps)
         self.latents = torch.zeros(key.shape, device=device, dtype=torch.float32)
         self.context = torch.zeros(key.context_shape, device=device, dtype=key.dtype)
-        self.guidance = torch.zeros((), device=device, dtype=torch.float32)
+        self.guidance = torch.zeros((key.shape[0], 1, 1, 1), device=device, dtype=torch.float32)  # per sample
         self.index = torch.zeros((), device=device, dtype=torch.int64)
         self.noise = (
             torch.zeros((n_evals, *key.shape), device=device, dtype=torch.float32) if sched.needs_noise else None
@@ -103,14 +103,15 @@ class GraphedStep:
         lat.copy_(out)
         i.add_(1)
 
-    def run(self, latents, context, guidance_scale: float, noise, inpaint=None) -> torch.Tensor:
-        """Denoise `latents` fully by replaying the graph once per evaluation; returns a copy."""
+    def run(self, latents, context, guidance_scale: float | torch.Tensor, noise, inpaint=None) -> torch.Tensor:
+        """Denoise `latents` fully by replaying the graph once per evaluation; returns a copy.
+        guidance_scale: one number, or one per sample ([N, 1, 1, 1], a batch of requests)."""
         if self.inpaint is not None:
             for k, v in inpaint.tensors().items():
                 getattr(self.inpaint, k).copy_(v)
         self.latents.copy_(latents)
         self.context.copy_(context)
-        self.guidance.fill_(guidance_scale)
+        self.guidance.copy_(torch.as_tensor(guidance_scale, dtype=torch.float32).reshape(-1, 1, 1, 1).expand_as(self.guidance))
         if self.noise is not None:
             self.noise.copy_(noise)
         self._reset()

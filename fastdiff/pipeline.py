@@ -657,11 +657,12 @@ class Pipeline:
         sample = self.draw(generator, mean.shape)
         return (mean + torch.exp(0.5 * logvar) * sample) * self.facts.scaling_factor
 
-    def denoise(self, sched, scheduler: str, latents, context, guidance_scale: float, noise=None,
+    def denoise(self, sched, scheduler: str, latents, context, guidance_scale: float | torch.Tensor, noise=None,
                 inpaint: editing.Inpainting | None = None) -> torch.Tensor:
         """Every step of `sched` from `latents`: one captured CUDA graph per step where possible,
-        else the same loop eagerly. NaN/inf in the result raises NonFiniteError naming the step."""
-        cfg = guidance_scale > 1.0
+        else the same loop eagerly. NaN/inf in the result raises NonFiniteError naming the step.
+        guidance_scale: one number, or one per sample ([N, 1, 1, 1] on the device, all > 1)."""
+        cfg = bool((torch.as_tensor(guidance_scale) > 1.0).all())
         n_evals = len(sched.timesteps)
         graphed = self._graphed_step(sched, scheduler, sched.num_steps, cfg, latents, context, inpaint)
         first_bad = None  # the first step whose latents are not finite, tracked on the device (no sync)
@@ -687,8 +688,9 @@ class Pipeline:
         if not torch.isfinite(latents).all():
             at = "a step of the captured graph" if first_bad is None else f"step {int(first_bad) + 1} of {n_evals}"
             cause = ""
-            if cfg and abs(guidance_scale) > 100:
-                cause = f"guidance_scale={guidance_scale:g} (usual: 1-20) overflows the guided noise prediction; "
+            worst = float(torch.as_tensor(guidance_scale).abs().max())
+            if cfg and worst > 100:
+                cause = f"guidance_scale={worst:g} (usual: 1-20) overflows the guided noise prediction; "
             raise NonFiniteError(self._nonfinite_message("denoising loop", at, "unet", cause))
         return latents
 
