@@ -45,6 +45,18 @@ class Result:
     timings: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Job:
+    """One request's share of a batch (`Pipeline.run_batch`): what may differ between requests
+    that share a denoising loop."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int = 0
+    guidance_scale: float = 7.5
+    num_images: int = 1
+
+
 class NonFiniteError(RuntimeError):
     """A stage produced NaN or inf: raised instead of returning a black image."""
 
@@ -535,6 +547,62 @@ class Pipeline:
             return Result(image, timings)
         pil = to_pil(image)
         return Result(pil[0] if single and num_images == 1 else pil, timings)
+
+    def run_batch(
+        self,
+        jobs: list[Job],
+        *,
+        steps: int = 25,
+        height: int | None = None,
+        width: int | None = None,
+        scheduler: str = "dpmpp_2m",
+        pad_to: int | None = None,
+        timed: bool = False,
+    ) -> list[Result]:
+        """Text to image for several requests in one denoising loop: one Result per job, its
+        images float32 [num_images, H, W, 3], the same as `run` gives that job alone (each job's
+        noise from its own seed's generator, its own guidance and negative prompt; equal up to
+        rounding that depends on the batch size). Jobs either all use guidance (> 1) or none.
+        pad_to: run at least this many rows, the extra ones discarded, so that CUDA graphs are
+        captured per padded size (a bounded set) rather than per batch size."""
+        if not jobs:
+            raise ValueError("jobs: give at least one")
+        for job in jobs:
+            check_args(job.prompt, job.negative_prompt, steps, job.guidance_scale, height, width, scheduler,
+                       job.num_images, "np", job.seed, self.limits)  # fmt: skip
+        cfg = {job.guidance_scale > 1.0 for job in jobs}
+        if len(cfg) > 1:
+            raise ValueError("jobs: guidance_scale > 1 in some jobs and <= 1 (no guidance) in others; batch them apart")
+        cfg = cfg.pop()
+        n = sum(job.num_images for job in jobs)
+        rows = max(n, pad_to or 0)
+        height, width, sched = check_request(self.facts, self.limits, steps, height, width, scheduler, rows,
+                                             self.backend, self.device)  # fmt: skip
+        per_row = [job for job in jobs for _ in range(job.num_images)]
+        per_row += per_row[-1:] * (rows - n)  # padding rows repeat the last; their images are dropped
+        with self.weights_lock.reading():
+            timings: dict[str, float] = {}
+            clock = _Clock(self.device, timed, timings)
+            with clock("text_encoder"):
+                negative = [job.negative_prompt or "" for job in per_row]
+                context = self.encode_prompt([job.prompt for job in per_row], negative if cfg else None, 1, cfg)
+            drawn = [self.initial_latents(torch.Generator("cpu").manual_seed(int(job.seed)), sched, job.num_images,
+                                          height, width) for job in jobs]  # fmt: skip
+            pad = torch.zeros(self.latent_shape(rows - n, height, width), device=self.device)
+            latents = torch.cat([lat for lat, _ in drawn] + [pad])  # [rows, C, h, w]
+            noise = None
+            if sched.needs_noise:
+                pad_noise = torch.zeros((len(sched.timesteps), *pad.shape), device=self.device)
+                noise = torch.cat([nz for _, nz in drawn] + [pad_noise], dim=1)  # [steps, rows, C, h, w]
+            guidance = torch.tensor([job.guidance_scale for job in per_row], dtype=torch.float32, device=self.device)
+            with clock("denoise"):
+                latents = self.denoise(sched, scheduler, latents, context, guidance.reshape(-1, 1, 1, 1), noise)
+            timings["unet_step"] = timings["denoise"] / len(sched.timesteps) if timed else 0.0
+            with clock("vae_decode"):
+                images = self.decode(latents)  # [rows, H, W, 3]
+        timings["end_to_end"] = sum(timings.get(k, 0.0) for k in ("text_encoder", "denoise", "vae_decode"))
+        starts = np.cumsum([0] + [job.num_images for job in jobs])
+        return [Result(images[a:b], timings) for a, b in zip(starts[:-1], starts[1:])]
 
     def set_adapters(self, adapters: dict | None) -> None:
         """Merge LoRA adapters ({path to .safetensors: weight}, fastdiff.lora's layouts) into the
