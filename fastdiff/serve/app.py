@@ -156,13 +156,15 @@ def png(image_array) -> bytes:
 class Server:
     """The loaded pipeline, its batcher and metrics; the app's routes call into it."""
 
-    def __init__(self, settings: Settings, pipe=None):
+    def __init__(self, settings: Settings, pipe=None, load_now: bool = False):
         self.settings, self.metrics = settings, Metrics()
         self.pipe, self.batcher, self.error = None, None, None
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self.ready = threading.Event()
         if pipe is not None:
             self._start(pipe)
+        elif load_now:
+            self._load()
         else:
             threading.Thread(target=self._load, name="fastdiff-load", daemon=True).start()
 
@@ -230,8 +232,9 @@ class Server:
         return Ticket(key, req.num_images, deadline, job=job)
 
 
-def create_app(settings: Settings | None = None, pipe=None):
-    """The FastAPI app for `settings` (loading the model in the background unless `pipe` is given)."""
+def create_app(settings: Settings | None = None, pipe=None, load_now: bool = False):
+    """The FastAPI app for `settings`: serving `pipe` if given, else loading the model, in the
+    background (/readyz says when it is ready) or, with `load_now`, before returning."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -241,7 +244,7 @@ def create_app(settings: Settings | None = None, pipe=None):
 
     settings = settings or Settings()
     ImageRequest = _request_model(settings)
-    server = Server(settings, pipe)
+    server = Server(settings, pipe, load_now)
 
     @asynccontextmanager
     async def lifespan(app):
