@@ -70,7 +70,7 @@ def as_array(png: bytes) -> np.ndarray:
 
 def reference(pipe, **kw) -> np.ndarray:
     """What Pipeline.generate makes, as the server's PNGs hold it (uint8)."""
-    images = pipe.generate(steps=STEPS, output_type="np", **kw)
+    images = pipe.generate(**{"steps": STEPS, **kw}, output_type="np")
     return (images * 255).round().astype(np.int16)
 
 
@@ -141,6 +141,8 @@ def test_batched_requests_equal_each_alone(pipe):
             for i, (p, g, neg, k) in enumerate([("a red circle", 7.5, None, 1), ("a green square", 3.0, "blue", 2),
                                                  ("a yellow triangle", 5.0, None, 1), ("a blue circle", 9.0, "red", 1),
                                                  ("a red square", 2.0, None, 2), ("a purple circle", 7.5, None, 1)])]  # fmt: skip
+    reqs += [{"prompt": "a red circle", "seed": 30, "steps": STEPS + 1},  # another loop: never in the others' batch
+             {"prompt": "a red circle", "seed": 31, "steps": STEPS, "guidance_scale": 1.0}]  # fmt: skip
     answers = [None] * len(reqs)
     with running(app) as port:
         def send(i):
@@ -157,9 +159,9 @@ def test_batched_requests_equal_each_alone(pipe):
         out = json.loads(body)
         sizes.append(out["batch_images"])
         got = np.stack([as_array(base64.b64decode(b)) for b in out["images"]])
-        want = reference(pipe, **{k: v for k, v in req.items() if k != "steps"})
+        want = reference(pipe, **req)
         assert np.abs(got - want).max() <= 1, req
-    assert max(sizes) > 2  # requests did share loops
+    assert max(sizes) > 2 and sizes[-2:] == [1, 1]  # requests did share loops, only with their own kind
 
 
 # (request body, the field the 422 names)
@@ -253,6 +255,22 @@ def test_api_key(pipe):
         assert call(port, "POST", "/v1/images", body, {"X-API-Key": "wrong"})[0] == 401
         assert call(port, "POST", "/v1/images", body, {"X-API-Key": "s3cret"})[0] == 200
         assert call(port, "POST", "/v1/images", body, {"Authorization": "Bearer s3cret"})[0] == 200
+
+
+def test_run_batch_rules(pipe):
+    from fastdiff.pipeline import Job
+    from fastdiff.serve.batcher import padded
+
+    jobs = [Job("a red circle", None, 1, 7.5, 1), Job("a blue square", "red", 2, 3.0, 2)]
+    plain = pipe.run_batch(jobs, steps=3, scheduler="euler_a")
+    for a, b in zip(plain, pipe.run_batch(jobs, steps=3, scheduler="euler_a", pad_to=8)):
+        np.testing.assert_allclose(a.images, b.images, atol=1e-5)
+    assert [r.images.shape[0] for r in plain] == [1, 2]
+    with pytest.raises(ValueError, match="guidance_scale > 1 in some jobs"):
+        pipe.run_batch([jobs[0], Job("x", None, 3, 1.0, 1)], steps=3)
+    with pytest.raises(ValueError, match="jobs: give at least one"):
+        pipe.run_batch([], steps=3)
+    assert [padded(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8] and padded(6, 6) == 6
 
 
 def test_beyond_loopback_needs_a_key():

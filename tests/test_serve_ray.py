@@ -48,6 +48,22 @@ def endpoint():
         ray.shutdown()
 
 
+def test_config_file_is_a_valid_serve_config():
+    """fastdiff/serve/ray_serve.yaml passes Ray Serve's own schema, and its args build the app."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((Path(ray_app.__file__).parent / "ray_serve.yaml").read_text())
+    ServeDeploySchema(**config)
+    (app,) = config["applications"]
+    assert app["import_path"] == "fastdiff.serve.ray_app:build"
+    ray_app.build(app["args"])
+    with pytest.raises(ValueError, match="unknown server settings: modle"):
+        ray_app.build({"modle": "x"})
+
+
 def test_two_replicas_answer_like_the_pipeline(endpoint):
     pipe = Pipeline.from_pretrained(testing.TINY_SHAPES, backend="torch", device="cpu")
     reqs = [{"prompt": ["a red circle", "a blue square"][i % 2], "seed": 20 + i, "steps": STEPS} for i in range(8)]

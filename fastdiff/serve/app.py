@@ -272,8 +272,10 @@ def create_app(settings: Settings | None = None, pipe=None, load_now: bool = Fal
         if not server.ready.is_set():
             return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": str(settings.retry_after_s)})
         pipe = server.pipe
+        import torch
+
         return {"ready": True, "model": pipe.facts.model_name, "backend": pipe.backend.name, "device": str(pipe.device),
-                "replica": server.replica}  # fmt: skip
+                "replica": server.replica, "cpu_threads": torch.get_num_threads()}  # fmt: skip
 
     @app.get("/metrics")
     def metrics():
