@@ -629,7 +629,7 @@ def test_group_norm_tuner_rotates_large_inputs(monkeypatch):
         monkeypatch.setattr(gn_mod, "_ROTATE_BYTES", rotate_bytes)  # inputs in turn; at least two when large
         seen.clear()
         _group_norm_case(shape, 8, torch.float32, "cpu", channels_last=True)  # tunes, then runs the choice
-        timed, (final_plan, final_ptr, _) = seen[:-1], seen[-1]
+        timed, (final_plan, _, _) = seen[:-1], seen[-1]
         assert {stride[1:] for _, _, stride in seen} == {(1, 64)}  # the copies keep channels-last
         assert any(p.last_first for p, _, _ in timed) == large
         ptrs = [ptr for _, ptr, _ in timed]
