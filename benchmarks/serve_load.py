@@ -131,7 +131,7 @@ def run_ray(args, replicas: int) -> dict:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = Settings(model=args.model, backend=args.backend, max_batch_images=args.clients,
-                            max_wait_ms=args.max_wait_ms, max_queue=256)  # fmt: skip
+                            max_wait_ms=args.ray_max_wait_ms, max_queue=256)  # fmt: skip
         app = ray_app.deployment(settings, num_replicas=replicas, ray_actor_options={"num_cpus": cores / replicas},
                                  max_ongoing_requests=2 * args.clients).bind()  # fmt: skip
         serve.run(app, name="fastdiff", route_prefix="/")
@@ -175,7 +175,9 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=30.0, help="per configuration")
     p.add_argument("--max-requests", type=int, default=2000, help="per configuration")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--max-wait-ms", type=float, default=10.0)
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="the uvicorn server's gather window")
+    p.add_argument("--ray-max-wait-ms", type=float, default=50.0,
+                   help="the Ray replicas' window (Ray's proxy hop spreads arrivals: fastdiff/serve/ray_serve.yaml)")
     p.add_argument("--runs", default="pipeline,solo,batched,ray1,ray2", help="which configurations, comma-separated")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)

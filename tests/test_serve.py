@@ -179,6 +179,7 @@ BAD = [
     ({"prompt": "x", "scheduler": "nope"}, "scheduler"),
     ({"prompt": "x", "num_images": 5}, "num_images"),
     ({"prompt": "x", "image": "not base64!"}, "image"),
+    ({"prompt": "x", "image": "BIG"}, "image"),  # 4096 x 4096 px: refused before its pixels are decoded
     ({"prompt": "x", "strength": 0.5}, "strength"),
     ({"prompt": "x", "mask_image": base64.b64encode(b"x").decode()}, "mask_image"),
     ({"prompt": "x", "timeout_s": 1e6}, "timeout_s"),
@@ -187,11 +188,17 @@ BAD = [
 
 
 def test_each_bad_field_is_a_422_naming_it(pipe):
-    with running(create_app(Settings(warmup=False), pipe)) as port:
+    buf = io.BytesIO()
+    Image.new("L", (4096, 4096)).save(buf, format="PNG")
+    big = base64.b64encode(buf.getvalue()).decode()
+    with running(create_app(Settings(warmup=False, max_body_bytes=2**20), pipe)) as port:
         for body, field in BAD:
+            body = {k: big if v == "BIG" else v for k, v in body.items()}
             status, _, out = call(port, "POST", "/v1/images", body)
             detail = json.loads(out)["detail"]
             assert status == 422 and detail[0]["loc"][:2] == ["body", field], (body, out)
+        status, _, out = call(port, "POST", "/v1/images", {"prompt": "x", "image": "A" * 2**20})
+        assert status == 413 and "over 1048576 bytes" in json.loads(out)["detail"]
 
 
 def test_queue_full_disconnect_and_deadline(pipe, monkeypatch):

@@ -55,6 +55,7 @@ class Settings:
     max_guidance: float = 50.0  # beyond it one request's NaNs would fail its whole batch
     timeout_s: float = 300.0  # a request's deadline unless it asks for less
     retry_after_s: int = 2
+    max_body_bytes: int = 16 * 2**20  # a request's JSON (base64 images included); larger: 413
     warmup: bool = True  # one small generation before /readyz says ready
 
     @classmethod
@@ -130,17 +131,22 @@ def unprocessable(field: str, message: str):
     return JSONResponse({"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}, status_code=422)
 
 
-def _decode_image(field: str, data: str | None):
+def _decode_image(field: str, data: str | None, max_pixels: int):
+    """A base64 image, its size checked against `max_pixels` before its pixels are decoded."""
     if data is None:
         return None
     from PIL import Image
 
     try:
-        raw = base64.b64decode(data, validate=True)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
     except Exception as e:  # noqa: BLE001 - any undecodable input is the client's error, named
         raise ValueError(f"{field}: not a base64-encoded PNG or JPEG ({type(e).__name__})") from None
+    if image.width * image.height > max_pixels:
+        raise ValueError(f"{field}: {image.width}x{image.height} px is over this server's limit of {max_pixels} pixels per image")
+    try:
+        image.load()
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{field}: a damaged image ({type(e).__name__}: {e})") from None
     return image
 
 
@@ -213,7 +219,7 @@ class Server:
         seed = req.seed if req.seed is not None else secrets.randbelow(2**63)
         check_args(req.prompt, req.negative_prompt, req.steps, req.guidance_scale, req.height, req.width, req.scheduler,
                    req.num_images, "np", seed, pipe.limits)  # fmt: skip
-        image, mask = _decode_image("image", req.image), _decode_image("mask_image", req.mask_image)
+        image, mask = (_decode_image(f, getattr(req, f), s.max_pixels) for f in ("image", "mask_image"))
         edit = read_edit(pipe.facts, image, mask, req.strength, req.height, req.width, pipe.backend, pipe.limits)
         height, width, _ = check_request(pipe.facts, pipe.limits, req.steps, req.height, req.width, req.scheduler,
                                          req.num_images, pipe.backend, "cpu", edit)  # fmt: skip
@@ -230,6 +236,23 @@ class Server:
         job = Job(req.prompt, req.negative_prompt, seed, req.guidance_scale, req.num_images)
         key = (height, width, req.steps, req.scheduler, req.guidance_scale > 1.0)
         return Ticket(key, req.num_images, deadline, job=job)
+
+
+class BodyLimit:
+    """ASGI middleware: a request whose Content-Length is over `limit` gets `refuse()` (a 413)
+    before its body is read. (Plain ASGI: Starlette's BaseHTTPMiddleware would change how the
+    endpoint sees a client's disconnect.)"""
+
+    def __init__(self, app, limit: int, refuse):
+        self.app, self.limit, self.refuse = app, limit, refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                await self.refuse()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, pipe=None, load_now: bool = False):
@@ -254,6 +277,13 @@ def create_app(settings: Settings | None = None, pipe=None, load_now: bool = Fal
     app = FastAPI(title="fastdiff", version="1", lifespan=lifespan,
                   description="Text to image, img2img and inpainting with one model, batched.")  # fmt: skip
     app.state.server = server
+
+    def too_large():
+        server.metrics.requests.labels("413").inc()
+        server.metrics.rejected.labels("too_large").inc()
+        return JSONResponse({"detail": f"the request body is over {settings.max_body_bytes} bytes"}, status_code=413)
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, refuse=too_large)
 
     def answer(status: int, body: dict, headers: dict | None = None, reason: str | None = None):
         server.metrics.requests.labels(str(status)).inc()
@@ -293,7 +323,7 @@ def create_app(settings: Settings | None = None, pipe=None, load_now: bool = Fal
         if not server.ready.is_set():
             return answer(503, {"detail": "the model is still loading"}, {"Retry-After": str(settings.retry_after_s)}, "not_ready")
         try:
-            ticket = server.ticket(req)
+            ticket = await run_in_threadpool(server.ticket, req)  # decodes images: off the event loop
         except ValueError as e:
             server.metrics.requests.labels("422").inc()
             server.metrics.rejected.labels("invalid").inc()
