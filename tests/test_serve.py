@@ -64,6 +64,21 @@ def call(port, method, path, body=None, headers=None, timeout=120):
     return out
 
 
+def concurrently(port, reqs: list[dict]) -> list:
+    """POST every request at once, one thread each; the answers in request order."""
+    answers = [None] * len(reqs)
+
+    def send(i):
+        answers[i] = call(port, "POST", "/v1/images", reqs[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
 def as_array(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
@@ -143,16 +158,8 @@ def test_batched_requests_equal_each_alone(pipe):
                                                  ("a red square", 2.0, None, 2), ("a purple circle", 7.5, None, 1)])]  # fmt: skip
     reqs += [{"prompt": "a red circle", "seed": 30, "steps": STEPS + 1},  # another loop: never in the others' batch
              {"prompt": "a red circle", "seed": 31, "steps": STEPS, "guidance_scale": 1.0}]  # fmt: skip
-    answers = [None] * len(reqs)
     with running(app) as port:
-        def send(i):
-            answers[i] = call(port, "POST", "/v1/images", reqs[i])
-
-        threads = [threading.Thread(target=send, args=(i,)) for i in range(len(reqs))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        answers = concurrently(port, reqs)
     sizes = []
     for req, (status, _, body) in zip(reqs, answers):
         assert status == 200, body

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import threading
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
 
-from test_serve import STEPS, as_array, call, reference  # noqa: E402
+from test_serve import STEPS, as_array, call, concurrently, reference  # noqa: E402
 
 from fastdiff import testing  # noqa: E402
 from fastdiff.pipeline import Pipeline  # noqa: E402
@@ -67,16 +66,7 @@ def test_config_file_is_a_valid_serve_config():
 def test_two_replicas_answer_like_the_pipeline(endpoint):
     pipe = Pipeline.from_pretrained(testing.TINY_SHAPES, backend="torch", device="cpu")
     reqs = [{"prompt": ["a red circle", "a blue square"][i % 2], "seed": 20 + i, "steps": STEPS} for i in range(8)]
-    answers = [None] * len(reqs)
-
-    def send(i):
-        answers[i] = call(endpoint, "POST", "/v1/images", reqs[i])
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(reqs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    answers = concurrently(endpoint, reqs)
     replicas = set()
     for req, (status, headers, body) in zip(reqs, answers):
         assert status == 200, body
