@@ -877,7 +877,8 @@ def generate(
     root = resolve_model(model)
     if cache_key(root, backend) not in _cache:  # before a first load; a loaded pipeline checks in run()
         facts = ModelFacts.read(root)
-        lora_files.read_adapters(options["lora"], lora_files.model_modules(read_configs(root)))  # named ValueErrors
+        if options["lora"]:  # named ValueErrors before minutes of loading
+            lora_files.read_adapters(options["lora"], lora_files.model_modules(read_configs(root)))
         edit = read_edit(facts, image, mask_image, strength, height, width)
         check_request(facts, Limits.from_env(), steps, height, width, scheduler, len(prompts) * int(num_images),
                       edit=edit)  # fmt: skip
