@@ -111,7 +111,7 @@ def test_onnxruntime_exports_when_nothing_is_cached(exported, tmp_path, monkeypa
     with caplog.at_level(logging.INFO, logger="fastdiff"):
         backend = make_backend("onnxruntime", folder, device=torch.device("cpu"), dtype=torch.float32)
     assert backend.name == "onnxruntime"
-    assert calls == [(folder, {"precision": "fp32", "attention": "mha"})]
+    assert calls == [(folder, {"precision": "fp32", "attention": "mha", "adapters": None})]
     assert "exporting" in caplog.text
 
 
