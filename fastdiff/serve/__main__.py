@@ -51,7 +51,7 @@ def main(argv=None) -> int:
 
         from fastdiff.serve.app import create_app
     except ImportError as e:
-        print(f"error: fastdiff.serve needs the serve extra ({e.name} is missing): pip install -e '.[serve]'", file=sys.stderr)
+        print(f"error: fastdiff.serve needs the serve extra ({e.name} is missing): pip install -c constraints.txt -e '.[serve]'", file=sys.stderr)
         return 2
     settings = Settings(
         model=args.model, backend=args.backend, device=args.device, dtype=args.dtype, api_key=args.api_key,
