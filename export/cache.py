@@ -166,12 +166,18 @@ def prune_adapted(keep_folder: Path, base_sha256: str, limit: int | None = None)
     ($FASTDIFF_LORA_EXPORTS, default 4) in keep_folder's parent, `keep_folder` never: each is a
     whole copy of the model (SD1.5: GBs), so the disk a run of adapter changes takes is bounded.
     Age is the manifest's mtime, which a reuse renews (`touch_manifest`). Returns what was removed."""
-    limit = max(1, int(os.environ.get("FASTDIFF_LORA_EXPORTS", "4")) if limit is None else limit)
+    if limit is None:
+        env = os.environ.get("FASTDIFF_LORA_EXPORTS", "4")
+        limit = int(env) if env.strip().isdigit() else 4
+    limit = max(1, limit)
     others = []
     for folder in Path(keep_folder).parent.iterdir():
         m = read_manifest(folder) if folder != keep_folder and folder.is_dir() else None
         if m and m.get("adapters") and (m.get("model") or {}).get("base_source_sha256") == base_sha256:
-            others.append(((folder / MANIFEST).stat().st_mtime, folder))
+            try:
+                others.append(((folder / MANIFEST).stat().st_mtime, folder))
+            except OSError:  # removed meanwhile by another process's prune
+                continue
     others.sort()  # oldest first
     removed = [folder for _, folder in others[: max(0, len(others) - (limit - 1))]]
     for folder in removed:

@@ -56,7 +56,7 @@ def running(app):
 
 def call(port, method, path, body=None, headers=None, timeout=120):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    data = json.dumps(body).encode() if body is not None else None
+    data = json.dumps(body).replace('"NaN"', "NaN").encode() if body is not None else None
     conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
     r = conn.getresponse()
     out = r.status, dict(r.getheaders()), r.read()
@@ -191,21 +191,30 @@ BAD = [
     ({"prompt": "x", "mask_image": base64.b64encode(b"x").decode()}, "mask_image"),
     ({"prompt": "x", "timeout_s": 1e6}, "timeout_s"),
     ({"prompt": "x", "model": "sd15"}, "model"),  # the model is chosen at start, never by a request
+    ({"prompt": "x", "guidance_scale": "NaN"}, "guidance_scale"),  # sent as a bare NaN token
+    ({"prompt": "x", "image": "BMP"}, "image"),  # PNG and JPEG only: Pillow's other decoders stay shut
 ]
 
 
 def test_each_bad_field_is_a_422_naming_it(pipe):
-    buf = io.BytesIO()
-    Image.new("L", (4096, 4096)).save(buf, format="PNG")
-    big = base64.b64encode(buf.getvalue()).decode()
+    encoded = {}
+    for name, size, fmt in (("BIG", 4096, "PNG"), ("BMP", 64, "BMP")):
+        buf = io.BytesIO()
+        Image.new("L", (size, size)).save(buf, format=fmt)
+        encoded[name] = base64.b64encode(buf.getvalue()).decode()
     with running(create_app(Settings(warmup=False, max_body_bytes=2**20), pipe)) as port:
         for body, field in BAD:
-            body = {k: big if v == "BIG" else v for k, v in body.items()}
+            body = {k: encoded.get(v, v) if isinstance(v, str) else v for k, v in body.items()}
             status, _, out = call(port, "POST", "/v1/images", body)
             detail = json.loads(out)["detail"]
             assert status == 422 and detail[0]["loc"][:2] == ["body", field], (body, out)
         status, _, out = call(port, "POST", "/v1/images", {"prompt": "x", "image": "A" * 2**20})
         assert status == 413 and "over 1048576 bytes" in json.loads(out)["detail"]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)  # chunked: no Content-Length to go by
+        conn.request("POST", "/v1/images", body=iter([b'{"prompt": "x", "image": "', b"A" * 2**20, b'"}']),
+                     headers={"Content-Type": "application/json"}, encode_chunked=True)  # fmt: skip
+        r = conn.getresponse()
+        assert r.status == 413 and "over 1048576 bytes" in json.loads(r.read())["detail"]
 
 
 def test_queue_full_disconnect_and_deadline(pipe, monkeypatch):
@@ -266,9 +275,45 @@ def test_api_key(pipe):
     with running(create_app(Settings(warmup=False, api_key="s3cret"), pipe)) as port:
         body = {"prompt": "a", "seed": 1, "steps": 2}
         assert call(port, "POST", "/v1/images", body)[0] == 401
+        assert call(port, "POST", "/v1/images", {"steps": "bad"})[0] == 401  # before the body is read
+        assert call(port, "GET", "/metrics")[0] == 401 and call(port, "GET", "/readyz")[0] == 200
         assert call(port, "POST", "/v1/images", body, {"X-API-Key": "wrong"})[0] == 401
         assert call(port, "POST", "/v1/images", body, {"X-API-Key": "s3cret"})[0] == 200
         assert call(port, "POST", "/v1/images", body, {"Authorization": "Bearer s3cret"})[0] == 200
+
+
+def test_batches_keep_to_the_pixel_budget_and_cancelled_tickets_free_their_place(pipe, monkeypatch):
+    """A batch never holds more pixels than one Pipeline call may (Limits.max_batch_pixels), so
+    requests each within the limits never fail together; a cancelled queued ticket no longer counts
+    against the queue."""
+    import dataclasses
+
+    from fastdiff.pipeline import Job
+    from fastdiff.serve.batcher import Batcher, QueueFull, Ticket
+
+    gate = Gate(pipe, monkeypatch)
+    monkeypatch.setattr(pipe, "limits", dataclasses.replace(pipe.limits, max_batch_pixels=3 * 64 * 64))
+    batcher = Batcher(pipe, max_images=8, max_queue=4, max_wait_s=0.2)
+    key = (64, 64, 2, "dpmpp_2m", True)
+    try:
+        first = batcher.submit(Ticket(key, 1, time.monotonic() + 60, job=Job("a", None, 0, 7.5, 1)))
+        assert gate.entered.wait(30)  # the worker holds the first batch
+        tickets = [Ticket(key, 1, time.monotonic() + 60, job=Job("a", None, i, 7.5, 1)) for i in range(1, 5)]
+        for t in tickets:
+            batcher.submit(t)
+        with pytest.raises(QueueFull):
+            batcher.submit(Ticket(key, 1, time.monotonic() + 60, job=Job("a", None, 9, 7.5, 1)))
+        assert tickets[1].future.cancel()  # its client left
+        extra = [Ticket(key, 1, time.monotonic() + 60, job=Job("a", None, i, 7.5, 1)) for i in (5, 6)]
+        batcher.submit(extra[0])  # the cancelled ticket's place
+        with pytest.raises(QueueFull):
+            batcher.submit(extra[1])
+        gate.opened.set()
+        for f in [first] + [t.future for t in (tickets[0], tickets[2], tickets[3], extra[0])]:
+            f.result(timeout=60)
+    finally:
+        batcher.stop()
+    assert gate.calls == [[0], [1, 3, 4], [5]]  # 3 images of 64 px fill the budget
 
 
 def test_run_batch_rules(pipe):

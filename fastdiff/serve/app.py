@@ -138,7 +138,7 @@ def _decode_image(field: str, data: str | None, max_pixels: int):
     from PIL import Image
 
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+        image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)), formats=("PNG", "JPEG"))
     except Exception as e:  # noqa: BLE001 - any undecodable input is the client's error, named
         raise ValueError(f"{field}: not a base64-encoded PNG or JPEG ({type(e).__name__})") from None
     if image.width * image.height > max_pixels:
@@ -169,8 +169,10 @@ class Server:
         self.ready = threading.Event()
         if pipe is not None:
             self._start(pipe)
-        elif load_now:
+        elif load_now:  # a replica that cannot load fails to start, and Ray says so, rather than answering 503 forever
             self._load()
+            if self.error is not None:
+                raise self.error
         else:
             threading.Thread(target=self._load, name="fastdiff-load", daemon=True).start()
 
@@ -191,7 +193,8 @@ class Server:
             pipe.generate("warm up", steps=2, seed=0, output_type="np")
         self.pipe = pipe
         self.batcher = Batcher(pipe, max_images=s.max_batch_images, max_queue=s.max_queue, max_wait_s=s.max_wait_ms / 1000,
-                               pad=pipe.device.type == "cuda" and pipe.cuda_graph, on_batch=self.metrics.batch)  # fmt: skip
+                               pad=pipe.device.type == "cuda" and pipe.cuda_graph and pipe.backend.capturable,
+                               on_batch=self.metrics.batch)  # fmt: skip
         self.ready.set()
         log.info("fastdiff.serve: ready (%s on %s, backend %s)", pipe.facts.model_name, pipe.device, pipe.backend.name)
 
@@ -238,21 +241,52 @@ class Server:
         return Ticket(key, req.num_images, deadline, job=job)
 
 
-class BodyLimit:
-    """ASGI middleware: a request whose Content-Length is over `limit` gets `refuse()` (a 413)
-    before its body is read. (Plain ASGI: Starlette's BaseHTTPMiddleware would change how the
-    endpoint sees a client's disconnect.)"""
+class TooLarge(BaseException):
+    """Raised from `Gate`'s receive past the body limit; a BaseException so that FastAPI's body
+    parsing (which turns an Exception into a 400) lets it through to the Gate that answers 413."""
 
-    def __init__(self, app, limit: int, refuse):
-        self.app, self.limit, self.refuse = app, limit, refuse
+
+class Gate:
+    """ASGI middleware in front of the app, before any body is read: the API key (`authorized`)
+    for every path but /healthz and /readyz, and the body size, by Content-Length and by counting
+    what arrives (a chunked body has no Content-Length). (Plain ASGI: Starlette's
+    BaseHTTPMiddleware would change how the endpoint sees a client's disconnect.)"""
+
+    OPEN = ("/healthz", "/readyz")
+
+    def __init__(self, app, limit: int, authorized, refuse):
+        self.app, self.limit, self.authorized, self.refuse = app, limit, authorized, refuse
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                await self.refuse()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"] not in self.OPEN and not self.authorized(headers):
+            return await self.refuse(401, "missing or wrong API key (X-API-Key header)", "unauthorized")(scope, receive, send)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.refuse(413, f"the request body is over {self.limit} bytes", "too_large")(scope, receive, send)
+        seen, started = 0, False
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise TooLarge
+            return message
+
+        async def watched_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except TooLarge:
+            if not started:
+                await self.refuse(413, f"the request body is over {self.limit} bytes", "too_large")(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, pipe=None, load_now: bool = False):
@@ -261,6 +295,7 @@ def create_app(settings: Settings | None = None, pipe=None, load_now: bool = Fal
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
     from starlette.concurrency import run_in_threadpool
@@ -278,12 +313,20 @@ def create_app(settings: Settings | None = None, pipe=None, load_now: bool = Fal
                   description="Text to image, img2img and inpainting with one model, batched.")  # fmt: skip
     app.state.server = server
 
-    def too_large():
-        server.metrics.requests.labels("413").inc()
-        server.metrics.rejected.labels("too_large").inc()
-        return JSONResponse({"detail": f"the request body is over {settings.max_body_bytes} bytes"}, status_code=413)
+    def refuse(status: int, detail: str, reason: str):
+        server.metrics.requests.labels(str(status)).inc()
+        server.metrics.rejected.labels(reason).inc()
+        return JSONResponse({"detail": detail}, status_code=status)
 
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, refuse=too_large)
+    app.add_middleware(Gate, limit=settings.max_body_bytes, authorized=server.authorized, refuse=refuse)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        """FastAPI's 422, without echoing the input back (a NaN in it would not render as JSON)."""
+        errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
+        server.metrics.requests.labels("422").inc()
+        server.metrics.rejected.labels("invalid").inc()
+        return JSONResponse({"detail": errors}, status_code=422)
 
     def answer(status: int, body: dict, headers: dict | None = None, reason: str | None = None):
         server.metrics.requests.labels(str(status)).inc()
@@ -315,9 +358,7 @@ def create_app(settings: Settings | None = None, pipe=None, load_now: bool = Fal
 
     @app.post("/v1/images", responses={200: {"content": {"image/png": {}}}})
     async def images(req: ImageRequest, request: Request):
-        t0 = time.monotonic()
-        if not server.authorized(request.headers):
-            return answer(401, {"detail": "missing or wrong API key (X-API-Key header)"}, reason="unauthorized")
+        t0 = time.monotonic()  # the API key and the body size were checked by Gate
         if server.error is not None:
             return answer(503, {"detail": f"the model failed to load: {server.error}"}, reason="not_ready")
         if not server.ready.is_set():

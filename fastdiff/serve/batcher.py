@@ -66,7 +66,7 @@ def solo_key() -> tuple:
 
 def padded(n: int, max_images: int) -> int:
     """The batch size a CUDA graph is captured for: the next power of two, at most max_images
-    (so at most log2(max_images) + 1 captures per size and step count)."""
+    (so at most log2(max_images) + 1 captures per size and step count); n <= max_images."""
     size = 1
     while size < n:
         size *= 2
@@ -93,13 +93,29 @@ class Batcher:
 
     def depth(self) -> int:
         with self._cond:
+            self._purge()
             return len(self._queue)
+
+    def _purge(self) -> None:
+        """Drop the tickets cancelled while queued (their clients left or timed out): they hold
+        no place in the queue (called with the lock held)."""
+        if any(t.future.cancelled() for t in self._queue):
+            self._queue = collections.deque(t for t in self._queue if not t.future.cancelled())
+
+    def capacity(self, key: tuple) -> int:
+        """Images a batch of `key` may hold: max_images, and the pipeline's pixel budget for one
+        call (`Limits.max_batch_pixels`), which padding must respect too."""
+        if key[0] == "solo":
+            return self.max_images
+        height, width = key[0], key[1]
+        return max(1, min(self.max_images, self.pipe.limits.max_batch_pixels // (height * width)))
 
     def submit(self, ticket: Ticket) -> Future:
         """Queue `ticket`; QueueFull when the queue is full (nothing is queued then)."""
         with self._cond:
             if self._stopped:
                 raise QueueFull("the server is shutting down")
+            self._purge()
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are queued (the limit)")
             self._queue.append(ticket)
@@ -127,15 +143,17 @@ class Batcher:
         batch, images = [first], first.images
         if first.key[0] == "solo":
             return batch
+        cap = self.capacity(first.key)
         until = time.monotonic() + self.max_wait_s
-        while images < self.max_images:
+        while images < cap:
+            self._purge()
             for t in list(self._queue):  # oldest first; others keep their place
-                if t.key == first.key and images + t.images <= self.max_images:
+                if t.key == first.key and images + t.images <= cap:
                     self._queue.remove(t)
                     batch.append(t)
                     images += t.images
             left = until - time.monotonic()
-            if images >= self.max_images or left <= 0 or self._stopped:
+            if images >= cap or left <= 0 or self._stopped:
                 break
             self._cond.wait(timeout=left)
         return batch
@@ -160,7 +178,7 @@ class Batcher:
 
     def _run(self, tickets: list[Ticket]) -> None:
         images = sum(t.images for t in tickets)
-        size = padded(images, self.max_images) if self.pad else images
+        size = padded(images, self.capacity(tickets[0].key)) if self.pad else images
         try:
             if tickets[0].solo is not None:
                 result = self.pipe.run(**tickets[0].solo, output_type="np", timed=True)
@@ -179,4 +197,7 @@ class Batcher:
             t.batch_images = images
             t.future.set_result(r)
         if self.on_batch is not None:
-            self.on_batch(Batch(tickets, images, size, results[0].timings))
+            try:
+                self.on_batch(Batch(tickets, images, size, results[0].timings))
+            except Exception:  # noqa: BLE001 - a metrics hook never stops the worker
+                log.exception("fastdiff.serve: the batch hook failed")
