@@ -272,6 +272,12 @@ class WeightsLock:
         with self._cond:
             self._cond.wait_for(lambda: not self._writing and not self._waiting_writers)
             self._readers += 1
+        with self._held():
+            yield
+
+    @contextmanager
+    def _held(self):
+        """A read lock already taken, given back when the block ends."""
         try:
             yield
         finally:
@@ -300,12 +306,8 @@ class WeightsLock:
             self._writing = False
             self._readers += 1
             self._cond.notify_all()
-        try:
+        with self._held():
             yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
 
 
 def _default_device() -> torch.device:

@@ -124,11 +124,10 @@ def field_of(message: str, fields) -> str:
     return name if name in fields else "body"
 
 
-def unprocessable(field: str, message: str):
-    from fastapi.responses import JSONResponse
-
+def unprocessable(field: str, message: str) -> dict:
+    """A 422 body in FastAPI's own shape, naming `field`."""
     loc = ["body"] if field == "body" else ["body", field]
-    return JSONResponse({"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}, status_code=422)
+    return {"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}
 
 
 def _decode_image(field: str, data: str | None, max_pixels: int):
@@ -313,26 +312,21 @@ def create_app(settings: Settings | None = None, pipe=None, load_now: bool = Fal
                   description="Text to image, img2img and inpainting with one model, batched.")  # fmt: skip
     app.state.server = server
 
-    def refuse(status: int, detail: str, reason: str):
+    def answer(status: int, body: dict, headers: dict | None = None, reason: str | None = None):
+        """Every counted answer: its status, and the reason when the request was not run."""
         server.metrics.requests.labels(str(status)).inc()
-        server.metrics.rejected.labels(reason).inc()
-        return JSONResponse({"detail": detail}, status_code=status)
+        if reason:
+            server.metrics.rejected.labels(reason).inc()
+        return JSONResponse(body, status_code=status, headers={"X-Fastdiff-Replica": server.replica, **(headers or {})})
 
-    app.add_middleware(Gate, limit=settings.max_body_bytes, authorized=server.authorized, refuse=refuse)
+    app.add_middleware(Gate, limit=settings.max_body_bytes, authorized=server.authorized,
+                       refuse=lambda status, detail, reason: answer(status, {"detail": detail}, reason=reason))  # fmt: skip
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         """FastAPI's 422, without echoing the input back (a NaN in it would not render as JSON)."""
         errors = [{k: v for k, v in e.items() if k in ("type", "loc", "msg")} for e in exc.errors()]
-        server.metrics.requests.labels("422").inc()
-        server.metrics.rejected.labels("invalid").inc()
-        return JSONResponse({"detail": errors}, status_code=422)
-
-    def answer(status: int, body: dict, headers: dict | None = None, reason: str | None = None):
-        server.metrics.requests.labels(str(status)).inc()
-        if reason:
-            server.metrics.rejected.labels(reason).inc()
-        return JSONResponse(body, status_code=status, headers={"X-Fastdiff-Replica": server.replica, **(headers or {})})
+        return answer(422, {"detail": errors}, reason="invalid")
 
     @app.get("/healthz")
     def healthz():
@@ -366,9 +360,7 @@ def create_app(settings: Settings | None = None, pipe=None, load_now: bool = Fal
         try:
             ticket = await run_in_threadpool(server.ticket, req)  # decodes images: off the event loop
         except ValueError as e:
-            server.metrics.requests.labels("422").inc()
-            server.metrics.rejected.labels("invalid").inc()
-            return unprocessable(field_of(str(e), ImageRequest.model_fields), str(e))
+            return answer(422, unprocessable(field_of(str(e), ImageRequest.model_fields), str(e)), reason="invalid")
         try:
             future = server.batcher.submit(ticket)
         except QueueFull as e:

@@ -50,9 +50,7 @@ class Ticket:
 class Batch:
     """What the worker ran: for metrics."""
 
-    tickets: list
     images: int
-    padded_to: int
     timings: dict
 
 
@@ -198,6 +196,6 @@ class Batcher:
             t.future.set_result(r)
         if self.on_batch is not None:
             try:
-                self.on_batch(Batch(tickets, images, size, results[0].timings))
+                self.on_batch(Batch(images, results[0].timings))
             except Exception:  # noqa: BLE001 - a metrics hook never stops the worker
                 log.exception("fastdiff.serve: the batch hook failed")
