@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fastdiff import lora, ops
+from fastdiff import allocator, lora, ops
 from fastdiff.backends.base import Backend
 from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 from fastdiff.weights import find_weights, load_module, read_configs
@@ -44,6 +44,8 @@ class TorchBackend(Backend):
         channels_last: bool = False,
     ):
         self.device, self.dtype, self.kernels = device, dtype, kernels
+        if device.type == "cpu":
+            allocator.keep_freed_memory()  # process-wide, once: see fastdiff.allocator
         self.capturable = device.type == "cuda"  # unet() may be captured in a CUDA graph
         # channels_last: conv weights and the UNet/VAE activations in NHWC memory order (cuDNN's
         # native layout for fp16 tensor-core convolutions); results are the same function.
