@@ -209,15 +209,30 @@ def conv_path(x, weight, stride, padding) -> str:
     return "packed" if packable else "reference"
 
 
-def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int]):
-    """2-D convolution (dilation 1, one group); on the CPU see SMALL_CONV_PIXELS and PACKED_CONV."""
+def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int], residual=None):
+    """2-D convolution (dilation 1, one group), plus `residual` (a tensor of the output's shape)
+    when given; on the CPU see SMALL_CONV_PIXELS and PACKED_CONV. On the packed path the residual
+    is a post-op of oneDNN's convolution, so the output is written once and rounded once
+    (`benchmarks/profile_step.py --network vae` shows the adds this saves)."""
     path = conv_path(x, weight, stride, padding)
     if path == "im2col":
-        return torch.ops.aten.thnn_conv2d(x, weight, weight.shape[2:], bias, stride, padding)
-    if path == "packed":
+        y = torch.ops.aten.thnn_conv2d(x, weight, weight.shape[2:], bias, stride, padding)
+    elif path == "packed":
         packed = packed_weight(weight, tuple(stride), tuple(padding), x.shape)
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, list(padding), list(stride), [1, 1], 1, "none", [], "")
-    return conv2d_ref(x, weight, bias, stride, padding)
+        args = (list(padding), list(stride), [1, 1], 1)
+        if residual is not None and residual.dtype == x.dtype and same_layout(x, residual):
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", 1.0, None, [], None)
+        y = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
+    else:
+        y = conv2d_ref(x, weight, bias, stride, padding)
+    return y if residual is None else y + residual
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both dense in NCHW order, or both in NHWC (channels-last) order."""
+    return (a.is_contiguous() and b.is_contiguous()) or (
+        a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def layer_norm(x, weight, bias, eps: float):

@@ -109,10 +109,12 @@ def test_unet_auto_ops_match_diffusers(unet_pair, monkeypatch):
     ],
 )
 @pytest.mark.parametrize("packed", [True, False])
-def test_conv2d_cpu_paths_match_float64(shape, out_channels, kernel, stride, padding, bias, channels_last, packed, monkeypatch):
+@pytest.mark.parametrize("residual", ["none", "same layout", "other layout"])
+def test_conv2d_cpu_paths_match_float64(shape, out_channels, kernel, stride, padding, bias, channels_last, packed, residual, monkeypatch):
     """ops.conv2d's CPU paths ("auto" mode: im2col + GEMM for 1x1 and, without packed oneDNN,
     small outputs; packed oneDNN for the rest) against float64 F.conv2d, then the packed copy
-    redone after an in-place change of the weight."""
+    redone after an in-place change of the weight. With a residual: in the input's layout the
+    packed path adds it inside oneDNN's convolution, in the other layout after it."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # any batch fills one thread: the path is taken
     if packed and not ops.PACKED_CONV:
         pytest.skip("this torch has no oneDNN convolution on packed weights (ops.PACKED_CONV)")
@@ -123,19 +125,24 @@ def test_conv2d_cpu_paths_match_float64(shape, out_channels, kernel, stride, pad
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(out_channels, shape[1], kernel, kernel, generator=g) / (shape[1] * kernel * kernel) ** 0.5
     b = torch.randn(out_channels, generator=g) if bias else None
+    out_shape = torch.nn.functional.conv2d(x, w, None, stride, padding).shape
+    r = None if residual == "none" else torch.randn(out_shape, generator=g)
+    if r is not None and channels_last == (residual == "same layout"):
+        r = r.contiguous(memory_format=torch.channels_last)
 
     def want():
-        return torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+        y = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), stride, padding)
+        return y if r is None else y + r.double()
 
     expected_path = "im2col" if kernel == 1 or not packed else "packed"
     with ops.kernels("auto"):
         assert ops.conv_path(x, w, stride, padding) == expected_path  # the path under test
-        got = ops.conv2d(x, w, b, stride, padding)
+        got = ops.conv2d(x, w, b, stride, padding, r)
         assert got.dtype == torch.float32 and got.shape == want().shape
         assert _maxdiff(got.double(), want()) <= 1e-4 * want().abs().max().item()  # fp32: 1e-4 relative
         with torch.no_grad():
             w.mul_(-0.5)  # in place: a packed copy must follow
-        assert _maxdiff(ops.conv2d(x, w, b, stride, padding).double(), want()) <= 1e-4 * want().abs().max().item()
+        assert _maxdiff(ops.conv2d(x, w, b, stride, padding, r).double(), want()) <= 1e-4 * want().abs().max().item()
 
 
 def test_conv2d_packed_copy_goes_with_its_weight():
@@ -160,12 +167,16 @@ def test_conv2d_packed_copy_goes_with_its_weight():
 def test_conv2d_packed_path_bf16():
     g = torch.Generator().manual_seed(11)
     x, w, b = torch.randn(2, 16, 12, 10, generator=g), torch.randn(24, 16, 3, 3, generator=g) / 12, torch.randn(24, generator=g)
+    r = torch.randn(2, 24, 12, 10, generator=g)
     want = torch.nn.functional.conv2d(x.double(), w.double(), b.double(), 1, 1)
     with ops.kernels("auto"), torch.no_grad():
-        xb, wb, bb = x.bfloat16(), w.bfloat16(), b.bfloat16()
+        xb, wb, bb, rb = x.bfloat16(), w.bfloat16(), b.bfloat16(), r.bfloat16()
         assert ops.conv_path(xb, wb, (1, 1), (1, 1)) == "packed"
         got = ops.conv2d(xb, wb, bb, (1, 1), (1, 1))
+        fused = ops.conv2d(xb, wb, bb, (1, 1), (1, 1), rb)  # the residual inside oneDNN's convolution
     assert got.dtype == torch.bfloat16 and _maxdiff(got.double(), want) <= 3e-2 * want.abs().max().item()
+    want = want + rb.double()
+    assert fused.dtype == torch.bfloat16 and _maxdiff(fused.double(), want) <= 3e-2 * want.abs().max().item()
 
 
 def test_conv2d_im2col_path_only_where_measured(monkeypatch):

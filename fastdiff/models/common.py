@@ -79,8 +79,9 @@ class Conv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """conv(x), plus `residual` when given (fused into the convolution where it can be)."""
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, residual)
 
 
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
@@ -109,10 +110,9 @@ class ResnetBlock2D(nn.Module):
         h = self.conv1(group_norm(self.norm1, x, silu=True))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(temb_silu)[:, :, None, None]  # [B, C, 1, 1]
-        h = self.conv2(group_norm(self.norm2, h, silu=True))  # dropout is identity at inference
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return x + h
+        return self.conv2(group_norm(self.norm2, h, silu=True), residual=x)  # dropout is identity at inference
 
 
 class Downsample2D(nn.Module):
