@@ -3,6 +3,7 @@
     python benchmarks/profile_step.py                       # SD1.5 UNet, 512x512, CFG batch 2, fp16, CUDA
     python benchmarks/profile_step.py --json profile.json
     python benchmarks/profile_step.py --device cpu --arch tiny   # the code path, on CPU (tests)
+    python benchmarks/profile_step.py --device cpu --network vae  # the VAE decode of one image instead
 
 The UNet is built from SD1.5's config with random weights (speed does not depend on the values),
 channels-last on CUDA as the pipeline runs it. After a warm-up (autotuning, plan tuning), a few
@@ -11,7 +12,8 @@ name (attention, GroupNorm, GEGLU, LayerNorm, convolution, matmul, other). Kerne
 include launch gaps, so the total is close to what the captured CUDA-graph step costs. Run once
 with the Triton kernels and once with torch's ops, so each category's change is side by side.
 On CPU the rows are aten operators' own (self) CPU time instead of kernels, in "auto" mode (the
-CPU default) and "torch" mode.
+CPU default) and "torch" mode, with the process's allocator set as a CPU torch backend sets it
+(fastdiff.allocator; FASTDIFF_CPU_ALLOCATOR=system profiles glibc's defaults).
 """
 
 from __future__ import annotations
@@ -77,7 +79,19 @@ def build_unet(arch: str, device: torch.device, dtype: torch.dtype):
     return unet
 
 
-def profile(unet, inputs, kernels: str, device: torch.device, calls: int = 3) -> dict:
+def build_vae(arch: str, device: torch.device, dtype: torch.dtype):
+    from fastdiff import testing
+    from fastdiff.models.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        vae = AutoencoderKL(VAEConfig.from_dict(testing.architecture(arch)[1])).eval().to(dtype)
+    if device.type == "cuda":
+        vae = vae.to(memory_format=torch.channels_last)
+    return vae
+
+
+def profile(net, inputs, kernels: str, device: torch.device, calls: int = 3) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -85,7 +99,7 @@ def profile(unet, inputs, kernels: str, device: torch.device, calls: int = 3) ->
 
     def forward():
         with torch.inference_mode(), ops.kernels(kernels):
-            unet(*inputs)
+            net(*inputs)
 
     for _ in range(2):  # autotuning, plan tuning, cuDNN algorithm choice
         forward()
@@ -136,6 +150,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--arch", choices=["sd15", "tiny"], default="sd15")
+    parser.add_argument("--network", choices=["unet", "vae"], default="unet",
+                        help="unet: one step, CFG batch 2; vae: the decode of one image")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latents are 1/8)")
     parser.add_argument("--calls", type=int, default=3, help="profiled forwards per mode")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
@@ -149,24 +165,37 @@ def main(argv=None) -> int:
     from fastdiff import precision
 
     dtype = precision.choose_dtype(device, args.dtype)
-    unet = build_unet(args.arch, device, dtype)
-    cfg = unet.config
+    if device.type == "cpu":
+        from fastdiff import allocator
+
+        allocator.keep_freed_memory()  # as the CPU torch backend runs
     side = args.size // 8
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    inputs = (
-        torch.randn(2, cfg.in_channels, side, side, device=device, dtype=dtype).contiguous(memory_format=memory_format),
-        torch.tensor(500.0, device=device),
-        torch.randn(2, 77, cfg.cross_attention_dim, device=device, dtype=dtype),
-    )
+    if args.network == "vae":
+        vae = build_vae(args.arch, device, dtype)
+        net = vae.decode
+        latents = torch.randn(1, vae.config.latent_channels, side, side, device=device, dtype=dtype)
+        inputs = (latents.contiguous(memory_format=memory_format),)
+        what = "VAE decode"
+    else:
+        net = build_unet(args.arch, device, dtype)
+        cfg = net.config
+        inputs = (
+            torch.randn(2, cfg.in_channels, side, side, device=device, dtype=dtype).contiguous(memory_format=memory_format),
+            torch.tensor(500.0, device=device),
+            torch.randn(2, 77, cfg.cross_attention_dim, device=device, dtype=dtype),
+        )
+        what = "UNet"
     # On the CPU "auto" differs from "torch" only in the convolutions (ops.SMALL_CONV_PIXELS).
     modes = ["triton", "torch"] if device.type == "cuda" else ["auto", "torch"]
-    results = {m: profile(unet, inputs, m, device, args.calls) for m in modes}
-    print(f"UNet {args.arch}, {args.size}x{args.size}, batch 2, {dtype}, {device}: time per forward by category")
+    results = {m: profile(net, inputs, m, device, args.calls) for m in modes}
+    batch = 1 if args.network == "vae" else 2
+    print(f"{what} {args.arch}, {args.size}x{args.size}, batch {batch}, {dtype}, {device}: time per forward by category")
     print(format_table(results))
     if args.json:
         from fastdiff import testing
 
-        record = {"arch": args.arch, "size": args.size, "dtype": str(dtype), "environment": testing.environment(device)}
+        record = {"arch": args.arch, "network": args.network, "size": args.size, "dtype": str(dtype), "environment": testing.environment(device)}
         args.json.write_text(json.dumps({**record, "results": results}, indent=2) + "\n")
         print(f"saved {args.json}")
     return 0

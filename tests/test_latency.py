@@ -253,6 +253,19 @@ def test_profile_step_runs_on_cpu(tmp_path, capsys):
     assert "convolution" in capsys.readouterr().out
 
 
+def test_profile_step_vae_decode_on_cpu(tmp_path, capsys):
+    """--network vae profiles the decoder of one image: its convolutions and GroupNorms, no
+    matmul but the mid-block attention's projections, and the decode's image size in the title."""
+    out = tmp_path / "profile.json"
+    argv = ["--device", "cpu", "--arch", "tiny", "--network", "vae", "--size", "64", "--calls", "1", "--json", str(out)]
+    assert profile_step.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert record["network"] == "vae"
+    for result in record["results"].values():
+        assert {"convolution", "group_norm (torch)", "attention (sdpa)"} <= set(result["categories"])
+    assert "VAE decode tiny, 64x64, batch 1" in capsys.readouterr().out
+
+
 def test_img2img_mode_runs_diffusers_img2img(folder, tmp_path):
     """--strength: both sides start from the same input image; parity with diffusers'
     StableDiffusionImg2ImgPipeline holds only if fastdiff really ran img2img at that strength."""
