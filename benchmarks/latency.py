@@ -587,7 +587,8 @@ def format_table(res: dict) -> str:
         f"{'' if s.get('strength') is None else ' img2img at strength %g' % s['strength']}, batch {s['batch']}, guidance "
         f"{s['guidance_scale']}, {res['environment']['device']} {s['dtype']}, "
         f"{res['environment']['torch_threads']} threads ({res['environment']['gpu'] or res['environment']['cpu']}), "
-        f"{s['repeats']} repeats interleaved after {s['warmup']} warm-up",
+        f"{s['repeats']} repeats interleaved after {s['warmup']} warm-up"
+        + (f", CPU allocator for every runner: {res['environment']['cpu_allocator']}" if "cpu_allocator" in res["environment"] else ""),
         "",
     ]
     w0, wt, wr = 16, 27, 22
@@ -769,6 +770,12 @@ def _run(args, gate) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
 
     env = testing.environment(device)  # before the runs: the load average they start under
+    if device.type == "cpu":
+        from fastdiff import allocator
+
+        # Process-wide: set before any runner loads, so every row (diffusers and the peer too)
+        # runs on the same allocator, not only those after fastdiff's first CPU backend.
+        env["cpu_allocator"] = "keep freed memory" if allocator.keep_freed_memory() else "system default"
     with tempfile.TemporaryDirectory(prefix="fastdiff-bench-") as tmp:
         folder, description = resolve_folder(args, Path(tmp))
         kept = not folder.is_relative_to(tmp)

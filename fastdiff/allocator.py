@@ -4,13 +4,15 @@ torch has no caching allocator on the CPU: every op's output comes from malloc. 
 allocation above its mmap threshold (dynamic, at most 32 MiB) with a fresh mmap, unmaps it on
 free, and trims the heap's free top back to the OS, so the next op's output page-faults its way
 in, zero-filled by the kernel. At the VAE decoder's sizes (64 MiB activations for one 512x512
-image) that costs as much as the op itself: a SiLU or an add into a fresh buffer took 2-4x as
-long as into a reused one (`benchmarks/profile_step.py --network vae` shows the decode by op;
-figures in benchmarks/NOTES-cpu.md). onnxruntime and OpenVINO keep their own arenas.
+image) the faults cost more than an elementwise op's own work (`benchmarks/profile_step.py
+--network vae`, with and without FASTDIFF_CPU_ALLOCATOR=system; figures in
+benchmarks/NOTES-cpu.md). onnxruntime and OpenVINO keep their own arenas.
 
 So a CPU torch backend raises both glibc thresholds once for the process: large blocks come from
 the heap and stay there when freed, and the process keeps its peak heap (as torch's CUDA caching
-allocator keeps its peak) instead of faulting it in again on every call. It is a process-wide
+allocator keeps its peak) instead of faulting it in again on every call. Not every fault goes:
+glibc's aligned allocation cannot always reuse a freed block of exactly its size, so a freed
+block is reused when it has merged with free space beside it. It is a process-wide
 setting, logged when made; `FASTDIFF_CPU_ALLOCATOR=system` leaves glibc's defaults. Other C
 libraries (musl, macOS, Windows) are left alone.
 """
