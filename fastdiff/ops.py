@@ -170,15 +170,17 @@ def im2col_conv(x, weight, stride, padding, packable: bool | None = None) -> boo
 # it changes in place (its version counter moves); they cost one more copy of the conv weights
 # (benchmarks/NOTES-cpu.md says how much for SD1.5); FASTDIFF_KERNELS=torch turns this off.
 PACKED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
-_packed: dict[int, tuple] = {}  # id(weight) -> (weakref to it, its version, stride, padding, packed copy)
+# (id(weight), what) -> (weakref to the weight, its version, packed copy); `what` names the copy
+# (a convolution's stride and padding, a linear's half of the rows)
+_packed: dict[tuple, tuple] = {}
 
 
-def packed_conv(x, weight) -> bool:
-    """Whether `conv2d` runs oneDNN on a packed weight: the CPU in "auto" mode, fp32 (or bf16 on a
-    CPU with bf16 instructions) input
-    and weight alike, outside tracing, export, autocast and autograd, a weight that can change in
-    place only visibly (not an inference-mode tensor, whose version is not tracked)."""
-    if not PACKED_CONV or x.device.type != "cpu" or get_kernels() != "auto" or _tracing():
+def can_pack(x, weight) -> bool:
+    """Whether a packed oneDNN copy of `weight` may serve `x`: the CPU in "auto" mode, fp32 (or
+    bf16 on a CPU with bf16 instructions) input and weight alike, outside tracing, export,
+    autocast and autograd, a weight that can change in place only visibly (not an inference-mode
+    tensor, whose version is not tracked)."""
+    if x.device.type != "cpu" or get_kernels() != "auto" or _tracing():
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype or weight.is_inference():
         return False
@@ -187,18 +189,30 @@ def packed_conv(x, weight) -> bool:
     return not torch.is_autocast_enabled("cpu") and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
-def packed_weight(weight, stride, padding, input_shape) -> torch.Tensor:
-    """The oneDNN-packed copy of `weight` for these settings, packed on first use or after an
-    in-place change (the layout is chosen for the first input's shape; others stay correct)."""
-    key = id(weight)
+def packed_copy(weight, what: tuple, pack) -> torch.Tensor:
+    """`pack()`'s copy of `weight` for `what`, made on first use and again after an in-place change
+    of the weight; dropped with the weight."""
+    key = (id(weight), what)
     hit = _packed.get(key)
-    if hit is not None and hit[0]() is weight and hit[1:4] == (weight._version, stride, padding):
-        return hit[4]
-    packed = torch.ops.mkldnn._reorder_convolution_weight(weight, list(padding), list(stride), [1, 1], 1, list(input_shape))
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    packed = pack()
     if hit is None or hit[0]() is not weight:
         weakref.finalize(weight, _packed.pop, key, None)
-    _packed[key] = (weakref.ref(weight), weight._version, stride, padding, packed)
+    _packed[key] = (weakref.ref(weight), weight._version, packed)
     return packed
+
+
+def packed_conv(x, weight) -> bool:
+    """Whether `conv2d` runs oneDNN on a packed weight (see `can_pack`)."""
+    return PACKED_CONV and can_pack(x, weight)
+
+
+def packed_weight(weight, stride, padding, input_shape) -> torch.Tensor:
+    """The oneDNN-packed copy of a convolution `weight` for these settings (the layout is chosen
+    for the first input's shape; others stay correct)."""
+    pack = torch.ops.mkldnn._reorder_convolution_weight
+    return packed_copy(weight, ("conv", stride, padding), lambda: pack(weight, list(padding), list(stride), [1, 1], 1, list(input_shape)))
 
 
 def conv_path(x, weight, stride, padding) -> str:
@@ -233,6 +247,59 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a.is_contiguous() and b.is_contiguous()) or (
         a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous(memory_format=torch.channels_last)
     )
+
+
+# bf16 linears on the CPU run oneDNN on a packed copy of the weight too: F.linear reorders a
+# plain bf16 weight at every call, and at SD1.5's sizes a UNet forward is bound by streaming its
+# weights from memory (`benchmarks/profile_step.py --device cpu --size 64` against 256 shows the
+# fixed part). Packed, a residual add or GEGLU's gelu and product become post-ops of the matmul.
+# The copies cost one more copy of the linear weights (benchmarks/NOTES-cpu.md). fp32 keeps
+# F.linear: packed weights gained at most 2% there (same notes).
+PACKED_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
+
+
+def packed_linear(x, weight) -> bool:
+    """Whether `linear` and `linear_geglu` run oneDNN on a packed bf16 weight (see `can_pack`)."""
+    return PACKED_LINEAR and x.dtype == torch.bfloat16 and can_pack(x, weight)
+
+
+def _linear_packed(x, weight, bias, rows: slice, other=None, post: str = "none"):
+    """x @ weight[rows].T + bias[rows] on a packed copy of those rows, then `post`: "none",
+    "gelu", or with `other` (the output's shape) "add" or "mul"."""
+    K = x.shape[-1]
+    x2 = x.reshape(-1, K)  # [tokens, K]
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    whole = rows.start == 0 and rows.stop == weight.shape[0]
+    pack = torch.ops.mkldnn._reorder_linear_weight  # the layout is chosen for the first call's tokens
+    packed = packed_copy(weight, ("linear", rows.start, rows.stop), lambda: pack(weight[rows].contiguous(), x2.shape[0]))
+    b = bias if bias is None or whole else bias[rows]
+    if other is None:
+        y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, post, [], "none" if post == "gelu" else "")
+    else:
+        o = other.reshape(-1, other.shape[-1])  # [tokens, N]
+        y = torch.ops.mkldnn._linear_pointwise.binary(x2, o if o.is_contiguous() else o.contiguous(), packed, b, post)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def linear(x, weight, bias, residual=None):
+    """F.linear, plus `residual` (a tensor of the output's shape) when given: inside the matmul
+    on the packed path (`PACKED_LINEAR`), after it elsewhere."""
+    if packed_linear(x, weight) and (residual is None or residual.dtype == x.dtype):
+        return _linear_packed(x, weight, bias, slice(0, weight.shape[0]), residual, "add" if residual is not None else "none")
+    y = F.linear(x, weight, bias)
+    return y if residual is None else y + residual
+
+
+def linear_geglu(x, weight, bias):
+    """geglu(F.linear(x, weight, bias)): the SD feed-forward's projection and activation. On the
+    packed path it is two matmuls, the gate's with gelu as a post-op and the value's multiplied
+    by it as one, so the doubled-width projection is never written."""
+    if not packed_linear(x, weight):
+        return geglu(F.linear(x, weight, bias))
+    inner = weight.shape[0] // 2
+    gate = _linear_packed(x, weight, bias, slice(inner, 2 * inner), post="gelu")
+    return _linear_packed(x, weight, bias, slice(0, inner), gate, "mul")
 
 
 def layer_norm(x, weight, bias, eps: float):

@@ -17,6 +17,7 @@ from fastdiff import ops, precision
 from fastdiff.models import AutoencoderKL, CLIPTextConfig, CLIPTextModel, UNet2DConditionModel, UNetConfig, VAEConfig
 
 TOL = 1e-5
+BF16 = pytest.mark.skipif(not precision.cpu_runs_fast(torch.bfloat16), reason="this CPU has no bf16 instructions (fastdiff.precision)")
 
 
 @pytest.fixture(autouse=True)
@@ -163,7 +164,7 @@ def test_conv2d_packed_copy_goes_with_its_weight():
         assert ops.conv_path(x, torch.randn(24, 16, 3, 3), (1, 1), (1, 1)) == "reference"
 
 
-@pytest.mark.skipif(not precision.cpu_runs_fast(torch.bfloat16), reason="this CPU has no bf16 instructions (fastdiff.precision)")
+@BF16
 def test_conv2d_packed_path_bf16():
     g = torch.Generator().manual_seed(11)
     x, w, b = torch.randn(2, 16, 12, 10, generator=g), torch.randn(24, 16, 3, 3, generator=g) / 12, torch.randn(24, generator=g)
@@ -177,6 +178,69 @@ def test_conv2d_packed_path_bf16():
     assert got.dtype == torch.bfloat16 and _maxdiff(got.double(), want) <= 3e-2 * want.abs().max().item()
     want = want + rb.double()
     assert fused.dtype == torch.bfloat16 and _maxdiff(fused.double(), want) <= 3e-2 * want.abs().max().item()
+
+
+@BF16
+@pytest.mark.parametrize("tokens, k, n, bias", [((2, 7), 24, 40, True), ((1, 77), 48, 16, False), ((3,), 16, 33, True)])
+def test_linear_packed_path_matches_float64(tokens, k, n, bias):
+    """ops.linear on a packed bf16 weight against float64 F.linear: with and without a residual
+    (a post-op of the matmul), at another token count than the one it was packed for, and after
+    an in-place change of the weight (the packed copy must follow)."""
+    g = torch.Generator().manual_seed(k + n)
+    x = torch.randn(*tokens, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    r = torch.randn(*tokens, n, generator=g).bfloat16()
+
+    def check(x, residual):
+        want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+        want = want if residual is None else want + residual.double()
+        got = ops.linear(x, w, b, residual)
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape
+        assert _maxdiff(got.double(), want) <= 1e-2 * want.abs().max().item()
+
+    with ops.kernels("auto"), torch.no_grad():
+        assert ops.packed_linear(x, w)  # the path under test
+        check(x, None)
+        check(x, r)
+        more = torch.randn(5, *tokens, k, generator=g).bfloat16()  # 5x the tokens it was packed for
+        check(more, None)
+        w.mul_(-0.5)
+        check(x, r)
+
+
+@BF16
+def test_linear_geglu_packed_path_matches_float64():
+    """ops.linear_geglu (two matmuls, gelu and the product as post-ops) against float64
+    geglu(F.linear(...)), then after an in-place change of the weight."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 32, generator=g).bfloat16()
+    w, b = (torch.randn(2 * 24, 32, generator=g) / 32**0.5).bfloat16(), torch.randn(2 * 24, generator=g).bfloat16()
+
+    def want():
+        return ops.geglu_ref(torch.nn.functional.linear(x.double(), w.double(), b.double()))
+
+    with ops.kernels("auto"), torch.no_grad():
+        assert ops.packed_linear(x, w)
+        got = ops.linear_geglu(x, w, b)
+        assert got.shape == (2, 9, 24) and _maxdiff(got.double(), want()) <= 1e-2 * want().abs().max().item()
+        w[:24].mul_(-1.0)  # the value half only: both halves' copies are redone
+        assert _maxdiff(ops.linear_geglu(x, w, b).double(), want()) <= 1e-2 * want().abs().max().item()
+
+
+def test_linear_off_the_packed_path_is_f_linear():
+    """fp32, "torch" mode and inference-mode weights keep F.linear (plus the residual) exactly."""
+    g = torch.Generator().manual_seed(4)
+    x, w, b, r = torch.randn(2, 5, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g), torch.randn(2, 5, 6, generator=g)
+    with ops.kernels("auto"), torch.no_grad():
+        assert not ops.packed_linear(x, w)  # fp32: not measured packed, so not packed
+        assert torch.equal(ops.linear(x, w, b, r), torch.nn.functional.linear(x, w, b) + r)
+        assert torch.equal(ops.linear_geglu(x, torch.cat([w, w]), torch.cat([b, b])), ops.geglu_ref(torch.nn.functional.linear(x, torch.cat([w, w]), torch.cat([b, b]))))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    with ops.kernels("torch"), torch.no_grad():
+        assert not ops.packed_linear(xb, wb)
+    with ops.kernels("auto"), torch.inference_mode():
+        assert not ops.packed_linear(xb, torch.randn(6, 8).bfloat16())
 
 
 def test_conv2d_im2col_path_only_where_measured(monkeypatch):
@@ -221,6 +285,26 @@ def test_unet_fp16_close_to_fp32(unet_pair):
         got = ours.half()(x.half(), torch.tensor(500), ctx.half())
     assert got.dtype == torch.float16
     assert _maxdiff(got.float(), want) <= 0.01 * want.abs().max().item()
+
+
+@BF16
+def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair):
+    """The CPU default on a bf16 CPU: every linear on a packed weight (residual adds and GEGLU as
+    post-ops), convolutions packed or im2col, against diffusers in fp32 at bf16's tolerance."""
+    ref, ours = unet_pair
+    g = torch.Generator().manual_seed(6)
+    x, ctx = torch.randn(2, ref.config.in_channels, 12, 10, generator=g), torch.randn(2, 7, ref.config.cross_attention_dim, generator=g)
+    ours = ours.bfloat16()
+    taken = []
+    for lin in (m for m in ours.modules() if isinstance(m, torch.nn.Linear)):
+        lin.register_forward_pre_hook(lambda m, args: taken.append(ops.packed_linear(args[0], m.weight)))
+    with torch.no_grad():
+        want = ref(x, 500, ctx).sample
+        with ops.kernels("auto"):
+            got = ours(x.bfloat16(), torch.tensor(500), ctx.bfloat16())
+    assert taken and all(taken)  # the GEGLU projections do not call their Linear's forward
+    assert got.dtype == torch.bfloat16
+    assert _maxdiff(got.double(), want.double()) <= 3e-2 * want.abs().max().item()
 
 
 def test_unet_config_reads_diffusers_fields():

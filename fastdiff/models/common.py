@@ -84,6 +84,14 @@ class Conv2d(nn.Conv2d):
         return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding, residual)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and keys) whose forward goes through the ops seam."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """linear(x), plus `residual` when given (fused into the matmul where it can be)."""
+        return ops.linear(x, self.weight, self.bias, residual)
+
+
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
     """Run an nn.GroupNorm's parameters through the ops seam (optionally fused with SiLU)."""
     return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)
@@ -101,7 +109,7 @@ class ResnetBlock2D(nn.Module):
         super().__init__()
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels is not None else None
+        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels is not None else None
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None

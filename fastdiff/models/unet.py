@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from fastdiff import ops
-from fastdiff.models.common import ConfigBase, Conv2d, Downsample2D, ResnetBlock2D, Upsample2D, group_norm, per_block
+from fastdiff.models.common import ConfigBase, Conv2d, Downsample2D, Linear, ResnetBlock2D, Upsample2D, group_norm, per_block
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -124,12 +124,13 @@ class Attention(nn.Module):
         self.heads, self.head_dim = heads, dim // heads
         self.scale = self.head_dim**-0.5
         context_dim = context_dim or dim
-        self.to_q = nn.Linear(dim, dim, bias=False)
-        self.to_k = nn.Linear(context_dim, dim, bias=False)
-        self.to_v = nn.Linear(context_dim, dim, bias=False)
-        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' to_out.1 is a dropout
+        self.to_q = Linear(dim, dim, bias=False)
+        self.to_k = Linear(context_dim, dim, bias=False)
+        self.to_v = Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([Linear(dim, dim)])  # diffusers' to_out.1 is a dropout
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of x to itself or to `context`, plus `residual` when given."""
         B, N, C = x.shape
         context = x if context is None else context
         q = self.to_q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, N, d]
@@ -137,16 +138,16 @@ class Attention(nn.Module):
         v = self.to_v(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, M, d]
         o = ops.attention(q, k, v, self.scale)  # [B, heads, N, d]
         o = o.transpose(1, 2).reshape(B, N, C)  # [B, N, heads * d]
-        return self.to_out[0](o)
+        return self.to_out[0](o, residual)
 
 
 class GEGLU(nn.Module):
     def __init__(self, dim: int, inner: int):
         super().__init__()
-        self.proj = nn.Linear(dim, 2 * inner)
+        self.proj = Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.geglu(self.proj(x))
+        return ops.linear_geglu(x, self.proj.weight, self.proj.bias)
 
 
 class FeedForward(nn.Module):
@@ -154,10 +155,10 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
-        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, dim * mult), nn.Identity(), Linear(dim * mult, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net[2](self.net[0](x), residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -173,9 +174,9 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(_ln(self.norm1, x))
-        x = x + self.attn2(_ln(self.norm2, x), context)
-        return x + self.ff(_ln(self.norm3, x))
+        x = self.attn1(_ln(self.norm1, x), residual=x)  # x + attn1(norm1(x)), the add fused where it can be
+        x = self.attn2(_ln(self.norm2, x), context, residual=x)
+        return self.ff(_ln(self.norm3, x), residual=x)
 
 
 def _ln(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,7 @@ class Transformer2DModel(nn.Module):
         super().__init__()
         self.linear_proj = linear_proj
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
-        proj = (lambda: nn.Linear(channels, channels)) if linear_proj else (lambda: Conv2d(channels, channels, 1))
+        proj = (lambda: Linear(channels, channels)) if linear_proj else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(BasicTransformerBlock(channels, heads, context_dim) for _ in range(layers))
         self.proj_out = proj()
@@ -296,8 +297,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
-        self.linear_1 = nn.Linear(in_ch, out_ch)
-        self.linear_2 = nn.Linear(out_ch, out_ch)
+        self.linear_1 = Linear(in_ch, out_ch)
+        self.linear_2 = Linear(out_ch, out_ch)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear_2(ops.silu(self.linear_1(x)))
