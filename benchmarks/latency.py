@@ -1,4 +1,4 @@
-"""Side-by-side latency and parity: fastdiff's backends against diffusers, in one process.
+"""Side-by-side latency and parity: fastdiff's backends against diffusers, in one run.
 
     python benchmarks/latency.py                                   # small default model, all backends
     python benchmarks/latency.py --model sd15 --random-weights --height 256 --width 256 --steps 4
@@ -10,7 +10,9 @@ device and dtype, prompt, seed, scheduler and step count (with --strength: its
 StableDiffusionImg2ImgPipeline on the same input image; the steps run are the last
 int(steps * strength)). Runs are interleaved (ref, backend 1,
 backend 2, ref, ...) after warm-up, so drift of the machine hits every runner alike, and each
-speed-up is taken pair by pair (the ratio of repeat r to repeat r) before the median.
+speed-up is taken pair by pair (the ratio of repeat r to repeat r) before the median. On the
+CPU each runner lives in a process of its own (`Isolated`; --same-process to share this one):
+process-wide settings such as a CPU torch backend's allocator then stay with their runner.
 
 Stages, the same boundaries for both sides:
   text_encoder  fastdiff: its timer (tokenize + encode); diffusers: first text-encoder forward
@@ -36,7 +38,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import pickle
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--peers", default="auto", choices=("auto", "none", "fp32", "bf16", "fp32,bf16"),
                    help="the OpenVINO peer (benchmarks/openvino_peer.py) at these precisions; auto: on the CPU, "
                         "fp32, and bf16 where the CPU has bf16 instructions, when openvino is installed")
+    p.add_argument("--same-process", action="store_true",
+                   help="CPU: run every runner in this process (default: each in its own, see Isolated)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -326,7 +333,8 @@ def load_runners(folder: Path, args, device, dtype):
     for name in names:
         if name != DEFAULT and split_variant(name)[0] not in BACKENDS:
             raise ValueError(f"--backends: {name!r} is not a fastdiff backend ({', '.join(BACKENDS)})")
-    runners, skipped = [DiffusersRunner(folder, args, device, dtype)], {}
+    make = Isolated if isolated(args, device) else (lambda kind, *spec: FACTORIES[kind](*spec))
+    runners, skipped = [make("diffusers", folder, args, device, dtype)], {}
     for name in names:
         backend = split_variant(name)[0]
         types = backend_class(backend).device_types if backend != "auto" else (device.type,)
@@ -337,17 +345,18 @@ def load_runners(folder: Path, args, device, dtype):
             skipped[name] = "no VAE encoder (img2img)"
             continue
         try:
-            runners.append(FastdiffRunner(name, folder, args, device, dtype))
+            runners.append(make("fastdiff", name, folder, args, device, dtype))
         except (NotImplementedError, ImportError) as e:
             if explicit:
                 raise
             skipped[name] = f"{type(e).__name__}: {e}"
-    runners += peers(folder, args, device, skipped)
+    runners += [make("peer", *spec) for spec in peers(folder, args, device, skipped)]
     return runners, skipped
 
 
 def peers(folder: Path, args, device, skipped: dict) -> list:
-    """The OpenVINO peer runners --peers asks for; "auto" skips (and lists) what cannot run here."""
+    """What to build the OpenVINO peer runners --peers asks for from (OpenVINOPeer's arguments);
+    "auto" skips (and lists) what cannot run here."""
     from fastdiff import precision
 
     if args.peers == "none" or (args.peers == "auto" and device.type != "cpu"):
@@ -365,15 +374,109 @@ def peers(folder: Path, args, device, skipped: dict) -> list:
             raise
         skipped[PEER] = f"ImportError: {e}"
         return []
-    peer = testing.load_script(Path(__file__).with_name("openvino_peer.py"))
     entry = schedulers.REGISTRY[args.scheduler]
     out = []
     for p in wanted:
         if p == "bf16" and args.peers == "auto" and not precision.cpu_runs_fast(torch.bfloat16):
             skipped[f"{PEER}:bf16"] = "this CPU has no bf16 instructions (fastdiff.precision)"
             continue
-        out.append(peer.OpenVINOPeer(folder, args, p, entry.diffusers_class, entry.diffusers_config))
+        out.append((folder, args, p, entry.diffusers_class, entry.diffusers_config))
     return out
+
+
+def openvino_peer(*spec):
+    return testing.load_script(Path(__file__).with_name("openvino_peer.py")).OpenVINOPeer(*spec)
+
+
+FACTORIES = {"diffusers": DiffusersRunner, "fastdiff": FastdiffRunner, "peer": openvino_peer}
+
+
+# ----------------------------------------------------------------------------------------------
+# one process per runner
+
+
+def isolated(args, device: torch.device) -> bool:
+    """Whether each runner gets a process of its own: on the CPU unless --same-process."""
+    return device.type == "cpu" and not args.same_process
+
+
+class Isolated:
+    """A runner in a process of its own (this script with --worker), driven over its stdin and
+    stdout. A CPU torch backend sets glibc's allocator for its whole process
+    (`fastdiff.allocator`), and in a shared process that setting moved the other rows' times
+    (benchmarks/NOTES-cpu.md); apart, diffusers and the peer run as their own users run them.
+    Calls still alternate one runner at a time, so the ratios stay paired by repeat."""
+
+    def __init__(self, kind: str, *spec):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # stderr: ours
+        try:
+            self.name, self.dtype, self.cpu_allocator = self.ask((kind, spec))
+        except BaseException:
+            self.close()
+            raise
+
+    def ask(self, message):
+        pickle.dump(message, self.proc.stdin)
+        self.proc.stdin.flush()
+        try:
+            ok, value = pickle.load(self.proc.stdout)
+        except EOFError:
+            raise RuntimeError(f"a latency.py worker exited with status {self.proc.wait()}") from None
+        if not ok:
+            raise value
+        return value
+
+    def __call__(self):
+        return self.ask("run")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()  # the worker ends at end of input
+            self.proc.wait()
+
+
+def worker() -> int:
+    """The far end of Isolated: build one runner, answer each request with one call of it."""
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # anything else written to stdout goes to stderr, not into the replies
+    requests = sys.stdin.buffer
+
+    def reply(ok: bool, value) -> None:
+        try:
+            data = pickle.dumps((ok, value))
+        except Exception:  # an exception that does not pickle: its text
+            data = pickle.dumps((False, RuntimeError(f"{type(value).__name__}: {value}")))
+        replies.write(data)
+        replies.flush()
+
+    kind, spec = pickle.load(requests)
+    try:
+        args = next(a for a in spec if isinstance(a, argparse.Namespace))
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        runner = FACTORIES[kind](*spec)
+    except Exception as e:
+        reply(False, e)
+        return 1
+    reply(True, (runner.name, runner.dtype, cpu_allocator()))
+    while True:
+        try:
+            pickle.load(requests)
+        except EOFError:
+            return 0
+        try:
+            reply(True, runner())
+        except Exception as e:
+            reply(False, e)
+
+
+def cpu_allocator() -> str:
+    """What this process's CPU allocator is: set by a CPU torch backend (fastdiff.allocator) or not."""
+    from fastdiff import allocator
+
+    kept = allocator.keep_freed_memory.cache_info().currsize and allocator.keep_freed_memory()
+    return "keep freed memory" if kept else "system default"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -578,6 +681,16 @@ def _fmt_time(med: float, lo: float, hi: float) -> str:
     return f"{med * scale:.{nd}f} [{lo * scale:.{nd}f}-{hi * scale:.{nd}f}] {unit}"
 
 
+def allocators(res: dict) -> str:
+    """Each runner's CPU allocator, said once when they share one."""
+    by_runner = res["environment"]["cpu_allocator"]
+    if isinstance(by_runner, str):  # results written before runners had processes of their own
+        return by_runner
+    if len(set(by_runner.values())) == 1:
+        return f"{next(iter(by_runner.values()))} for every runner"
+    return ", ".join(f"{v} ({k})" for k, v in by_runner.items())
+
+
 def format_table(res: dict) -> str:
     s, names = res["settings"], list(res["runs"])
     backends = [n for n in names if n != REF]
@@ -588,7 +701,7 @@ def format_table(res: dict) -> str:
         f"{s['guidance_scale']}, {res['environment']['device']} {s['dtype']}, "
         f"{res['environment']['torch_threads']} threads ({res['environment']['gpu'] or res['environment']['cpu']}), "
         f"{s['repeats']} repeats interleaved after {s['warmup']} warm-up"
-        + (f", CPU allocator for every runner: {res['environment']['cpu_allocator']}" if "cpu_allocator" in res["environment"] else ""),
+        + (f", CPU allocator: {allocators(res)}" if "cpu_allocator" in res["environment"] else ""),
         "",
     ]
     w0, wt, wr = 16, 27, 22
@@ -750,6 +863,8 @@ def check_gate(res: dict, gate: dict) -> list[str]:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else argv) == ["--worker"]:
+        return worker()
     args = parse_args(argv)
     try:
         gate = load_gate(args.gate) if args.gate else None
@@ -770,21 +885,29 @@ def _run(args, gate) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
 
     env = testing.environment(device)  # before the runs: the load average they start under
-    if device.type == "cpu":
+    if device.type == "cpu" and args.same_process:
         from fastdiff import allocator
 
         # Process-wide: set before any runner loads, so every row (diffusers and the peer too)
         # runs on the same allocator, not only those after fastdiff's first CPU backend.
-        env["cpu_allocator"] = "keep freed memory" if allocator.keep_freed_memory() else "system default"
-    with tempfile.TemporaryDirectory(prefix="fastdiff-bench-") as tmp:
-        folder, description = resolve_folder(args, Path(tmp))
-        kept = not folder.is_relative_to(tmp)
-        args.height, args.width = image_size(folder, args.height, args.width)
-        runners, skipped = load_runners(folder, args, device, dtype)
-        flops = count_unet_flops(folder, args)
-        dtypes = {r.name: r.dtype for r in runners}
-        rate = MatmulRate(device, dtypes.values())  # the reference runner is in the run's dtype
-        times, images, first_call = measure(runners, args, rate)
+        allocator.keep_freed_memory()
+    runners = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="fastdiff-bench-") as tmp:
+            folder, description = resolve_folder(args, Path(tmp))
+            kept = not folder.is_relative_to(tmp)
+            args.height, args.width = image_size(folder, args.height, args.width)
+            runners, skipped = load_runners(folder, args, device, dtype)
+            if device.type == "cpu":
+                env["cpu_allocator"] = {r.name: getattr(r, "cpu_allocator", None) or cpu_allocator() for r in runners}
+            flops = count_unet_flops(folder, args)
+            dtypes = {r.name: r.dtype for r in runners}
+            rate = MatmulRate(device, dtypes.values())  # the reference runner is in the run's dtype
+            times, images, first_call = measure(runners, args, rate)
+    finally:
+        for r in runners:
+            if isinstance(r, Isolated):
+                r.close()
         del runners
 
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
+import platform
 import statistics
 from pathlib import Path
 from types import SimpleNamespace
@@ -85,6 +87,22 @@ def test_first_calls_and_attention_choices_reported(run, monkeypatch):
     assert latency.attention_choices() == ["q [2, 8, 4096, 40] k [2, 8, 4096, 40] float16: torch (triton 192.0 us, torch 151.0 us)"]
 
 
+def test_each_runner_in_its_own_process(run):
+    """On the CPU each runner runs in a process of its own, so the torch backend's allocator
+    setting (fastdiff.allocator) stays in fastdiff's rows: diffusers, onnxruntime and the peer run
+    on glibc's defaults, as their own users do."""
+    from fastdiff import allocator
+
+    _, res, _ = run
+    by_runner = res["environment"]["cpu_allocator"]
+    assert set(by_runner) == set(res["runs"])
+    torch_rows = {latency.DEFAULT, "torch"}
+    kept = os.environ.get(allocator.ENV, "keep") == "keep" and platform.libc_ver()[0] == "glibc"
+    for name, value in by_runner.items():
+        expected = "keep freed memory" if name in torch_rows and kept else "system default"
+        assert value == expected, (name, by_runner)
+
+
 def test_speedups_are_paired(run):
     _, res, _ = run
     ref = res["runs"][latency.REF]
@@ -151,9 +169,10 @@ def test_gate_fails_beyond_measured(run, folder, capsys):
         },
     }))
     capsys.readouterr()
-    status = latency.main(_argv(folder, "--repeats", "1", "--warmup", "0", "--gate", str(gate)))
+    status = latency.main(_argv(folder, "--repeats", "1", "--warmup", "0", "--gate", str(gate), "--same-process"))
     out = capsys.readouterr().out
     assert status == 1
+    assert "for every runner" in out.split("CPU allocator: ")[1].splitlines()[0]  # one process: one allocator
     assert f"min_speedup {backend} end_to_end" in out
     assert f"max_abs {backend}" in out and f"min_psnr_db {backend}" in out
     assert "text_encoder" not in out.split("GATE FAILED")[1]  # the lenient threshold is not named
@@ -270,7 +289,7 @@ def test_img2img_mode_runs_diffusers_img2img(folder, tmp_path):
     """--strength: both sides start from the same input image; parity with diffusers'
     StableDiffusionImg2ImgPipeline holds only if fastdiff really ran img2img at that strength."""
     out = tmp_path / "img2img.json"
-    argv = _argv(folder, "--strength", "0.5", "--backends", "torch", "--peers", "none", "--repeats", "1", "--json", str(out))
+    argv = _argv(folder, "--strength", "0.5", "--backends", "torch", "--peers", "none", "--repeats", "1", "--json", str(out), "--same-process")
     argv[argv.index("--steps") + 1] = "4"  # 2 of the 4 steps run
     assert latency.main(argv) == 0
     res = json.loads(out.read_text())
