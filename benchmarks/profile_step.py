@@ -37,7 +37,7 @@ CATEGORIES = [
     ("geglu (triton)", r"^_geglu_kernel\b"),
     ("layer_norm", r"layer_norm|LayerNorm"),
     ("convolution", r"fprop|conv(?!ert)|implicit_gemm|dgrad|winograd"),
-    ("matmul", r"gemm|nvjet|cutlass|cublas|addmm|\bmm\b|aten::mm|aten::bmm|aten::linear"),
+    ("matmul", r"gemm|nvjet|cutlass|cublas|addmm|\bmm\b|aten::mm|aten::bmm|aten::linear|mkldnn::_linear_pointwise"),
     ("copies/reorders", r"aten::(copy_|contiguous|_to_copy|clone|cat)\b"),
 ]
 

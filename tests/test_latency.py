@@ -243,6 +243,8 @@ def test_profile_categories_of_real_kernel_names():
         "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NTN": "matmul",
         "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64": "matmul",
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::Half>>": "other",
+        "mkldnn::_linear_pointwise": "matmul",  # the CPU's packed bf16 linears
+        "mkldnn::_convolution_pointwise": "convolution",
     }
     assert {n: profile_step.categorize(n) for n in names} == names
     # Every Triton kernel the runtime launches, by its @triton.jit name, in its own bucket.
