@@ -266,19 +266,15 @@ def packed_linear(x, weight) -> bool:
 def _linear_packed(x, weight, bias, rows: slice, other=None, post: str = "none"):
     """x @ weight[rows].T + bias[rows] on a packed copy of those rows, then `post`: "none",
     "gelu", or with `other` (the output's shape) "add" or "mul"."""
-    K = x.shape[-1]
-    x2 = x.reshape(-1, K)  # [tokens, K]
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    whole = rows.start == 0 and rows.stop == weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [tokens, K]
     pack = torch.ops.mkldnn._reorder_linear_weight  # the layout is chosen for the first call's tokens
     packed = packed_copy(weight, ("linear", rows.start, rows.stop), lambda: pack(weight[rows].contiguous(), x2.shape[0]))
-    b = bias if bias is None or whole else bias[rows]
+    b = None if bias is None else bias[rows]
     if other is None:
         y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, post, [], "none" if post == "gelu" else "")
     else:
-        o = other.reshape(-1, other.shape[-1])  # [tokens, N]
-        y = torch.ops.mkldnn._linear_pointwise.binary(x2, o if o.is_contiguous() else o.contiguous(), packed, b, post)
+        o = other.reshape(-1, other.shape[-1]).contiguous()  # [tokens, N]
+        y = torch.ops.mkldnn._linear_pointwise.binary(x2, o, packed, b, post)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
