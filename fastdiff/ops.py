@@ -17,7 +17,8 @@ Which path runs is chosen by the kernel mode:
   - "triton": always Triton (on CPU tensors this needs TRITON_INTERPRET=1, which is how CI tests
               the kernels).
 In "auto" mode 1x1 and small fp32 convolutions on the CPU also take ATen's im2col + GEMM path
-over oneDNN's (`SMALL_CONV_PIXELS`); "torch" and "triton" keep `F.conv2d`.
+over oneDNN's (`SMALL_CONV_PIXELS`), and an upsampler's nearest 2x + 3x3 convolution runs as one
+transposed convolution (`PACKED_CONV_TRANSPOSE`); "torch" and "triton" keep `F.conv2d`.
 The mode comes from the environment variable FASTDIFF_KERNELS, and can be changed with
 `set_kernels()` or the `kernels()` context manager (Pipeline(kernels=...) uses the latter).
 ONNX export always traces the torch reference.
@@ -240,6 +241,57 @@ def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int], r
     else:
         y = conv2d_ref(x, weight, bias, stride, padding)
     return y if residual is None else y + residual
+
+
+# Nearest 2x upsampling then a 3x3 convolution (padding 1) is one transposed convolution with
+# stride 2 and a 4x4 kernel whose taps are sums of the 3x3 ones: along each axis an even output
+# pixel sees input pixels (i-1, i) with taps (w0, w1+w2), an odd one (i, i+1) with (w0+w1, w2).
+# That is 4 of the 9 multiply-adds per output pixel, and the upsampled input is never written. On
+# the CPU's packed path oneDNN runs it on a packed copy of that kernel, summed in float64 and
+# rounded once to the weight's dtype (`benchmarks/upsample_conv_cpu.py` times both ways per SD1.5
+# upsampler). Elsewhere (CUDA, export, "torch" mode) the two ops run as written.
+PACKED_CONV_TRANSPOSE = PACKED_CONV and hasattr(torch.ops.mkldnn, "_convolution_transpose_pointwise")
+# taps of the 4x4 kernel along one axis (rows) as sums of the 3x3 kernel's (columns)
+UPSAMPLE_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+
+def upsample_doubles(x, size=None) -> bool:
+    """Whether upsampling `x` to `size` (None: twice its sides) doubles both of its sides."""
+    return size is None or (size[0] == 2 * x.shape[-2] and size[1] == 2 * x.shape[-1])
+
+
+def upsample_conv_ref(x, weight, bias, size: tuple[int, int] | None = None):
+    if upsample_doubles(x, size):  # a scale factor, not a size, so that export keeps sizes dynamic
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    else:
+        x = F.interpolate(x, size=tuple(size), mode="nearest")
+    return conv2d(x, weight, bias, (1, 1), (1, 1))
+
+
+def transposed_upsample_weight(weight) -> torch.Tensor:
+    """The [in, out, 4, 4] transposed-convolution kernel equal to nearest 2x upsampling then a
+    3x3 `weight` ([out, in, 3, 3]) with padding 1."""
+    taps = torch.tensor(UPSAMPLE_TAPS, dtype=torch.float64, device=weight.device)  # [4, 3]
+    return torch.einsum("kp,oipq,lq->iokl", taps, weight.double(), taps).to(weight.dtype).contiguous()
+
+
+def upsample_conv_path(x, weight, size=None) -> str:
+    """Which way `upsample_conv` runs: "transposed" (oneDNN on the packed 4x4 kernel) or "reference"."""
+    if PACKED_CONV_TRANSPOSE and upsample_doubles(x, size) and weight.shape[2:] == (3, 3) and can_pack(x, weight):
+        return "transposed"
+    return "reference"
+
+
+def upsample_conv(x, weight, bias, size: tuple[int, int] | None = None):
+    """Nearest upsampling of [B, C, H, W] to `size` (default twice H and W), then a 3x3
+    convolution with padding 1: see PACKED_CONV_TRANSPOSE."""
+    if upsample_conv_path(x, weight, size) == "reference":
+        return upsample_conv_ref(x, weight, bias, size)
+    reorder = torch.ops.mkldnn._reorder_convolution_transpose_weight
+    shape = list(x.shape)
+    packed = packed_copy(weight, ("upsample",), lambda: reorder(transposed_upsample_weight(weight), [1, 1], [0, 0], [2, 2], [1, 1], 1, shape))
+    # padding, output padding, stride, dilation, groups, post-op
+    return torch.ops.mkldnn._convolution_transpose_pointwise(x, packed, bias, [1, 1], [0, 0], [2, 2], [1, 1], 1, "none", [], "")
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:

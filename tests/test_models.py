@@ -92,11 +92,32 @@ def test_unet_auto_ops_match_diffusers(unet_pair, monkeypatch):
     taken = []
     for conv in (m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)):
         conv.register_forward_pre_hook(lambda m, args: taken.append(ops.conv_path(args[0], m.weight, m.stride, m.padding)))
+    upsampled = upsample_paths(ours)
     with torch.no_grad(), ops.kernels("auto"):
         got = ours(x, 500, ctx)
     assert taken and "im2col" in taken  # 1x1 convolutions
     assert set(taken) == ({"im2col", "packed"} if ops.PACKED_CONV else {"im2col"})  # no plain F.conv2d
+    assert_upsampled_transposed(upsampled)
     assert _maxdiff(got, ref(x, 500, ctx).sample) <= TOL
+
+
+def upsample_paths(model) -> list:
+    """(path, whether it doubles the size) of each of `model`'s upsampler calls, filled as it runs."""
+    from fastdiff.models.common import Upsample2D
+
+    taken = []
+    for up in (m for m in model.modules() if isinstance(m, Upsample2D)):
+        up.register_forward_pre_hook(
+            lambda m, args: taken.append((ops.upsample_conv_path(args[0], m.conv.weight, *args[1:]), ops.upsample_doubles(*args[:2])))
+        )
+    return taken
+
+
+def assert_upsampled_transposed(taken: list) -> None:
+    """Every doubling upsampler took the transposed convolution (where this torch has it), others not."""
+    assert any(doubles for _, doubles in taken)
+    for path, doubles in taken:
+        assert path == ("transposed" if doubles and ops.PACKED_CONV_TRANSPOSE else "reference")
 
 
 @pytest.mark.parametrize(
@@ -178,6 +199,57 @@ def test_conv2d_packed_path_bf16():
     assert got.dtype == torch.bfloat16 and _maxdiff(got.double(), want) <= 3e-2 * want.abs().max().item()
     want = want + rb.double()
     assert fused.dtype == torch.bfloat16 and _maxdiff(fused.double(), want) <= 3e-2 * want.abs().max().item()
+
+
+@pytest.mark.parametrize(
+    "shape, out_channels, bias, channels_last",
+    [
+        ((2, 8, 4, 4), 16, True, False),  # batch 2 (CFG), the smallest UNet upsampler input
+        ((1, 12, 5, 7), 8, False, True),  # odd sides, no bias, channels-last
+        ((3, 16, 9, 6), 16, True, False),  # batch 3, wider than tall
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=BF16)])
+def test_upsample_conv_transposed_matches_float64(shape, out_channels, bias, channels_last, dtype):
+    """Nearest 2x upsampling + 3x3 convolution as one transposed convolution on a packed 4x4
+    kernel, against both ops in float64; and again after the weight changes in place (LoRA)."""
+    if not ops.PACKED_CONV_TRANSPOSE:
+        pytest.skip("this torch has no oneDNN transposed convolution on packed weights (ops.PACKED_CONV_TRANSPOSE)")
+    g = torch.Generator().manual_seed(shape[1])
+    x = torch.randn(shape, generator=g)
+    w, b = torch.randn(out_channels, shape[1], 3, 3, generator=g) / (3 * shape[1] ** 0.5), (torch.randn(out_channels, generator=g) if bias else None)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+
+    def want():
+        up = torch.nn.functional.interpolate(x.double(), scale_factor=2.0, mode="nearest")
+        return torch.nn.functional.conv2d(up, w.double(), None if b is None else b.double(), padding=1)
+
+    with ops.kernels("auto"), torch.no_grad():
+        assert ops.upsample_conv_path(x, w) == "transposed"
+        got = ops.upsample_conv(x, w, b)
+        assert got.dtype == dtype and got.shape == want().shape == (shape[0], out_channels, 2 * shape[2], 2 * shape[3])
+        assert _maxdiff(got.double(), want()) <= tol * want().abs().max().item()
+        w.mul_(-0.5)  # in place: the packed kernel must follow
+        assert _maxdiff(ops.upsample_conv(x, w, b).double(), want()) <= tol * want().abs().max().item()
+
+
+def test_upsample_conv_reference_where_not_doubled():
+    """Upsampling to a size that is not twice the input (odd latent sides), "torch" mode, and
+    inference-mode weights take interpolate + conv2d, as the module was written."""
+    g = torch.Generator().manual_seed(2)
+    x, w, b = torch.randn(1, 8, 5, 6, generator=g), torch.randn(8, 8, 3, 3, generator=g) / 9, torch.randn(8, generator=g)
+    want = torch.nn.functional.conv2d(torch.nn.functional.interpolate(x, size=(11, 12), mode="nearest"), w, b, padding=1)
+    with ops.kernels("auto"), torch.no_grad():
+        assert ops.upsample_conv_path(x, w, (11, 12)) == "reference"
+        assert _maxdiff(ops.upsample_conv(x, w, b, (11, 12)), want) <= TOL
+        assert ops.upsample_conv_path(x, w, (10, 12)) == ("transposed" if ops.PACKED_CONV_TRANSPOSE else "reference")
+    with ops.kernels("torch"), torch.no_grad():
+        assert ops.upsample_conv_path(x, w) == "reference"
+    with torch.inference_mode(), ops.kernels("auto"):
+        assert ops.upsample_conv_path(x, torch.randn(8, 8, 3, 3)) == "reference"
 
 
 @BF16
@@ -298,11 +370,13 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair):
     taken = []
     for lin in (m for m in ours.modules() if isinstance(m, torch.nn.Linear)):
         lin.register_forward_pre_hook(lambda m, args: taken.append(ops.packed_linear(args[0], m.weight)))
+    upsampled = upsample_paths(ours)
     with torch.no_grad():
         want = ref(x, 500, ctx).sample
         with ops.kernels("auto"):
             got = ours(x.bfloat16(), torch.tensor(500), ctx.bfloat16())
     assert taken and all(taken)  # the GEGLU projections do not call their Linear's forward
+    assert_upsampled_transposed(upsampled)
     assert got.dtype == torch.bfloat16
     assert _maxdiff(got.double(), want.double()) <= 3e-2 * want.abs().max().item()
 
@@ -362,6 +436,28 @@ def test_vae_matches_diffusers(vae_small, perturb, tmp_path):
         assert mean.shape == dist.mean.shape == (2, 4, 6, 10)
         assert _maxdiff(mean, dist.mean) <= TOL
         assert _maxdiff(logvar, dist.logvar) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=BF16)])
+def test_vae_decode_auto_ops_match_diffusers(vae_small, perturb, tmp_path, dtype):
+    """The CPU default's decode (packed convolutions, upsamplers as transposed convolutions)
+    against diffusers in fp32, at odd latent sides and batch 2."""
+    from diffusers import AutoencoderKL as RefVAE
+
+    torch.manual_seed(0)
+    ref = RefVAE(**vae_small).eval()
+    perturb(ref, 2)
+    ref.save_config(tmp_path)
+    ours = _ours(AutoencoderKL, VAEConfig.from_json(tmp_path / "config.json"), ref.state_dict()).to(dtype)
+    upsampled = upsample_paths(ours)
+    z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), ops.kernels("auto"):
+        want = ref.decode(z).sample
+        got = ours.decode(z.to(dtype))
+    assert_upsampled_transposed(upsampled)
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    assert _maxdiff(got.double(), want.double()) <= tol * want.abs().max().item()
 
 
 def test_vae_config_rejects_unsupported():
