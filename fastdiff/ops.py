@@ -261,6 +261,7 @@ def upsample_doubles(x, size=None) -> bool:
 
 
 def upsample_conv_ref(x, weight, bias, size: tuple[int, int] | None = None):
+    """The module as written: nearest upsampling, then `conv2d` (on whichever of its paths)."""
     if upsample_doubles(x, size):  # a scale factor, not a size, so that export keeps sizes dynamic
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
     else:

@@ -234,6 +234,8 @@ def test_upsample_conv_transposed_matches_float64(shape, out_channels, bias, cha
         assert _maxdiff(got.double(), want()) <= tol * want().abs().max().item()
         w.mul_(-0.5)  # in place: the packed kernel must follow
         assert _maxdiff(ops.upsample_conv(x, w, b).double(), want()) <= tol * want().abs().max().item()
+        x = torch.randn(shape[0] + 1, shape[1], shape[3] + 3, shape[2], generator=g).to(dtype)  # packed for the first shape
+        assert _maxdiff(ops.upsample_conv(x, w, b).double(), want()) <= tol * want().abs().max().item()
 
 
 def test_upsample_conv_reference_where_not_doubled():
