@@ -333,7 +333,10 @@ def load_runners(folder: Path, args, device, dtype):
     for name in names:
         if name != DEFAULT and split_variant(name)[0] not in BACKENDS:
             raise ValueError(f"--backends: {name!r} is not a fastdiff backend ({', '.join(BACKENDS)})")
-    make = Isolated if isolated(args, device) else (lambda kind, *spec: FACTORIES[kind](*spec))
+    if isolated(args, device):
+        make = lambda kind, *spec: Isolated(kind, args.threads, *spec)  # noqa: E731
+    else:
+        make = lambda kind, *spec: FACTORIES[kind](*spec)  # noqa: E731
     runners, skipped = [make("diffusers", folder, args, device, dtype)], {}
     for name in names:
         backend = split_variant(name)[0]
@@ -407,11 +410,12 @@ class Isolated:
     (benchmarks/NOTES-cpu.md); apart, diffusers and the peer run as their own users run them.
     Calls still alternate one runner at a time, so the ratios stay paired by repeat."""
 
-    def __init__(self, kind: str, *spec):
+    def __init__(self, kind: str, threads: int | None, *spec):
+        """FACTORIES[kind](*spec) in a worker with `threads` torch threads (None: torch's choice)."""
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # stderr: ours
         try:
-            self.name, self.dtype, self.cpu_allocator = self.ask((kind, spec))
+            self.name, self.dtype, self.cpu_allocator = self.ask((kind, threads, spec))
         except BaseException:
             self.close()
             raise
@@ -450,11 +454,10 @@ def worker() -> int:
         replies.write(data)
         replies.flush()
 
-    kind, spec = pickle.load(requests)
+    kind, threads, spec = pickle.load(requests)
     try:
-        args = next(a for a in spec if isinstance(a, argparse.Namespace))
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        if threads:
+            torch.set_num_threads(threads)
         runner = FACTORIES[kind](*spec)
     except Exception as e:
         reply(False, e)
