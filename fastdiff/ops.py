@@ -17,8 +17,9 @@ Which path runs is chosen by the kernel mode:
   - "triton": always Triton (on CPU tensors this needs TRITON_INTERPRET=1, which is how CI tests
               the kernels).
 In "auto" mode 1x1 and small fp32 convolutions on the CPU also take ATen's im2col + GEMM path
-over oneDNN's (`SMALL_CONV_PIXELS`), and an upsampler's nearest 2x + 3x3 convolution runs as one
-transposed convolution (`PACKED_CONV_TRANSPOSE`); "torch" and "triton" keep `F.conv2d`.
+over oneDNN's (`SMALL_CONV_PIXELS`), an upsampler's nearest 2x + 3x3 convolution runs as one
+transposed convolution (`PACKED_CONV_TRANSPOSE`; "torch" and "triton" keep `F.conv2d`), and bf16
+attention on an AMX CPU runs a C kernel (`attention_path`).
 The mode comes from the environment variable FASTDIFF_KERNELS, and can be changed with
 `set_kernels()` or the `kernels()` context manager (Pipeline(kernels=...) uses the latter).
 ONNX export always traces the torch reference.
@@ -382,18 +383,43 @@ def _attention_choice(q, k, v, scale) -> str:
     return best
 
 
+def attention_path(q, k, v, causal: bool = False) -> str:
+    """Which way `attention` runs: "triton" (the fused kernel, where "auto" mode may still pick
+    SDPA per shape), "amx" (bf16 on an AMX CPU in "auto" mode: `fastdiff.kernels.attention_cpu`,
+    faster than SDPA at every SD1.5 shape in benchmarks/attention_cpu.py) or "torch" (SDPA)."""
+    if causal:
+        return "torch"
+    if _use_triton(q):
+        return "triton"
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or get_kernels() != "auto" or _tracing():
+        return "torch"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "torch"  # the kernel has no backward
+    try:
+        from fastdiff.kernels import attention_cpu
+    except ImportError:  # the kernels package needs triton (Linux x86_64): no AMX elsewhere
+        return "torch"
+    return "amx" if attention_cpu.supported(q, k, v) and attention_cpu.library() is not None else "torch"
+
+
 def attention(q, k, v, scale: float | None = None, causal: bool = False):
     """Scaled dot-product attention, q/k/v in [B, heads, tokens, head_dim].
 
     `causal=True` (CLIP's 77-token text encoder, run once per prompt) always takes the torch
-    reference: the fused kernel serves the UNet/VAE attention, which has no mask. In "auto" mode
-    a shape where torch's SDPA timed faster runs SDPA (see `_attention_choice`)."""
-    if not causal and _use_triton(q):
+    reference: the fused kernels serve the UNet/VAE attention, which has no mask. In "auto" mode
+    a shape where torch's SDPA timed faster than the Triton kernel runs SDPA (see
+    `_attention_choice`); see `attention_path` for the CPU."""
+    path = attention_path(q, k, v, causal)
+    if path == "triton":
         from fastdiff.kernels.attention import attention as kernel
 
         if get_kernels() == "auto" and _attention_choice(q, k, v, scale) == "torch":
             return attention_ref(q, k, v, scale)
         return kernel(q, k, v, scale=scale)
+    if path == "amx":
+        from fastdiff.kernels.attention_cpu import attention as kernel
+
+        return kernel(q, k, v, scale)
     return attention_ref(q, k, v, scale, causal)
 
 

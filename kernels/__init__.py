@@ -5,7 +5,10 @@ torch reference in fastdiff/ops.py:
   group_norm.group_norm(x, num_groups, weight, bias, eps, silu)  GroupNorm (+ SiLU)
   geglu.geglu(h)                                              x * gelu(gate), one pass
 
-Each module also has `launches(...)`: its kernel calls as data (`launch.Launch`), which
+On the CPU, `attention_cpu.attention` is a C kernel for AMX (`attention_cpu.c`), compiled at first
+use by `cpu_library`.
+
+Each Triton module also has `launches(...)`: its kernel calls as data (`launch.Launch`), which
 benchmarks/sm90_build.py compiles. The package binds no names over its modules, so
 `import fastdiff.kernels.attention as m` is the module.
 

@@ -362,10 +362,16 @@ def test_unet_fp16_close_to_fp32(unet_pair):
 
 
 @BF16
-def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair):
+def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
     """The CPU default on a bf16 CPU: every linear on a packed weight (residual adds and GEGLU as
-    post-ops), convolutions packed or im2col, against diffusers in fp32 at bf16's tolerance."""
+    post-ops), convolutions packed or im2col, attention in the AMX kernel where the CPU has AMX,
+    against diffusers in fp32 at bf16's tolerance."""
+    from fastdiff.kernels import attention_cpu
+
     ref, ours = unet_pair
+    attention_paths = []
+    path = ops.attention_path
+    monkeypatch.setattr(ops, "attention_path", lambda *a, **kw: attention_paths.append(path(*a, **kw)) or attention_paths[-1])
     g = torch.Generator().manual_seed(6)
     x, ctx = torch.randn(2, ref.config.in_channels, 12, 10, generator=g), torch.randn(2, 7, ref.config.cross_attention_dim, generator=g)
     ours = ours.bfloat16()
@@ -379,6 +385,7 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair):
             got = ours(x.bfloat16(), torch.tensor(500), ctx.bfloat16())
     assert taken and all(taken)  # the GEGLU projections do not call their Linear's forward
     assert_upsampled_transposed(upsampled)
+    assert attention_paths and set(attention_paths) == {"amx" if attention_cpu.library() is not None else "torch"}
     assert got.dtype == torch.bfloat16
     assert _maxdiff(got.double(), want.double()) <= 3e-2 * want.abs().max().item()
 

@@ -1,0 +1,98 @@
+"""bf16 attention on CPUs with AMX: the launcher of `attention_cpu.c` (built by `cpu_library`).
+
+torch's CPU flash attention is bound by its softmax at SD1.5's 4096-token self-attention; this
+kernel runs both matmuls on AMX tiles and the softmax as one AVX-512 pass with a polynomial 2^x
+(the C file says how). `benchmarks/attention_cpu.py` times it against SDPA per SD1.5 shape.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+
+import torch
+
+from fastdiff import precision
+from fastdiff.kernels import cpu_library
+
+log = logging.getLogger("fastdiff")
+
+SOURCE = Path(__file__).with_name("attention_cpu.c")
+# what the kernel's instructions need (Linux /proc/cpuinfo names) and the compiler flags for them
+REQUIRED_CPU_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f")
+COMPILE_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-mavx512f")
+# Each thread holds the scores of 32 queries against every key in fp32 (and their bf16
+# probabilities); up to this many keys that stays within a core's L2 (2 MiB at the limit).
+MAX_KEYS = 16384
+# Up to SD1.5's 160 it was as fast as SDPA or faster at every UNet shape; at the VAE's single 512-wide
+# head SDPA led (benchmarks/attention_cpu.py), so that one stays with SDPA.
+MAX_HEAD_DIM = 160
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def declare(lib: ctypes.CDLL) -> None:
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.attention_init.argtypes = []
+    lib.attention_init.restype = ctypes.c_int
+    # (pointer, batch / head / token strides) for q, k, v, o; batch, heads, queries, keys, d; scale; threads
+    lib.attention_bf16.argtypes = [ptr, i64, i64, i64] * 4 + [i64] * 5 + [ctypes.c_float, ctypes.c_int]
+    lib.attention_bf16.restype = ctypes.c_int
+
+
+def cpu_has_amx(flags: frozenset[str] | None = None) -> bool:
+    flags = precision.cpu_flags() if flags is None else flags
+    return all(f in flags for f in REQUIRED_CPU_FLAGS)
+
+
+def library() -> ctypes.CDLL | None:
+    """The built library with AMX tile state granted to this process, or None: on CPUs without
+    AMX-BF16, and (logged once, with the reason) where it cannot be built or Linux refuses the tile
+    state; `attention` is then not called and torch's SDPA runs."""
+    with _lock:
+        if "lib" not in _state:
+            lib, why = (None, "the CPU has no AMX-BF16") if not cpu_has_amx() else cpu_library.library(SOURCE, COMPILE_FLAGS, declare)
+            if lib is not None and lib.attention_init() != 0:
+                lib, why = None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
+            if lib is None and cpu_has_amx():
+                log.warning("fastdiff: the AMX attention kernel is unavailable, torch's SDPA runs instead: %s", why)
+            _state["lib"] = lib
+        return _state["lib"]
+
+
+def forget() -> None:
+    """Forget the loaded library (tests build it again)."""
+    with _lock:
+        _state.pop("lib", None)
+    cpu_library.forget(SOURCE)
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernel takes these [B, heads, tokens, d] tensors: bf16 on the CPU, an even head
+    dim up to MAX_HEAD_DIM, up to MAX_KEYS keys, each head's vectors contiguous (any other strides,
+    e.g. the models' views of [B, tokens, heads * d])."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.dim() == 4 and t.stride(-1) == 1 for t in (q, k, v)):
+        return False
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    return (
+        k.shape == v.shape == (B, H, M, D) and N > 0 and 0 < M <= MAX_KEYS and D % 2 == 0 and 0 < D <= MAX_HEAD_DIM and B * H > 0
+    )
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v for bf16 q [B, heads, N, d] and k, v [B, heads, M, d] (`supported`);
+    `library()` must not be None. Returns [B, heads, N, d] laid out as [B, N, heads, d], so the
+    models' reshape to [B, N, heads * d] is free."""
+    B, H, N, D = q.shape
+    o = torch.empty(B, N, H, D, dtype=q.dtype).transpose(1, 2)  # [B, heads, N, d]
+    args = []
+    for t in (q, k, v, o):
+        args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
+    scale = D**-0.5 if scale is None else scale
+    if library().attention_bf16(*args, B, H, N, k.shape[2], D, scale, torch.get_num_threads()) != 0:
+        raise MemoryError(f"attention: no memory for the AMX kernel's packed keys and values ({B}x{H} heads, {k.shape[2]} keys)")
+    return o

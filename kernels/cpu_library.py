@@ -1,0 +1,105 @@
+"""C kernels for the CPU (sources in this package), built once per machine with the system's C
+compiler and called through ctypes.
+
+A library is compiled with `$CC` (else `cc`) and -march=native at first use, into
+`$FASTDIFF_CACHE/kernels/` under a name made from the sha256 of the source, the flags, the
+compiler's version and the CPU's feature flags; it is written under a temporary name and renamed,
+so a half-written library is never loaded, and one that fails to load is deleted and built again,
+once. Where it cannot be built or loaded `library()` returns None and says why; the caller then
+runs torch's op (the same math). ctypes releases the GIL for a call; OpenMP threads come from the
+libgomp.so.1 that torch has already loaded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from fastdiff.export.cache import cache_root
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
+_lock = threading.Lock()
+_loaded: dict[Path, tuple[ctypes.CDLL | None, str]] = {}
+
+
+def compiler() -> str | None:
+    """The C compiler's path ($CC, else cc), or None."""
+    return shutil.which(os.environ.get("CC", "cc"))
+
+
+def cpu_features() -> str:
+    """The CPU's feature flags line (the build targets them with -march=native)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def library_path(cc: str, source: Path, flags: tuple[str, ...]) -> Path:
+    """Where `source`, built by `cc` with `flags` for this CPU, lives in the cache."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    h = hashlib.sha256()
+    for part in (source.read_bytes(), " ".join(flags).encode(), version.encode(), cpu_features().encode(), platform.machine().encode()):
+        h.update(hashlib.sha256(part).digest())
+    return cache_root() / "kernels" / f"{source.stem}-{h.hexdigest()[:24]}.so"
+
+
+def build(cc: str, source: Path, flags: tuple[str, ...], path: Path) -> None:
+    """Compile `source` into `path` atomically (a temporary name in the same folder, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        result = subprocess.run([cc, *flags, "-o", str(tmp), str(source), "-lm"], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {source.name}: {result.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load(source: Path, extra_flags: tuple[str, ...], declare: Callable[[ctypes.CDLL], None]) -> ctypes.CDLL:
+    """Build (unless cached) and load the C file `source`; `declare` sets the argument types and
+    raises AttributeError when a symbol is missing. Raises where it cannot."""
+    cc = compiler()
+    if cc is None:
+        raise RuntimeError(f"no C compiler found ({os.environ.get('CC', 'cc')!r}; set CC)")
+    flags = FLAGS + extra_flags
+    path = library_path(cc, source, flags)
+    if not path.exists():
+        build(cc, source, flags, path)
+    try:
+        lib = ctypes.CDLL(str(path))
+        declare(lib)
+    except (OSError, AttributeError):  # damaged (truncated, foreign): build it again, once
+        path.unlink(missing_ok=True)
+        build(cc, source, flags, path)
+        lib = ctypes.CDLL(str(path))
+        declare(lib)
+    return lib
+
+
+def library(source: Path, extra_flags: tuple[str, ...], declare: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded library, "") or (None, why not); built and loaded once per process."""
+    with _lock:
+        if source not in _loaded:
+            try:
+                _loaded[source] = (load(source, extra_flags, declare), "")
+            except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
+                _loaded[source] = (None, str(e))
+        return _loaded[source]
+
+
+def forget(source: Path) -> None:
+    """Drop the process's loaded-library record for `source` (tests build it again)."""
+    with _lock:
+        _loaded.pop(source, None)
