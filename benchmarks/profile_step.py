@@ -31,6 +31,7 @@ import torch
 # gemm/nvjet/cutlass; torch's own norms name themselves.
 CATEGORIES = [
     ("attention (triton)", r"^_attention(_combine)?_kernel\b"),
+    ("attention (amx)", r"^fastdiff::attention_amx$"),  # kernels/attention_cpu.py, a ctypes call
     ("attention (sdpa)", r"fmha|flash|sdpa|scaled_dot_product|attention"),
     ("group_norm (triton)", r"^_group_norm_\w*kernel\b"),
     ("group_norm (torch)", r"group_norm|GroupNorm|RowwiseMoments|ComputeFusedParams"),
@@ -118,7 +119,7 @@ def profile(net, inputs, kernels: str, device: torch.device, calls: int = 3) -> 
         kernels_us = [(e.name, e.time_range.elapsed_us(), 1) for e in prof.events() if e.device_type == cuda]
     else:  # aten (and oneDNN) ops' self time: no double counting of nested ops
         averages = prof.key_averages()
-        kernels_us = [(e.key, e.self_cpu_time_total, e.count) for e in averages if e.key.startswith(("aten::", "mkldnn::"))]
+        kernels_us = [(e.key, e.self_cpu_time_total, e.count) for e in averages if e.key.startswith(("aten::", "mkldnn::", "fastdiff::"))]
         kernels_us = [k for k in kernels_us if k[1] > 0]
     return aggregate(kernels_us, calls)
 

@@ -399,7 +399,8 @@ def attention_path(q, k, v, causal: bool = False) -> str:
         from fastdiff.kernels import attention_cpu
     except ImportError:  # the kernels package needs triton (Linux x86_64): no AMX elsewhere
         return "torch"
-    return "amx" if attention_cpu.supported(q, k, v) and attention_cpu.library() is not None else "torch"
+    usable = attention_cpu.supported(q, k, v) and attention_cpu.pays(q, k)
+    return "amx" if usable and attention_cpu.library() is not None else "torch"
 
 
 def attention(q, k, v, scale: float | None = None, causal: bool = False):

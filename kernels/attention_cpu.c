@@ -186,18 +186,18 @@ int attention_bf16(
     bf16 *kp = aligned_alloc(64, packed * bh * sizeof(bf16));
     bf16 *vp = aligned_alloc(64, packed * bh * sizeof(bf16));
     const int packed_ok = kp != NULL && vp != NULL;
-    int failed = !packed_ok;
-    if (packed_ok) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t i = 0; i < bh; i++) {
-            int64_t b = i / heads, h = i % heads;
-            pack_keys(k + b * k_sb + h * k_sh, k_sn, keys, d, kp + i * packed, keys_pad, d_pad);
-            pack_values(v + b * v_sb + h * v_sh, v_sn, keys, d, vp + i * packed, keys_pad, dv);
-        }
-    }
     const float c = scale * 1.4426950408889634f; /* scores to base-2 exponents */
+    int failed = !packed_ok;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
+        if (packed_ok) {
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < bh; i++) {
+                int64_t b = i / heads, h = i % heads;
+                pack_keys(k + b * k_sb + h * k_sh, k_sn, keys, d, kp + i * packed, keys_pad, d_pad);
+                pack_values(v + b * v_sb + h * v_sh, v_sn, keys, d, vp + i * packed, keys_pad, dv);
+            } /* (the loop's end waits for every thread: all keys and values are packed) */
+        }
         float *s = aligned_alloc(64, ROWS * ls * sizeof(float));
         bf16 *p = aligned_alloc(64, ROWS * lp * sizeof(bf16));
         bf16 *q_rows = aligned_alloc(64, ROWS * d_pad * sizeof(bf16));
@@ -205,7 +205,7 @@ int attention_bf16(
         float sums[ROWS];
         int ok = packed_ok && s && p && q_rows && acc;
         if (ok) configure_tiles();
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(static)
         for (int64_t item = 0; item < bh * blocks; item++) {
             if (!ok) continue;
             int64_t i = item / blocks, n0 = item % blocks * ROWS;
@@ -214,7 +214,8 @@ int attention_bf16(
             for (int64_t r = 0; r < rows; r++)
                 memcpy(q_rows + r * d_pad, q + b * q_sb + h * q_sh + (n0 + r) * q_sn, d * sizeof(bf16));
             scores(q_rows, d_pad, kp + i * packed, keys_pad, s, ls);
-            for (int64_t r = 0; r < ROWS; r++) sums[r] = softmax_row(s + r * ls, keys, keys_pad, c, p + r * lp);
+            for (int64_t r = 0; r < rows; r++) sums[r] = softmax_row(s + r * ls, keys, keys_pad, c, p + r * lp);
+            if (rows < ROWS) memset(p + rows * lp, 0, (ROWS - rows) * lp * sizeof(bf16)); /* padding rows */
             weighted_values(p, lp, keys_pad, vp + i * packed, dv, acc, d_pad);
             for (int64_t r = 0; r < rows; r++) {
                 bf16 *out = o + b * o_sb + h * o_sh + (n0 + r) * o_sn;

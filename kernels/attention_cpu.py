@@ -29,6 +29,9 @@ MAX_KEYS = 16384
 # Up to SD1.5's 160 it was as fast as SDPA or faster at every UNet shape; at the VAE's single 512-wide
 # head SDPA led (benchmarks/attention_cpu.py), so that one stays with SDPA.
 MAX_HEAD_DIM = 160
+# At this many scores per head or fewer (SD1.5's lowest level: 64 x 64, 16 x 77 at 256 px) SDPA
+# ran faster: the kernel's fixed cost per call (packing, threads) outweighs its faster softmax.
+SDPA_MAX_SCORES = 4096
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -83,6 +86,11 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     )
 
 
+def pays(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the kernel is worth calling: more than SDPA_MAX_SCORES scores per head."""
+    return q.shape[2] * k.shape[2] > SDPA_MAX_SCORES
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v for bf16 q [B, heads, N, d] and k, v [B, heads, M, d] (`supported`);
     `library()` must not be None. Returns [B, heads, N, d] laid out as [B, N, heads, d], so the
@@ -93,6 +101,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     for t in (q, k, v, o):
         args += [t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)]
     scale = D**-0.5 if scale is None else scale
-    if library().attention_bf16(*args, B, H, N, k.shape[2], D, scale, torch.get_num_threads()) != 0:
+    with torch.profiler.record_function("fastdiff::attention_amx"):  # profilers see ctypes calls only by name
+        status = library().attention_bf16(*args, B, H, N, k.shape[2], D, scale, torch.get_num_threads())
+    if status != 0:
         raise MemoryError(f"attention: no memory for the AMX kernel's packed keys and values ({B}x{H} heads, {k.shape[2]} keys)")
     return o

@@ -102,9 +102,10 @@ def test_supported_shapes():
 def test_dispatch():
     """ops.attention runs the kernel for bf16 on the CPU in "auto" mode only, and its result is the kernel's."""
     g = torch.Generator().manual_seed(5)
-    q, k, v = (views(1, 2, 20, 40, g) for _ in range(3))
+    q, k, v = (views(1, 2, 80, 40, g) for _ in range(3))
     with ops.kernels("auto"):
         assert ops.attention_path(q, k, v) == "amx"
+        assert ops.attention_path(q[:, :, :64], k[:, :, :64], v[:, :, :64]) == "torch"  # SDPA_MAX_SCORES
         assert torch.equal(ops.attention(q, k, v, 0.3), attention_cpu.attention(q, k, v, 0.3))
         assert ops.attention_path(q, k, v, causal=True) == "torch"
         assert ops.attention_path(q.float(), k.float(), v.float()) == "torch"
@@ -144,7 +145,7 @@ def test_damaged_library_is_rebuilt(fresh_build):
 def test_without_a_compiler_sdpa_runs(fresh_build, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     g = torch.Generator().manual_seed(6)
-    q, k, v = (views(1, 2, 20, 40, g) for _ in range(3))
+    q, k, v = (views(1, 2, 80, 40, g) for _ in range(3))
     with caplog.at_level(logging.WARNING, logger="fastdiff"), ops.kernels("auto"):
         assert ops.attention_path(q, k, v) == "torch"
         assert torch.equal(ops.attention(q, k, v, 0.3), ops.attention_ref(q, k, v, 0.3))
