@@ -18,8 +18,9 @@ Which path runs is chosen by the kernel mode:
               the kernels).
 In "auto" mode 1x1 and small fp32 convolutions on the CPU also take ATen's im2col + GEMM path
 over oneDNN's (`SMALL_CONV_PIXELS`), an upsampler's nearest 2x + 3x3 convolution runs as one
-transposed convolution (`PACKED_CONV_TRANSPOSE`; "torch" and "triton" keep `F.conv2d`), and bf16
-attention on an AMX CPU runs a C kernel (`attention_path`).
+transposed convolution (`PACKED_CONV_TRANSPOSE`; "torch" and "triton" keep `F.conv2d`), bf16
+attention on an AMX CPU runs a C kernel (`attention_path`), and so does GroupNorm(+SiLU) of
+channels-last tensors on an AVX-512 CPU (`group_norm_path`).
 The mode comes from the environment variable FASTDIFF_KERNELS, and can be changed with
 `set_kernels()` or the `kernels()` context manager (Pipeline(kernels=...) uses the latter).
 ONNX export always traces the torch reference.
@@ -128,10 +129,32 @@ def geglu_ref(h):
 # public ops: what the models call.
 
 
+def group_norm_path(x, num_groups: int, weight=None) -> str:
+    """Which way `group_norm` runs: "triton", "cpu" (a channels-last fp32/bf16 CPU tensor with
+    AVX-512 in "auto" mode: `fastdiff.kernels.group_norm_cpu`, where packed convolutions leave
+    their outputs channels-last) or "torch"."""
+    if _use_triton(x):
+        return "triton"
+    if x.device.type != "cpu" or get_kernels() != "auto" or _tracing():
+        return "torch"
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return "torch"  # the kernel has no backward
+    try:
+        from fastdiff.kernels import group_norm_cpu
+    except ImportError:  # the kernels package needs triton (Linux x86_64)
+        return "torch"
+    return "cpu" if group_norm_cpu.supported(x, num_groups) and group_norm_cpu.library() is not None else "torch"
+
+
 def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False):
     """GroupNorm over [B, C, H, W] (any memory format), optionally followed by SiLU."""
-    if _use_triton(x):
+    path = group_norm_path(x, num_groups, weight)
+    if path == "triton":
         from fastdiff.kernels.group_norm import group_norm as kernel
+
+        return kernel(x, num_groups, weight, bias, eps, silu=silu)
+    if path == "cpu":
+        from fastdiff.kernels.group_norm_cpu import group_norm as kernel
 
         return kernel(x, num_groups, weight, bias, eps, silu=silu)
     return group_norm_ref(x, num_groups, weight, bias, eps, silu)

@@ -8,16 +8,12 @@ kernel runs both matmuls on AMX tiles and the softmax as one AVX-512 pass with a
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 from pathlib import Path
 
 import torch
 
 from fastdiff import precision
 from fastdiff.kernels import cpu_library
-
-log = logging.getLogger("fastdiff")
 
 SOURCE = Path(__file__).with_name("attention_cpu.c")
 # what the kernel's instructions need (Linux /proc/cpuinfo names) and the compiler flags for them
@@ -33,17 +29,16 @@ MAX_HEAD_DIM = 160
 # ran faster: the kernel's fixed cost per call (packing, threads) outweighs its faster softmax.
 SDPA_MAX_SCORES = 4096
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
 def declare(lib: ctypes.CDLL) -> None:
+    """Argument types, and the AMX tile state for this process (OSError where Linux refuses it)."""
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.attention_init.argtypes = []
     lib.attention_init.restype = ctypes.c_int
     # (pointer, batch / head / token strides) for q, k, v, o; batch, heads, queries, keys, d; scale; threads
     lib.attention_bf16.argtypes = [ptr, i64, i64, i64] * 4 + [i64] * 5 + [ctypes.c_float, ctypes.c_int]
     lib.attention_bf16.restype = ctypes.c_int
+    if lib.attention_init() != 0:
+        raise OSError("Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
 
 
 def cpu_has_amx(flags: frozenset[str] | None = None) -> bool:
@@ -55,21 +50,13 @@ def library() -> ctypes.CDLL | None:
     """The built library with AMX tile state granted to this process, or None: on CPUs without
     AMX-BF16, and (logged once, with the reason) where it cannot be built or Linux refuses the tile
     state; `attention` is then not called and torch's SDPA runs."""
-    with _lock:
-        if "lib" not in _state:
-            lib, why = (None, "the CPU has no AMX-BF16") if not cpu_has_amx() else cpu_library.library(SOURCE, COMPILE_FLAGS, declare)
-            if lib is not None and lib.attention_init() != 0:
-                lib, why = None, "Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)"
-            if lib is None and cpu_has_amx():
-                log.warning("fastdiff: the AMX attention kernel is unavailable, torch's SDPA runs instead: %s", why)
-            _state["lib"] = lib
-        return _state["lib"]
+    if not cpu_has_amx():
+        return None
+    return cpu_library.library(SOURCE, COMPILE_FLAGS, declare, "torch's SDPA")
 
 
 def forget() -> None:
     """Forget the loaded library (tests build it again)."""
-    with _lock:
-        _state.pop("lib", None)
     cpu_library.forget(SOURCE)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from fastdiff.export.cache import cache_root
 
+log = logging.getLogger("fastdiff")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 _lock = threading.Lock()
 _loaded: dict[Path, tuple[ctypes.CDLL | None, str]] = {}
@@ -88,15 +90,18 @@ def load(source: Path, extra_flags: tuple[str, ...], declare: Callable[[ctypes.C
     return lib
 
 
-def library(source: Path, extra_flags: tuple[str, ...], declare: Callable[[ctypes.CDLL], None]) -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded library, "") or (None, why not); built and loaded once per process."""
+def library(source: Path, extra_flags: tuple[str, ...], declare: Callable[[ctypes.CDLL], None], fallback: str) -> ctypes.CDLL | None:
+    """The loaded library, built and loaded once per process; None where it cannot be, logged once
+    with the reason and `fallback` (what runs instead). `declare` may also raise OSError with the
+    reason (e.g. the OS refuses a CPU feature)."""
     with _lock:
         if source not in _loaded:
             try:
                 _loaded[source] = (load(source, extra_flags, declare), "")
             except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
+                log.warning("fastdiff: the CPU kernel %s is unavailable, %s runs instead: %s", source.name, fallback, e)
                 _loaded[source] = (None, str(e))
-        return _loaded[source]
+        return _loaded[source][0]
 
 
 def forget(source: Path) -> None:

@@ -120,6 +120,23 @@ def assert_upsampled_transposed(taken: list) -> None:
         assert path == ("transposed" if doubles and ops.PACKED_CONV_TRANSPOSE else "reference")
 
 
+def group_norm_paths(monkeypatch) -> list:
+    """The path of each ops.group_norm call, filled as the model runs."""
+    taken = []
+    path = ops.group_norm_path
+    monkeypatch.setattr(ops, "group_norm_path", lambda *a, **kw: taken.append(path(*a, **kw)) or taken[-1])
+    return taken
+
+
+def assert_group_norm_kernel_ran(taken: list) -> None:
+    """The channels-last GroupNorm kernel ran (the packed convolutions' outputs are channels-last)
+    where this CPU has it, and torch's elsewhere."""
+    from fastdiff.kernels import group_norm_cpu
+
+    assert taken and set(taken) <= {"cpu", "torch"}
+    assert ("cpu" in taken) == (group_norm_cpu.library() is not None)
+
+
 @pytest.mark.parametrize(
     "shape, out_channels, kernel, stride, padding, bias, channels_last",
     [
@@ -378,6 +395,7 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
         return attention_paths[-1][0]
 
     monkeypatch.setattr(ops, "attention_path", record)
+    normed = group_norm_paths(monkeypatch)
     g = torch.Generator().manual_seed(6)
     x, ctx = torch.randn(2, ref.config.in_channels, 12, 10, generator=g), torch.randn(2, 7, ref.config.cross_attention_dim, generator=g)
     ours = ours.bfloat16()
@@ -393,6 +411,7 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
     assert_upsampled_transposed(upsampled)
     assert attention_paths and all(taken == wanted for taken, wanted in attention_paths)
     assert not amx or ("amx", "amx") in attention_paths
+    assert_group_norm_kernel_ran(normed)
     assert got.dtype == torch.bfloat16
     assert _maxdiff(got.double(), want.double()) <= 3e-2 * want.abs().max().item()
 
@@ -455,7 +474,7 @@ def test_vae_matches_diffusers(vae_small, perturb, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=BF16)])
-def test_vae_decode_auto_ops_match_diffusers(vae_small, perturb, tmp_path, dtype):
+def test_vae_decode_auto_ops_match_diffusers(vae_small, perturb, tmp_path, dtype, monkeypatch):
     """The CPU default's decode (packed convolutions, upsamplers as transposed convolutions)
     against diffusers in fp32, at odd latent sides and batch 2."""
     from diffusers import AutoencoderKL as RefVAE
@@ -466,11 +485,13 @@ def test_vae_decode_auto_ops_match_diffusers(vae_small, perturb, tmp_path, dtype
     ref.save_config(tmp_path)
     ours = _ours(AutoencoderKL, VAEConfig.from_json(tmp_path / "config.json"), ref.state_dict()).to(dtype)
     upsampled = upsample_paths(ours)
+    normed = group_norm_paths(monkeypatch)
     z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(4))
     with torch.no_grad(), ops.kernels("auto"):
         want = ref.decode(z).sample
         got = ours.decode(z.to(dtype))
     assert_upsampled_transposed(upsampled)
+    assert_group_norm_kernel_ran(normed)
     assert got.dtype == dtype and got.shape == want.shape
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     assert _maxdiff(got.double(), want.double()) <= tol * want.abs().max().item()
