@@ -183,6 +183,8 @@ int group_norm_nhwc(
             double count = (double)pixels * per_group, mean = s / count;
             double var = q / count - mean * mean;
             double rstd = 1.0 / sqrt((var > 0 ? var : 0) + eps);
+            if (!isfinite(s) || !isfinite(q)) /* a NaN or inf input, or squares past fp32's range: */
+                mean = rstd = NAN;             /* NaN out, as torch's (never a finite wrong value) */
             for (int64_t c = g * per_group; c < (g + 1) * per_group; c++) {
                 double w = weight ? weight[c] : 1.0;
                 a[img * channels + c] = (float)(rstd * w);

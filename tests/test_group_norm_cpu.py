@@ -67,6 +67,23 @@ def test_small_variance_under_a_large_mean(std):
     assert errors(got, want)[0] <= 1e-3
 
 
+@AVX512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_non_finite_statistics_give_nan_not_a_finite_value(dtype):
+    """Values whose squares pass fp32's range (a diverged latent, guidance 1e30) and a NaN: that
+    group's output is NaN, as torch's, so the pipeline's non-finite check trips; the other groups
+    are normalized as usual."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 64, 6, 6, generator=g)
+    x[0, :2] *= 1e30  # group 0
+    x[0, 4, 2, 3] = float("nan")  # group 2
+    x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+    got = group_norm_cpu.group_norm(x, 32, None, None, 1e-6, True)
+    assert torch.isnan(got[0, :2]).all() and torch.isnan(got[0, 4:6]).all()
+    assert torch.isfinite(got[0, 2:4]).all() and torch.isfinite(got[0, 6:]).all()
+    assert not torch.isfinite(ops.group_norm_ref(x, 32, None, None, 1e-6, True)[0, :2]).all()  # torch's too
+
+
 def test_supported():
     x = torch.zeros(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
     assert group_norm_cpu.supported(x, 32)
