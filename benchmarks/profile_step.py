@@ -34,6 +34,7 @@ CATEGORIES = [
     ("attention (amx)", r"^fastdiff::attention_amx$"),  # kernels/attention_cpu.py, a ctypes call
     ("attention (sdpa)", r"fmha|flash|sdpa|scaled_dot_product|attention"),
     ("group_norm (triton)", r"^_group_norm_\w*kernel\b"),
+    ("group_norm (cpu)", r"^fastdiff::group_norm_nhwc$"),  # kernels/group_norm_cpu.py, a ctypes call
     ("group_norm (torch)", r"group_norm|GroupNorm|RowwiseMoments|ComputeFusedParams"),
     ("geglu (triton)", r"^_geglu_kernel\b"),
     ("layer_norm", r"layer_norm|LayerNorm"),

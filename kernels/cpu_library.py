@@ -23,12 +23,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from fastdiff import precision
 from fastdiff.export.cache import cache_root
 
 log = logging.getLogger("fastdiff")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fPIC", "-shared")
 _lock = threading.Lock()
-_loaded: dict[Path, tuple[ctypes.CDLL | None, str]] = {}
+_loaded: dict[Path, ctypes.CDLL | None] = {}
 
 
 def compiler() -> str | None:
@@ -36,22 +37,12 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
-def cpu_features() -> str:
-    """The CPU's feature flags line (the build targets them with -march=native)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def library_path(cc: str, source: Path, flags: tuple[str, ...]) -> Path:
     """Where `source`, built by `cc` with `flags` for this CPU, lives in the cache."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     h = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(flags).encode(), version.encode(), cpu_features().encode(), platform.machine().encode()):
+    cpu = " ".join(sorted(precision.cpu_flags())) + " " + platform.machine()  # what -march=native targets
+    for part in (source.read_bytes(), " ".join(flags).encode(), version.encode(), cpu.encode()):
         h.update(hashlib.sha256(part).digest())
     return cache_root() / "kernels" / f"{source.stem}-{h.hexdigest()[:24]}.so"
 
@@ -92,16 +83,16 @@ def load(source: Path, extra_flags: tuple[str, ...], declare: Callable[[ctypes.C
 
 def library(source: Path, extra_flags: tuple[str, ...], declare: Callable[[ctypes.CDLL], None], fallback: str) -> ctypes.CDLL | None:
     """The loaded library, built and loaded once per process; None where it cannot be, logged once
-    with the reason and `fallback` (what runs instead). `declare` may also raise OSError with the
-    reason (e.g. the OS refuses a CPU feature)."""
+    with the reason and `fallback` (what runs instead). `declare` may also raise RuntimeError with
+    the reason (e.g. the OS refuses a CPU feature); that is not taken for a damaged file."""
     with _lock:
         if source not in _loaded:
             try:
-                _loaded[source] = (load(source, extra_flags, declare), "")
+                _loaded[source] = load(source, extra_flags, declare)
             except (OSError, AttributeError, RuntimeError, subprocess.SubprocessError) as e:
                 log.warning("fastdiff: the CPU kernel %s is unavailable, %s runs instead: %s", source.name, fallback, e)
-                _loaded[source] = (None, str(e))
-        return _loaded[source][0]
+                _loaded[source] = None
+        return _loaded[source]
 
 
 def forget(source: Path) -> None:

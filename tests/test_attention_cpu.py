@@ -167,3 +167,29 @@ def test_cache_key_follows_source_flags_and_compiler(tmp_path, monkeypatch):
     source.write_text("int f(void) { return 2; }\n")
     assert first != cpu_library.library_path(cc, source, ("-O2",))
     assert first.parent == tmp_path / "kernels"
+
+
+def test_a_refusal_at_load_is_logged_not_rebuilt(tmp_path, monkeypatch, caplog):
+    """`declare` raising RuntimeError (Linux refusing AMX state, say) gives None and a log line; the
+    built file is kept, not taken for damaged and compiled again."""
+    if cpu_library.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path))
+    source = tmp_path / "refuses.c"
+    source.write_text("int refuses_init(void) { return -1; }\n")
+
+    def declare(lib):
+        if lib.refuses_init() != 0:
+            raise RuntimeError("refused by the test")
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="fastdiff"):
+            assert cpu_library.library(source, (), declare, "the test's fallback") is None
+        (built,) = (tmp_path / "kernels").glob("refuses-*.so")
+        stamp = built.stat().st_mtime_ns
+        cpu_library.forget(source)
+        assert cpu_library.library(source, (), declare, "the test's fallback") is None
+        assert built.stat().st_mtime_ns == stamp
+        assert "refused by the test" in caplog.text and "the test's fallback runs instead" in caplog.text
+    finally:
+        cpu_library.forget(source)
