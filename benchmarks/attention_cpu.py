@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -71,16 +69,11 @@ def time_shape(batch: int, heads: int, queries: int, keys: int, d: int, repeats:
     scale = d**-0.5
     merge = lambda o: o.transpose(1, 2).reshape(batch, queries, heads * d)  # noqa: E731
     ways = {"sdpa": lambda: merge(F.scaled_dot_product_attention(q, k, v, scale=scale)), "amx": lambda: merge(attention_cpu.attention(q, k, v, scale))}
-    times: dict = {way: [] for way in ways}
     outs = {way: f() for way, f in ways.items()}  # warm-up
-    for _ in range(repeats):
-        for way, f in ways.items():
-            start = time.perf_counter()
-            f()
-            times[way].append(time.perf_counter() - start)
+    medians = testing.interleaved_medians(ways, repeats)
     ref = merge(F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale))
     errors = {f"{way} error": ((out.double() - ref).abs().max() / ref.abs().max()).item() for way, out in outs.items()}
-    return {**{way: 1e3 * statistics.median(t) for way, t in times.items()}, **errors}
+    return {**medians, **errors}
 
 
 def main() -> None:

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from fastdiff import ops, sd15
+from fastdiff import ops, sd15, testing
 from fastdiff.models import UNet2DConditionModel, UNetConfig
 from fastdiff.models.common import Conv2d
 
@@ -70,15 +68,10 @@ def time_shape(shape, out_channels, kernel, stride, padding, repeats: int, dtype
     }
     ref = ways["onednn"]().float()
     diff = max((ways[n]().float() - ref).abs().max().item() for n in WAYS[1:])
-    times: dict = {name: [] for name in ways}
-    for _ in range(repeats):
-        for name, fn in ways.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    medians = testing.interleaved_medians(ways, repeats)
     with ops.kernels("auto"), torch.no_grad():
         rule = {"reference": "onednn"}.get(path := ops.conv_path(x, w, stride, padding), path)
-    return {**{name: 1e3 * statistics.median(ts) for name, ts in times.items()}, "rule": rule, "max_abs_diff": diff}
+    return {**medians, "rule": rule, "max_abs_diff": diff}
 
 
 def main() -> None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -68,16 +66,11 @@ def time_shape(shape, groups: int, silu: bool, dtype: torch.dtype, repeats: int)
     x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
     w, b = (torch.randn(C) + 1).to(dtype), torch.randn(C).to(dtype)
     ways = {"torch": lambda: ops.group_norm_ref(x, groups, w, b, 1e-5, silu), "kernel": lambda: group_norm_cpu.group_norm(x, groups, w, b, 1e-5, silu)}
-    times: dict = {way: [] for way in ways}
     outs = {way: f() for way, f in ways.items()}  # warm-up
-    for _ in range(repeats):
-        for way, f in ways.items():
-            start = time.perf_counter()
-            f()
-            times[way].append(time.perf_counter() - start)
+    medians = testing.interleaved_medians(ways, repeats)
     ref = ops.group_norm_ref(x.double(), groups, w.double(), b.double(), 1e-5, silu)
     errors = {f"{way} error": ((out.double() - ref).abs().max() / ref.abs().max()).item() for way, out in outs.items()}
-    return {**{way: 1e3 * statistics.median(t) for way, t in times.items()}, **errors}
+    return {**medians, **errors}
 
 
 def main() -> None:

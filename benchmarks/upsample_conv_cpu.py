@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -51,17 +49,12 @@ def time_shape(shape, repeats: int, dtype: torch.dtype) -> dict:
     w = (torch.randn(channels, channels, 3, 3) / (9 * channels) ** 0.5).to(dtype)
     b = torch.randn(channels).to(dtype)
     ways = {"as written": lambda: ops.upsample_conv_ref(x, w, b), "transposed": lambda: ops.upsample_conv(x, w, b)}
-    times: dict = {way: [] for way in ways}
     with torch.no_grad(), ops.kernels("auto"):
         assert ops.upsample_conv_path(x, w) == "transposed"
         outs = {way: f() for way, f in ways.items()}  # warm-up: packs the weights
-        for _ in range(repeats):
-            for way, f in ways.items():
-                start = time.perf_counter()
-                f()
-                times[way].append(time.perf_counter() - start)
+        medians = testing.interleaved_medians(ways, repeats)
     diff = (outs["transposed"].double() - outs["as written"].double()).abs().max() / outs["as written"].double().abs().max()
-    return {**{way: 1e3 * statistics.median(t) for way, t in times.items()}, "relative difference": diff.item()}
+    return {**medians, "relative difference": diff.item()}
 
 
 def main() -> None:

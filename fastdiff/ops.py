@@ -131,8 +131,8 @@ def geglu_ref(h):
 
 def group_norm_path(x, num_groups: int, weight=None) -> str:
     """Which way `group_norm` runs: "triton", "cpu" (a channels-last fp32/bf16 CPU tensor with
-    AVX-512 in "auto" mode: `fastdiff.kernels.group_norm_cpu`, where packed convolutions leave
-    their outputs channels-last) or "torch"."""
+    AVX-512 in "auto" mode, of the sizes where it ran faster: `fastdiff.kernels.group_norm_cpu`;
+    packed convolutions leave their outputs channels-last) or "torch"."""
     if _use_triton(x):
         return "triton"
     if x.device.type != "cpu" or get_kernels() != "auto" or _tracing():
@@ -143,7 +143,8 @@ def group_norm_path(x, num_groups: int, weight=None) -> str:
         from fastdiff.kernels import group_norm_cpu
     except ImportError:  # the kernels package needs triton (Linux x86_64)
         return "torch"
-    return "cpu" if group_norm_cpu.supported(x, num_groups) and group_norm_cpu.library() is not None else "torch"
+    usable = group_norm_cpu.supported(x, num_groups) and group_norm_cpu.pays(x)
+    return "cpu" if usable and group_norm_cpu.library() is not None else "torch"
 
 
 def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False):

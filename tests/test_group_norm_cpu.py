@@ -98,10 +98,11 @@ def test_supported():
 @AVX512
 def test_dispatch():
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 64, 6, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 64, 8, 8, generator=g).contiguous(memory_format=torch.channels_last)
     w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
     with ops.kernels("auto"):
         assert ops.group_norm_path(x, 32, w) == "cpu"
+        assert ops.group_norm_path(x[:1], 32, w) == "torch"  # 64 pixels: under MIN_PIXELS
         assert torch.equal(ops.group_norm(x, 32, w, b, 1e-5, silu=True), group_norm_cpu.group_norm(x, 32, w, b, 1e-5, True))
         assert ops.group_norm_path(x.contiguous(), 32, w) == "torch"
         w.requires_grad_(True)
