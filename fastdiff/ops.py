@@ -410,7 +410,7 @@ def _attention_choice(q, k, v, scale) -> str:
 def attention_path(q, k, v, causal: bool = False) -> str:
     """Which way `attention` runs: "triton" (the fused kernel, where "auto" mode may still pick
     SDPA per shape), "amx" (bf16 on an AMX CPU in "auto" mode: `fastdiff.kernels.attention_cpu`,
-    faster than SDPA at every SD1.5 shape in benchmarks/attention_cpu.py) or "torch" (SDPA)."""
+    at the shapes where it ran faster than SDPA in benchmarks/attention_cpu.py) or "torch" (SDPA)."""
     if causal:
         return "torch"
     if _use_triton(q):

@@ -29,6 +29,7 @@ MAX_HEAD_DIM = 160
 # ran faster: the kernel's fixed cost per call (packing, threads) outweighs its faster softmax.
 SDPA_MAX_SCORES = 4096
 
+
 def declare(lib: ctypes.CDLL) -> None:
     """Argument types, and the AMX tile state for this process (RuntimeError where Linux refuses it)."""
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
