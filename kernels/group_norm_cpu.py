@@ -18,10 +18,10 @@ from fastdiff.kernels import cpu_library
 
 SOURCE = Path(__file__).with_name("group_norm_cpu.c")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
-# Below this many pixels over the batch torch's ran faster (SD1.5's 4x4 and single-image 8x8 norms,
-# benchmarks/group_norm_cpu.py --size 64 / 256): pass 1 splits each image by blocks of 64 pixels,
-# and the call has a fixed cost.
-MIN_PIXELS = 128
+# Below this many pixels an image torch's ran faster (SD1.5's 4x4 norms, benchmarks/group_norm_cpu.py
+# --size 64 / 256: pass 1 splits an image by blocks of 64 pixels, and the call has a fixed cost).
+# Per image, not per batch: a batch padded with more images must compute each image the same way.
+MIN_PIXELS = 64
 COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16")
 
 
@@ -60,8 +60,8 @@ def supported(x: torch.Tensor, num_groups: int) -> bool:
 
 
 def pays(x: torch.Tensor) -> bool:
-    """Whether the kernel is worth calling: at least MIN_PIXELS pixels over the batch."""
-    return x.shape[0] * x.shape[2] * x.shape[3] >= MIN_PIXELS
+    """Whether the kernel is worth calling: at least MIN_PIXELS pixels an image."""
+    return x.shape[2] * x.shape[3] >= MIN_PIXELS
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, silu: bool = False) -> torch.Tensor:

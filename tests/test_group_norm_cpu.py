@@ -102,10 +102,24 @@ def test_dispatch():
     w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
     with ops.kernels("auto"):
         assert ops.group_norm_path(x, 32, w) == "cpu"
-        assert ops.group_norm_path(x[:1], 32, w) == "torch"  # 64 pixels: under MIN_PIXELS
+        assert ops.group_norm_path(x[:1], 32, w) == "cpu"  # the rule does not depend on the batch
+        assert ops.group_norm_path(x[:, :, :4, :4].contiguous(memory_format=torch.channels_last), 32, w) == "torch"  # MIN_PIXELS
         assert torch.equal(ops.group_norm(x, 32, w, b, 1e-5, silu=True), group_norm_cpu.group_norm(x, 32, w, b, 1e-5, True))
         assert ops.group_norm_path(x.contiguous(), 32, w) == "torch"
         w.requires_grad_(True)
         assert ops.group_norm_path(x, 32, w) == "torch"  # no backward
     with ops.kernels("torch"):
         assert ops.group_norm_path(x, 32) == "torch"
+
+
+@pytest.mark.parametrize("side", [4, 8, 12])
+def test_an_image_normalizes_the_same_alone_or_in_a_batch(side):
+    """Batching (the server pads batches) must not change an image's result: the path and the
+    kernel's arithmetic depend on the image, not on the batch size."""
+    g = torch.Generator().manual_seed(side)
+    x = torch.randn(3, 64, side, side, generator=g).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    with ops.kernels("auto"):
+        batch = ops.group_norm(x, 32, w, b, 1e-5, silu=True)
+        alone = ops.group_norm(x[1:2].contiguous(memory_format=torch.channels_last), 32, w, b, 1e-5, silu=True)
+    assert torch.equal(batch[1:2], alone)
