@@ -129,16 +129,22 @@ def geglu_ref(h):
 # public ops: what the models call.
 
 
+def cpu_kernel_may_run(*tensors) -> bool:
+    """Whether a C kernel of `fastdiff.kernels` may take these CPU tensors (None is skipped): "auto"
+    mode, outside tracing and export, and no gradient wanted (the kernels have no backward)."""
+    if tensors[0].device.type != "cpu" or get_kernels() != "auto" or _tracing():
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
 def group_norm_path(x, num_groups: int, weight=None) -> str:
     """Which way `group_norm` runs: "triton", "cpu" (a channels-last fp32/bf16 CPU tensor with
     AVX-512 in "auto" mode, of the sizes where it ran faster: `fastdiff.kernels.group_norm_cpu`;
     packed convolutions leave their outputs channels-last) or "torch"."""
     if _use_triton(x):
         return "triton"
-    if x.device.type != "cpu" or get_kernels() != "auto" or _tracing():
+    if not cpu_kernel_may_run(x, weight):
         return "torch"
-    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
-        return "torch"  # the kernel has no backward
     try:
         from fastdiff.kernels import group_norm_cpu
     except ImportError:  # the kernels package needs triton (Linux x86_64)
@@ -415,10 +421,8 @@ def attention_path(q, k, v, causal: bool = False) -> str:
         return "torch"
     if _use_triton(q):
         return "triton"
-    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or get_kernels() != "auto" or _tracing():
+    if q.dtype != torch.bfloat16 or not cpu_kernel_may_run(q, k, v):
         return "torch"
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return "torch"  # the kernel has no backward
     try:
         from fastdiff.kernels import attention_cpu
     except ImportError:  # the kernels package needs triton (Linux x86_64): no AMX elsewhere
