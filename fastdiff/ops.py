@@ -19,8 +19,9 @@ Which path runs is chosen by the kernel mode:
 In "auto" mode 1x1 and small fp32 convolutions on the CPU also take ATen's im2col + GEMM path
 over oneDNN's (`SMALL_CONV_PIXELS`), an upsampler's nearest 2x + 3x3 convolution runs as one
 transposed convolution (`PACKED_CONV_TRANSPOSE`; "torch" and "triton" keep `F.conv2d`), bf16
-attention on an AMX CPU runs a C kernel (`attention_path`), and so does GroupNorm(+SiLU) of
-channels-last tensors on an AVX-512 CPU (`group_norm_path`).
+attention on an AMX CPU runs a C kernel (`attention_path`), and so do bf16 3x3 convolutions with
+few output pixels there (`few_rows`) and GroupNorm(+SiLU) of channels-last tensors on an AVX-512
+CPU (`group_norm_path`).
 The mode comes from the environment variable FASTDIFF_KERNELS, and can be changed with
 `set_kernels()` or the `kernels()` context manager (Pipeline(kernels=...) uses the latter).
 ONNX export always traces the torch reference.
@@ -247,11 +248,36 @@ def packed_weight(weight, stride, padding, input_shape) -> torch.Tensor:
     return packed_copy(weight, ("conv", stride, padding), lambda: pack(weight, list(padding), list(stride), [1, 1], 1, list(input_shape)))
 
 
+def few_rows(x, weight, stride, padding) -> bool:
+    """Whether a bf16 convolution runs the AMX kernel for few output pixels
+    (`fastdiff.kernels.matmul_few_rows_cpu`): an AMX CPU, a weight that may be packed (`can_pack`),
+    a 3x3 kernel and at most its MAX_CONV_ROWS output pixels, where it read the weights faster than
+    oneDNN (`benchmarks/matmul_few_rows_cpu.py`)."""
+    if x.dtype != torch.bfloat16 or not can_pack(x, weight):
+        return False
+    try:
+        from fastdiff.kernels import matmul_few_rows_cpu as kernel
+    except ImportError:  # the kernels package needs triton (Linux x86_64): no AMX elsewhere
+        return False
+    usable = kernel.supported_conv(x, weight, stride, padding) and kernel.pays_conv(x, weight, stride, padding)
+    return usable and kernel.library() is not None
+
+
+def few_rows_weight(weight) -> torch.Tensor:
+    """The few-rows kernel's packed copy of a convolution's `weight`."""
+    from fastdiff.kernels.matmul_few_rows_cpu import pack
+
+    return packed_copy(weight, ("few_rows",), lambda: pack(weight))
+
+
 def conv_path(x, weight, stride, padding) -> str:
-    """Which way `conv2d` runs: "im2col", "packed" (oneDNN on a packed weight) or "reference"."""
+    """Which way `conv2d` runs: "im2col", "few_rows" (see `few_rows`), "packed" (oneDNN on a
+    packed weight) or "reference"."""
     packable = packed_conv(x, weight)
     if im2col_conv(x, weight, stride, padding, packable):
         return "im2col"
+    if packable and few_rows(x, weight, stride, padding):
+        return "few_rows"
     return "packed" if packable else "reference"
 
 
@@ -261,6 +287,15 @@ def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int], r
     is a post-op of oneDNN's convolution, so the output is written once and rounded once
     (`benchmarks/profile_step.py --network vae` shows the adds this saves)."""
     path = conv_path(x, weight, stride, padding)
+    if path == "few_rows":
+        from fastdiff.kernels import matmul_few_rows_cpu as kernel
+
+        n, k = weight.shape[0], weight.shape[-1]
+        out = (x.shape[0], n, *kernel.output_size(x, weight, stride[0], padding[0]))
+        fused = residual is not None and residual.dtype == x.dtype and tuple(residual.shape) == out
+        b = None if bias is None else bias.float()
+        y = kernel.conv2d(x, few_rows_weight(weight), b, n, k, stride[0], padding[0], residual if fused else None)
+        return y if residual is None or fused else y + residual
     if path == "im2col":
         y = torch.ops.aten.thnn_conv2d(x, weight, weight.shape[2:], bias, stride, padding)
     elif path == "packed":

@@ -381,8 +381,8 @@ def test_unet_fp16_close_to_fp32(unet_pair):
 @BF16
 def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
     """The CPU default on a bf16 CPU: every linear on a packed weight (residual adds and GEGLU as
-    post-ops), convolutions packed or im2col, attention in the AMX kernel where the CPU has AMX,
-    against diffusers in fp32 at bf16's tolerance."""
+    post-ops), convolutions packed or im2col, attention and the convolutions with few output
+    pixels in the AMX kernels where the CPU has AMX, against diffusers in fp32 at bf16's tolerance."""
     from fastdiff.kernels import attention_cpu
 
     ref, ours = unet_pair
@@ -396,6 +396,9 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
 
     monkeypatch.setattr(ops, "attention_path", record)
     normed = group_norm_paths(monkeypatch)
+    conv_paths = []
+    conv_path = ops.conv_path
+    monkeypatch.setattr(ops, "conv_path", lambda *a: conv_paths.append(conv_path(*a)) or conv_paths[-1])
     g = torch.Generator().manual_seed(6)
     x, ctx = torch.randn(2, ref.config.in_channels, 12, 10, generator=g), torch.randn(2, 7, ref.config.cross_attention_dim, generator=g)
     ours = ours.bfloat16()
@@ -412,6 +415,7 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
     assert attention_paths and all(taken == wanted for taken, wanted in attention_paths)
     assert not amx or ("amx", "amx") in attention_paths
     assert_group_norm_kernel_ran(normed)
+    assert "packed" in conv_paths and (not amx or "few_rows" in conv_paths)  # 120 pixels and more, 30 and fewer
     assert got.dtype == torch.bfloat16
     assert _maxdiff(got.double(), want.double()) <= 3e-2 * want.abs().max().item()
 
