@@ -7,7 +7,7 @@ on packed weights (what "auto" mode ran before) against fastdiff's AMX kernel
 
 Shapes come from running SD1.5's UNet on the meta device with torch's ops, recording each
 F.conv2d and F.linear call with at most 512 output rows (so the table shows where the kernel's
-rules stop). A UNet forward reads 1.7 GB of weights once, more than the caches hold, so each way
+rule stops; linears run in the kernel as 1x1 convolutions here, and stay with oneDNN in the runtime). A UNet forward reads 1.7 GB of weights once, more than the caches hold, so each way
 cycles through copies of the weight totalling about 1 GB per call round; a row is the time per
 call, interleaved after a warm-up round, median of `--repeats`. "GB/s" is weight bytes per second.
 The error columns are each way's largest difference from float64, relative to the output's
@@ -91,13 +91,15 @@ def time_shape(kind, x_shape, w_shape, stride, padding, repeats: int) -> dict:
         def dnn(i):
             return torch.ops.mkldnn._linear_pointwise(x2, onednn[i], bias, "none", [], "")
 
+        x4 = x2[:, :, None, None]  # rows as 1x1 images: the kernel's linear
+
         def ours(i):
-            return kernel.linear(x2, packed[i], bias.float(), n)
+            return kernel.conv2d(x4, packed[i], bias.float(), n, 1, 1, 0)
 
         def reference():
             return F.linear(x2.double(), weights[0].double(), bias.double())
 
-    packed = [kernel.pack(w) for w in weights]
+    packed = [kernel.pack(w if w.dim() == 4 else w[:, :, None, None]) for w in weights]
     ways = {"oneDNN": lambda: [dnn(i) for i in range(copies)], "kernel": lambda: [ours(i) for i in range(copies)]}
     outs = {way: f()[0] for way, f in ways.items()}  # warm-up
     medians = {way: ms / copies for way, ms in testing.interleaved_medians(ways, repeats).items()}
@@ -126,7 +128,7 @@ def main() -> None:
         for (kind, xs, ws, stride, padding), calls in sorted(shapes(args.size).items(), key=lambda kv: kv[0][1]):
             r = time_shape(kind, xs, ws, stride, padding, args.repeats)
             xt, wt = torch.empty(xs, device="meta", dtype=torch.bfloat16), torch.empty(ws, device="meta", dtype=torch.bfloat16)
-            rule = kernel.pays_conv(xt, wt, stride, padding) if kind == "conv" else kernel.pays_linear(xt)
+            rule = kind == "conv" and kernel.pays_conv(xt, wt, stride, padding)  # linears: always oneDNN
             mb = r["weight MB"]
             print(f"{kind:6s} {str(xs):>20s} {str(ws):>22s} {stride[0] if stride else '':>3} {calls:5d} {mb:6.1f} "
                   f"{r['oneDNN']:10.3f} {mb / r['oneDNN']:5.1f} {r['kernel']:10.3f} {mb / r['kernel']:5.1f} "

@@ -38,6 +38,7 @@ CATEGORIES = [
     ("group_norm (torch)", r"group_norm|GroupNorm|RowwiseMoments|ComputeFusedParams"),
     ("geglu (triton)", r"^_geglu_kernel\b"),
     ("layer_norm", r"layer_norm|LayerNorm"),
+    ("convolution (amx)", r"^fastdiff::matmul_few_rows$"),  # kernels/matmul_few_rows_cpu.py, a ctypes call
     ("convolution", r"fprop|conv(?!ert)|implicit_gemm|dgrad|winograd"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|addmm|\bmm\b|aten::mm|aten::bmm|aten::linear|mkldnn::_linear_pointwise"),
     ("copies/reorders", r"aten::(copy_|contiguous|_to_copy|clone|cat)\b"),
