@@ -14,39 +14,17 @@
    Tiles (one config for all phases): tmm0-3 accumulators [16 x 16 fp32], tmm4-5 A operands
    [16 x 32 bf16], tmm6-7 B operands [16 pairs x 16 x 2 bf16]. */
 
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+
+#include "amx_tiles.h"
 
 #define ROWS 32 /* query rows per work item: two 16-row tiles */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef uint16_t bf16;
 
 static size_t round_up(size_t x, size_t m) { return (x + m - 1) / m * m; }
 
 /* Ask Linux for the AMX tile state (once per process). 0 on success. */
-int attention_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
-
-static void configure_tiles(void) {
-    struct {
-        uint8_t palette, start_row, reserved[14];
-        uint16_t colsb[16];
-        uint8_t rows[16];
-    } __attribute__((packed, aligned(64))) cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64; /* every tile: 16 rows of 64 bytes */
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
+int attention_init(void) { return amx_request(); }
 
 /* K of one (batch, head) as the B operands of Q K^T, d padded to d_pad and keys to keys_pad with
    zeros: one contiguous 1 KiB tile [16 dim pairs][16 keys][2] per 32 head dims c and 16 keys j, at
@@ -109,8 +87,6 @@ static void scores(const bf16 *q_rows, int64_t d_pad, const bf16 *kp, int64_t ke
         _tile_stored(3, s + 16 * ls + 16 * j + 16, ls * 4);
     }
 }
-
-static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
 
 /* Step 2, one row: p[keys_pad] = 2^((s - max s) * c) as bf16 (zero past `keys`); returns sum(p). */
 static float softmax_row(const float *s, int64_t keys, int64_t keys_pad, float c, bf16 *p) {
@@ -204,7 +180,7 @@ int attention_bf16(
         float *acc = aligned_alloc(64, ROWS * d_pad * sizeof(float));
         float sums[ROWS];
         int ok = packed_ok && s && p && q_rows && acc;
-        if (ok) configure_tiles();
+        if (ok) amx_configure_tiles();
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < bh * blocks; item++) {
             if (!ok) continue;

@@ -2,8 +2,8 @@
 compiler and called through ctypes.
 
 A library is compiled with `$CC` (else `cc`) and -march=native at first use, into
-`$FASTDIFF_CACHE/kernels/` under a name made from the sha256 of the source, the flags, the
-compiler's version and the CPU's feature flags; it is written under a temporary name and renamed,
+`$FASTDIFF_CACHE/kernels/` under a name made from the sha256 of the source and the headers it
+includes from beside it, the flags, the compiler's version and the CPU's feature flags; it is written under a temporary name and renamed,
 so a half-written library is never loaded, and one that fails to load is deleted and built again,
 once. Where it cannot be built or loaded `library()` returns None and says why; the caller then
 runs torch's op (the same math). ctypes releases the GIL for a call; OpenMP threads come from the
@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import threading
@@ -37,12 +38,20 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "cc"))
 
 
+def headers(source: Path) -> list[Path]:
+    """The headers beside `source` that it includes (`#include "name.h"`), which its library's
+    cache key must cover too."""
+    names = re.findall(r'^\s*#\s*include\s+"([^"]+)"', source.read_text(), flags=re.MULTILINE)
+    return [source.with_name(name) for name in names]
+
+
 def library_path(cc: str, source: Path, flags: tuple[str, ...]) -> Path:
-    """Where `source`, built by `cc` with `flags` for this CPU, lives in the cache."""
+    """Where `source` (with its `headers`), built by `cc` with `flags` for this CPU, lives in the cache."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     h = hashlib.sha256()
     cpu = " ".join(sorted(precision.cpu_flags())) + " " + platform.machine()  # what -march=native targets
-    for part in (source.read_bytes(), " ".join(flags).encode(), version.encode(), cpu.encode()):
+    code = b"".join(path.read_bytes() for path in [source, *headers(source)])
+    for part in (code, " ".join(flags).encode(), version.encode(), cpu.encode()):
         h.update(hashlib.sha256(part).digest())
     return cache_root() / "kernels" / f"{source.stem}-{h.hexdigest()[:24]}.so"
 

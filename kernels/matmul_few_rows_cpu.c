@@ -17,37 +17,12 @@
    3. after the last chunk, bias and residual are added and y rounded to bf16 once.
    Tiles: tmm0-3 accumulators, tmm4-5 A operands (two row blocks), tmm6-7 B operands. */
 
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef uint16_t bf16;
+#include "amx_tiles.h"
 
 /* Ask Linux for the AMX tile state (once per process). 0 on success. */
-int few_rows_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
-
-static void configure_tiles(void) {
-    struct {
-        uint8_t palette, start_row, reserved[14];
-        uint16_t colsb[16];
-        uint8_t rows[16];
-    } __attribute__((packed, aligned(64))) cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64; /* every tile: 16 rows of 64 bytes */
-        cfg.rows[t] = 16;
-    }
-    _tile_loadconfig(&cfg);
-}
-
-static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+int few_rows_init(void) { return amx_request(); }
 
 /* A tile rows for step s (tap s / steps_per_tap, channels 32 (s % steps_per_tap) ..) of rows
    m0 .. m0 + 16: the input pixel each output pixel sees through that tap, or zeros. */
@@ -142,7 +117,7 @@ int few_rows_conv_bf16(
             im2col_rows(x, xn, xh, xw, H, W, C, kw, stride, pad, OH, OW, M, steps_per_tap, s, rb * 16,
                         a + (((rb / 2) * steps + s) * 32 + (rb % 2) * 16) * 32);
         }
-        configure_tiles();
+        amx_configure_tiles();
         for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
             const int64_t len = steps - s0 < chunk ? steps - s0 : chunk;
 #pragma omp for schedule(static)

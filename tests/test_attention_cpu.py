@@ -154,7 +154,7 @@ def test_without_a_compiler_sdpa_runs(fresh_build, monkeypatch, caplog):
 
 
 def test_cache_key_follows_source_flags_and_compiler(tmp_path, monkeypatch):
-    """The library's name changes with the source, the flags and the compiler (content hash)."""
+    """The library's name changes with the source, the headers it includes, the flags and the compiler (content hash)."""
     cc = cpu_library.compiler()
     if cc is None:
         pytest.skip("no C compiler on this machine")
@@ -167,6 +167,11 @@ def test_cache_key_follows_source_flags_and_compiler(tmp_path, monkeypatch):
     source.write_text("int f(void) { return 2; }\n")
     assert first != cpu_library.library_path(cc, source, ("-O2",))
     assert first.parent == tmp_path / "kernels"
+    source.write_text('#include "k.h"\nint f(void) { return K; }\n')  # and with the headers it includes
+    (tmp_path / "k.h").write_text("#define K 1\n")
+    with_header = cpu_library.library_path(cc, source, ("-O2",))
+    (tmp_path / "k.h").write_text("#define K 2\n")
+    assert with_header != cpu_library.library_path(cc, source, ("-O2",))
 
 
 def test_a_refusal_at_load_is_logged_not_rebuilt(tmp_path, monkeypatch, caplog):
