@@ -33,13 +33,10 @@ SDPA_MAX_SCORES = 4096
 def declare(lib: ctypes.CDLL) -> None:
     """Argument types, and the AMX tile state for this process (RuntimeError where Linux refuses it)."""
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.attention_init.argtypes = []
-    lib.attention_init.restype = ctypes.c_int
     # (pointer, batch / head / token strides) for q, k, v, o; batch, heads, queries, keys, d; scale; threads
     lib.attention_bf16.argtypes = [ptr, i64, i64, i64] * 4 + [i64] * 5 + [ctypes.c_float, ctypes.c_int]
     lib.attention_bf16.restype = ctypes.c_int
-    if lib.attention_init() != 0:
-        raise RuntimeError("Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
+    cpu_library.request_amx(lib.attention_init)
 
 
 def cpu_has_amx(flags: frozenset[str] | None = None) -> bool:

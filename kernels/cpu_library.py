@@ -90,6 +90,15 @@ def load(source: Path, extra_flags: tuple[str, ...], declare: Callable[[ctypes.C
     return lib
 
 
+def request_amx(init) -> None:
+    """Call a library's AMX init function (`amx_request` of amx_tiles.h): RuntimeError where Linux
+    refuses this process the tile state, which `library` logs as a refusal, not a damaged file."""
+    init.argtypes = []
+    init.restype = ctypes.c_int
+    if init() != 0:
+        raise RuntimeError("Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
+
+
 def library(source: Path, extra_flags: tuple[str, ...], declare: Callable[[ctypes.CDLL], None], fallback: str) -> ctypes.CDLL | None:
     """The loaded library, built and loaded once per process; None where it cannot be, logged once
     with the reason and `fallback` (what runs instead). `declare` may also raise RuntimeError with

@@ -33,16 +33,13 @@ MAX_CONV_ROWS = 128
 def declare(lib: ctypes.CDLL) -> None:
     """Argument types, and the AMX tile state for this process (RuntimeError where Linux refuses it)."""
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.few_rows_init.argtypes = []
-    lib.few_rows_init.restype = ctypes.c_int
     # x and its strides; B, H, W, C; kh, kw, stride, pad; packed weights, bias, N; residual and
     # its strides; y and its strides; OH, OW, chunk; threads
     lib.few_rows_conv_bf16.argtypes = (
         [ptr, i64, i64, i64] + [i64] * 4 + [i64] * 4 + [ptr, ptr, i64] + [ptr, i64, i64, i64] * 2 + [i64, i64, i64, ctypes.c_int]
     )
     lib.few_rows_conv_bf16.restype = ctypes.c_int
-    if lib.few_rows_init() != 0:
-        raise RuntimeError("Linux refused this process the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)")
+    cpu_library.request_amx(lib.few_rows_init)
 
 
 def library() -> ctypes.CDLL | None:
