@@ -3,11 +3,12 @@ compiler and called through ctypes.
 
 A library is compiled with `$CC` (else `cc`) and -march=native at first use, into
 `$FASTDIFF_CACHE/kernels/` under a name made from the sha256 of the source and the headers it
-includes from beside it, the flags, the compiler's version and the CPU's feature flags; it is written under a temporary name and renamed,
-so a half-written library is never loaded, and one that fails to load is deleted and built again,
-once. Where it cannot be built or loaded `library()` returns None and says why; the caller then
-runs torch's op (the same math). ctypes releases the GIL for a call; OpenMP threads come from the
-libgomp.so.1 that torch has already loaded.
+includes from beside it, the flags, the compiler's version and the CPU's feature flags; it is
+written under a temporary name and renamed, so a half-written library is never loaded, and one
+that fails to load is deleted and built again, once. Where it cannot be built or loaded
+`library()` returns None and says why; the caller then runs torch's op (the same math). ctypes
+releases the GIL for a call; OpenMP threads come from the libgomp.so.1 that torch has already
+loaded.
 """
 
 from __future__ import annotations
