@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastdiff import allocator, ops, sd15, testing
+from fastdiff import allocator, testing
 from fastdiff.kernels import attention_cpu
-from fastdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
 from fastdiff.models.unet import Attention
 from fastdiff.models.vae import VAEAttention
 
@@ -33,10 +32,7 @@ from fastdiff.models.vae import VAEAttention
 def attention_shapes(size: int) -> collections.Counter:
     """(network, batch, heads, queries, keys, head dim) -> calls in one forward (UNet) or decode (VAE)."""
     shapes: collections.Counter = collections.Counter()
-    latent = size // 8
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(UNetConfig.from_dict(sd15.SD15_UNET)).eval()
-        vae = AutoencoderKL(VAEConfig.from_dict(sd15.SD15_VAE)).eval()
+    unet, vae = testing.sd15_on_meta()
 
     def unet_hook(m, args, kwargs):
         x = args[0]
@@ -54,9 +50,7 @@ def attention_shapes(size: int) -> collections.Counter:
     for mod in vae.modules():
         if isinstance(mod, VAEAttention):
             mod.register_forward_pre_hook(vae_hook)
-    with torch.no_grad(), ops.kernels("torch"), torch.device("meta"):
-        unet(torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768))
-        vae.decode(torch.randn(1, 4, latent, latent))
+    testing.run_on_meta(size, unet, vae)
     return shapes
 
 

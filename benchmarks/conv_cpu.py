@@ -23,16 +23,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fastdiff import ops, sd15, testing
-from fastdiff.models import UNet2DConditionModel, UNetConfig
+from fastdiff import ops, testing
 from fastdiff.models.common import Conv2d
 
 
 def unet_conv_shapes(size: int, batch: int) -> collections.Counter:
     """(input shape, out channels, kernel, stride, padding) -> calls in one UNet forward, found by
     running SD1.5's UNet on the meta device (no weights, no compute)."""
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(UNetConfig.from_dict(sd15.SD15_UNET)).eval()
+    unet, _ = testing.sd15_on_meta()
     shapes: collections.Counter = collections.Counter()
 
     def record(mod, args, _out):
@@ -41,10 +39,7 @@ def unet_conv_shapes(size: int, batch: int) -> collections.Counter:
     for mod in unet.modules():
         if isinstance(mod, Conv2d):
             mod.register_forward_hook(record)
-    latent = size // 8
-    with torch.no_grad(), ops.kernels("torch"):  # F.conv2d: the meta device has no thnn kernel
-        x = torch.randn(batch, unet.config.in_channels, latent, latent, device="meta")
-        unet(x, torch.tensor([500.0] * batch, device="meta"), torch.randn(batch, 77, 768, device="meta"))
+    testing.run_on_meta(size, unet=unet, batch=batch)  # torch's ops: the meta device has no thnn kernel
     return shapes
 
 

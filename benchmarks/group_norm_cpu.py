@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fastdiff import allocator, ops, sd15, testing
+from fastdiff import allocator, ops, testing
 from fastdiff.kernels import group_norm_cpu
-from fastdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
 
 class NormRecorder(TorchFunctionMode):
     """Records each F.group_norm call's (input shape, groups) and whether F.silu takes its output next."""
@@ -48,15 +47,11 @@ class NormRecorder(TorchFunctionMode):
 def norm_shapes(size: int) -> collections.Counter:
     """(network, input shape, groups, silu) -> calls in one forward (UNet) or decode (VAE)."""
     calls: list = []
-    latent = size // 8
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(UNetConfig.from_dict(sd15.SD15_UNET)).eval()
-        vae = AutoencoderKL(VAEConfig.from_dict(sd15.SD15_VAE)).eval()
-    with torch.no_grad(), ops.kernels("torch"), torch.device("meta"):
-        with NormRecorder("unet", calls):
-            unet(torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768))
-        with NormRecorder("vae", calls):
-            vae.decode(torch.randn(1, 4, latent, latent))
+    unet, vae = testing.sd15_on_meta()
+    with NormRecorder("unet", calls):
+        testing.run_on_meta(size, unet=unet)
+    with NormRecorder("vae", calls):
+        testing.run_on_meta(size, vae=vae)
     return collections.Counter(tuple(c) for c in calls)
 
 

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fastdiff import allocator, ops, sd15, testing
+from fastdiff import allocator, ops, testing
 from fastdiff.kernels import matmul_few_rows_cpu as kernel
-from fastdiff.models import UNet2DConditionModel, UNetConfig
 
 MAX_ROWS = 512
 
@@ -56,11 +55,9 @@ class Recorder(TorchFunctionMode):
 def shapes(size: int) -> collections.Counter:
     """(kind, input shape, weight shape, stride, padding) -> calls in one UNet forward."""
     calls: list = []
-    latent = size // 8
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(UNetConfig.from_dict(sd15.SD15_UNET)).eval()
-    with torch.no_grad(), ops.kernels("torch"), torch.device("meta"), Recorder(calls):
-        unet(torch.randn(2, 4, latent, latent), torch.tensor([500.0, 500.0]), torch.randn(2, 77, 768))
+    unet, _ = testing.sd15_on_meta()
+    with Recorder(calls):
+        testing.run_on_meta(size, unet=unet)
     return collections.Counter(calls)
 
 

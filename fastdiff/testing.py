@@ -208,6 +208,29 @@ def interleaved_medians(ways: dict, repeats: int) -> dict:
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
+def sd15_on_meta() -> tuple:
+    """SD1.5's UNet and VAE built on the meta device: every op's shapes, no weights, no compute
+    (what the per-shape CPU benchmarks record their shapes from, with hooks or function modes)."""
+    from fastdiff import sd15
+    from fastdiff.models import AutoencoderKL, UNet2DConditionModel, UNetConfig, VAEConfig
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(UNetConfig.from_dict(sd15.SD15_UNET)).eval(), AutoencoderKL(VAEConfig.from_dict(sd15.SD15_VAE)).eval()
+
+
+def run_on_meta(size: int, unet=None, vae=None, batch: int = 2) -> None:
+    """One UNet forward (`batch` latents: 2 is one image with CFG) and one VAE decode (one image)
+    of `sd15_on_meta`'s networks at `size` px, on torch's ops; None skips a network."""
+    from fastdiff import ops
+
+    latent = size // 8
+    with torch.no_grad(), ops.kernels("torch"), torch.device("meta"):
+        if unet is not None:
+            unet(torch.randn(batch, 4, latent, latent), torch.tensor([500.0] * batch), torch.randn(batch, 77, 768))
+        if vae is not None:
+            vae.decode(torch.randn(1, 4, latent, latent))
+
+
 def load_avg() -> float | None:
     """The 1-minute load average: above the core count, other processes share the cores and
     multi-threaded CPU timings swing widely (OpenMP threads wait on descheduled peers)."""
