@@ -249,11 +249,11 @@ def packed_weight(weight, stride, padding, input_shape) -> torch.Tensor:
 
 
 def few_rows(x, weight, stride, padding) -> bool:
-    """Whether a bf16 convolution runs the AMX kernel for few output pixels
-    (`fastdiff.kernels.matmul_few_rows_cpu`): an AMX CPU, a weight that may be packed (`can_pack`),
-    a 3x3 kernel and at most its MAX_CONV_ROWS output pixels, where it read the weights faster than
-    oneDNN (`benchmarks/matmul_few_rows_cpu.py`)."""
-    if x.dtype != torch.bfloat16 or not can_pack(x, weight):
+    """Whether a bf16 convolution whose weight may be packed (`conv_path` checks `packed_conv`
+    first) runs the AMX kernel for few output pixels (`fastdiff.kernels.matmul_few_rows_cpu`): an
+    AMX CPU, a 3x3 kernel and at most its MAX_CONV_ROWS output pixels, where it read the weights
+    faster than oneDNN (`benchmarks/matmul_few_rows_cpu.py`)."""
+    if x.dtype != torch.bfloat16:
         return False
     try:
         from fastdiff.kernels import matmul_few_rows_cpu as kernel
@@ -291,7 +291,7 @@ def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int], r
         from fastdiff.kernels import matmul_few_rows_cpu as kernel
 
         n, k = weight.shape[0], weight.shape[-1]
-        out = (x.shape[0], n, *kernel.output_size(x, weight, stride[0], padding[0]))
+        out = (x.shape[0], n, *kernel.output_size(x, k, stride[0], padding[0]))
         fused = residual is not None and residual.dtype == x.dtype and tuple(residual.shape) == out
         b = None if bias is None else bias.float()
         y = kernel.conv2d(x, few_rows_weight(weight), b, n, k, stride[0], padding[0], residual if fused else None)

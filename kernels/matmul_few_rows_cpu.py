@@ -55,9 +55,9 @@ def forget() -> None:
     cpu_library.forget(SOURCE)
 
 
-def output_size(x: torch.Tensor, weight: torch.Tensor, stride: int, padding: int) -> tuple[int, int]:
-    k = weight.shape[-1]
-    return (x.shape[-2] + 2 * padding - k) // stride + 1, (x.shape[-1] + 2 * padding - k) // stride + 1
+def output_size(x: torch.Tensor, kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    """(OH, OW) of a square `kernel` with the same stride and padding along both axes."""
+    return (x.shape[-2] + 2 * padding - kernel) // stride + 1, (x.shape[-1] + 2 * padding - kernel) // stride + 1
 
 
 def supported_conv(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
@@ -68,14 +68,14 @@ def supported_conv(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bo
     (sh, sw), (ph, pw) = stride, padding
     if weight.shape[1] != x.shape[1] or weight.shape[2] != weight.shape[3] or sh != sw or ph != pw or sh < 1 or ph < 0:
         return False
-    oh, ow = output_size(x, weight, sh, ph)
+    oh, ow = output_size(x, weight.shape[-1], sh, ph)
     return oh > 0 and ow > 0 and x.shape[0] > 0 and weight.shape[0] > 0
 
 
 def pays_conv(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
     """Whether the kernel is worth calling: a kernel wider than 1x1, at most MAX_CONV_ROWS output
     pixels over the batch."""
-    oh, ow = output_size(x, weight, stride[0], padding[0])
+    oh, ow = output_size(x, weight.shape[-1], stride[0], padding[0])
     return weight.shape[-1] > 1 and x.shape[0] * oh * ow <= MAX_CONV_ROWS
 
 
@@ -121,7 +121,7 @@ def conv2d(x, packed, bias, n: int, kernel: int, stride: int, padding: int, resi
     output's shape or None. Returns a channels-last [B, n, OH, OW] tensor; `library()` must not be None."""
     B, C, H, W = x.shape
     x = x.contiguous(memory_format=torch.channels_last)  # [B, H, W, C] in memory
-    oh, ow = (H + 2 * padding - kernel) // stride + 1, (W + 2 * padding - kernel) // stride + 1
+    oh, ow = output_size(x, kernel, stride, padding)
     y = torch.empty(B, n, oh, ow, dtype=torch.bfloat16, memory_format=torch.channels_last)
     res = None
     if residual is not None:
