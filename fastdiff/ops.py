@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 import weakref
 
 import torch
@@ -382,13 +383,66 @@ def packed_linear(x, weight) -> bool:
     return PACKED_LINEAR and x.dtype == torch.bfloat16 and can_pack(x, weight)
 
 
+# (tokens, K, N, dtype, threads) of a packed linear -> (token count its weight's layout is packed
+# for, {that count: seconds a call}). oneDNN blocks a packed weight by the token count it is made
+# for (in blocks of 32 output columns for many tokens, of 64 for one), and at some shapes the one-token layout
+# runs a many-token matmul faster, with no pattern in the shapes (`benchmarks/linear_layout_cpu.py`
+# times both per SD1.5 shape). So each shape is timed once, at its first call. Read by benchmarks
+# and tests.
+LINEAR_LAYOUT: dict = {}
+# The one-token layout must be this much faster: a near tie keeps oneDNN's own choice, so that
+# timing noise flips few shapes between processes (the layouts sum in different orders).
+LAYOUT_MARGIN = 1.1
+
+
+def linear_layout(x2, rows_weight, bias) -> int:
+    """The token count `rows_weight` [N, K] is packed for when it serves `x2` [tokens, K]: the
+    tokens themselves, or 1 where `faster_layout` says so from 5 rounds of interleaved calls,
+    timed on the first call of the shape."""
+    tokens = x2.shape[0]
+    key = (tokens, x2.shape[1], rows_weight.shape[0], x2.dtype, torch.get_num_threads())
+    hit = LINEAR_LAYOUT.get(key)
+    if hit is not None:
+        return hit[0]
+    if tokens <= 1:
+        LINEAR_LAYOUT[key] = (tokens, {})
+        return tokens
+    pack = torch.ops.mkldnn._reorder_linear_weight
+    calls = {n: (lambda w=pack(rows_weight, n): torch.ops.mkldnn._linear_pointwise(x2, w, bias, "none", [], "")) for n in (tokens, 1)}
+    seconds: dict = {n: [] for n in calls}
+    for call in calls.values():
+        call()  # oneDNN builds each primitive on its first call
+    for _ in range(5):
+        for n, call in calls.items():
+            start = time.perf_counter()
+            call()
+            call()
+            seconds[n].append((time.perf_counter() - start) / 2)
+    best = faster_layout(tokens, seconds)
+    LINEAR_LAYOUT[key] = (best, {n: sorted(t)[len(t) // 2] for n, t in seconds.items()})
+    return best
+
+
+def faster_layout(tokens: int, seconds: dict) -> int:
+    """1 where the one-token layout's calls ran LAYOUT_MARGIN faster than the `tokens` layout's
+    (the median of the rounds' ratios; seconds: {token count: [seconds a call, per round]}),
+    else tokens."""
+    ratios = sorted(own / one for own, one in zip(seconds[tokens], seconds[1]))
+    return 1 if ratios[len(ratios) // 2] >= LAYOUT_MARGIN else tokens
+
+
 def _linear_packed(x, weight, bias, rows: slice, other=None, post: str = "none"):
     """x @ weight[rows].T + bias[rows] on a packed copy of those rows, then `post`: "none",
-    "gelu", or with `other` (the output's shape) "add" or "mul"."""
+    "gelu", or with `other` (the output's shape) "add" or "mul". The copy's layout is chosen for
+    the first call's shape (`linear_layout`); other token counts stay correct."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [tokens, K]
-    pack = torch.ops.mkldnn._reorder_linear_weight  # the layout is chosen for the first call's tokens
-    packed = packed_copy(weight, ("linear", rows.start, rows.stop), lambda: pack(weight[rows].contiguous(), x2.shape[0]))
     b = None if bias is None else bias[rows]
+
+    def pack():
+        rows_weight = weight[rows].contiguous()  # [N, K]
+        return torch.ops.mkldnn._reorder_linear_weight(rows_weight, linear_layout(x2, rows_weight, b))
+
+    packed = packed_copy(weight, ("linear", rows.start, rows.stop), pack)
     if other is None:
         y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, post, [], "none" if post == "gelu" else "")
     else:

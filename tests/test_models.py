@@ -300,6 +300,42 @@ def test_linear_packed_path_matches_float64(tokens, k, n, bias):
         check(x, r)
 
 
+def test_faster_layout_takes_the_one_token_layout_only_by_the_margin():
+    """The median round decides (one slow round does not), and a near tie keeps the tokens' own
+    layout."""
+    assert ops.faster_layout(512, {512: [2.0, 2.1, 9.0, 1.9, 2.0], 1: [1.0, 1.0, 1.0, 5.0, 1.0]}) == 1
+    assert ops.faster_layout(512, {512: [1.0, 1.0, 9.0, 1.0, 1.0], 1: [1.2, 1.2, 1.0, 1.2, 1.2]}) == 512
+    margin = ops.LAYOUT_MARGIN
+    assert ops.faster_layout(64, {64: [0.99 * margin] * 3, 1: [1.0] * 3}) == 64
+    assert ops.faster_layout(64, {64: [1.01 * margin] * 3, 1: [1.0] * 3}) == 1
+
+
+@BF16
+@pytest.mark.parametrize("margin, layout", [(0.0, "one-token"), (float("inf"), "own")])
+def test_linear_packs_in_the_timed_layout(monkeypatch, margin, layout):
+    """ops.linear packs the weight in the layout `linear_layout` picked (bit for bit oneDNN on
+    that layout: the two layouts sum in different orders), records the pick per shape, and stays
+    within bf16 rounding of float64 either way, with a residual and for another token count."""
+    monkeypatch.setattr(ops, "LINEAR_LAYOUT", {})
+    monkeypatch.setattr(ops, "LAYOUT_MARGIN", margin)  # 0: the one-token layout always wins; inf: never
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 256, 640, generator=g).bfloat16()  # [B, tokens, K]
+    w = (torch.randn(640, 640, generator=g) / 640**0.5).bfloat16()
+    b, r = torch.randn(640, generator=g).bfloat16(), torch.randn(2, 256, 640, generator=g).bfloat16()
+    hint = 1 if layout == "one-token" else 512
+    with ops.kernels("auto"), torch.no_grad():
+        got = ops.linear(x, w, b, r)
+        assert list(ops.LINEAR_LAYOUT) == [(512, 640, 640, torch.bfloat16, torch.get_num_threads())]
+        assert ops.LINEAR_LAYOUT[512, 640, 640, torch.bfloat16, torch.get_num_threads()][0] == hint
+        direct = torch.ops.mkldnn._linear_pointwise.binary(x.reshape(512, 640), r.reshape(512, 640), torch.ops.mkldnn._reorder_linear_weight(w, hint), b, "add")
+        assert torch.equal(got.reshape(512, 640), direct)
+        want = torch.nn.functional.linear(x.double(), w.double(), b.double()) + r.double()
+        assert _maxdiff(got.double(), want) <= 1e-2 * want.abs().max().item()
+        few = x[:1, :3]  # 3 tokens on the copy packed for 512
+        want = torch.nn.functional.linear(few.double(), w.double(), b.double())
+        assert _maxdiff(ops.linear(few, w, b).double(), want) <= 1e-2 * want.abs().max().item()
+
+
 @BF16
 def test_linear_geglu_packed_path_matches_float64():
     """ops.linear_geglu (two matmuls, gelu and the product as post-ops) against float64
