@@ -204,8 +204,8 @@ def im2col_conv(x, weight, stride, padding, packable: bool | None = None) -> boo
 # it changes in place (its version counter moves); they cost one more copy of the conv weights
 # (benchmarks/NOTES-cpu.md says how much for SD1.5); FASTDIFF_KERNELS=torch turns this off.
 PACKED_CONV = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
-# (id(weight), what) -> (weakref to the weight, its version, packed copy); `what` names the copy
-# (a convolution's stride and padding, a linear's half of the rows)
+# ((id of each weight), what) -> (weakrefs to the weights, their versions, packed copy); `what`
+# names the copy (a convolution's stride and padding, a linear's half of the rows)
 _packed: dict[tuple, tuple] = {}
 
 
@@ -223,17 +223,21 @@ def can_pack(x, weight) -> bool:
     return not torch.is_autocast_enabled("cpu") and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
-def packed_copy(weight, what: tuple, pack) -> torch.Tensor:
-    """`pack()`'s copy of `weight` for `what`, made on first use and again after an in-place change
-    of the weight; dropped with the weight."""
-    key = (id(weight), what)
+def packed_copy(weight, what: tuple, pack):
+    """`pack()`'s copy of `weight` (a tensor, or a tuple of tensors packed together) for `what`,
+    made on first use and again after an in-place change of a weight; dropped with the weights."""
+    weights = weight if isinstance(weight, tuple) else (weight,)
+    key = (tuple(map(id, weights)), what)
+    versions = tuple(w._version for w in weights)
     hit = _packed.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+    alive = hit is not None and all(ref() is w for ref, w in zip(hit[0], weights))
+    if alive and hit[1] == versions:
         return hit[2]
     packed = pack()
-    if hit is None or hit[0]() is not weight:
-        weakref.finalize(weight, _packed.pop, key, None)
-    _packed[key] = (weakref.ref(weight), weight._version, packed)
+    if not alive:
+        for w in weights:
+            weakref.finalize(w, _packed.pop, key, None)
+    _packed[key] = (tuple(map(weakref.ref, weights)), versions, packed)
     return packed
 
 
@@ -458,6 +462,35 @@ def linear(x, weight, bias, residual=None):
         return _linear_packed(x, weight, bias, slice(0, weight.shape[0]), residual, "add" if residual is not None else "none")
     y = F.linear(x, weight, bias)
     return y if residual is None else y + residual
+
+
+def linear_split(x, weights: tuple, biases: tuple, reuse: bool = False) -> tuple:
+    """F.linear(x, w, b) for each weight of `weights` and bias of `biases` (None: no bias). On the
+    packed path it is one matmul on the weights packed together, its output split into views: one
+    wide matmul runs nearer the machine's rate than narrow ones (`benchmarks/linear_layout_cpu.py`
+    times the widths). With `reuse` (an input that repeats, as the text's embeddings at every
+    denoising step) the outputs are kept with a copy of `x` and returned again for an equal input
+    while the weights are unchanged (one kept input per set of weights)."""
+    if not all(packed_linear(x, w) for w in weights):
+        return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+    slot = packed_copy(weights, ("reused",), lambda: [None]) if reuse else None  # emptied when a weight changes
+    last = slot[0] if reuse else None
+    if last is not None and last[0].shape == x.shape and last[0].dtype == x.dtype and torch.equal(last[0], x):
+        return last[1]
+    sizes = [w.shape[0] for w in weights]
+
+    def pack():
+        together = torch.cat(weights)  # [sum of N, K]
+        bias = None if all(b is None for b in biases) else torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [tokens, K]
+        return torch.ops.mkldnn._reorder_linear_weight(together, linear_layout(x2, together, bias)), bias
+
+    packed, bias = packed_copy(weights, ("split",), pack)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias, "none", [], "")  # [tokens, sum of N]
+    outs = tuple(y.view(*x.shape[:-1], y.shape[-1]).split(sizes, dim=-1))
+    if reuse:
+        slot[0] = (x.clone(), outs)
+    return outs
 
 
 def linear_geglu(x, weight, bias):

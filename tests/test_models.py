@@ -337,6 +337,60 @@ def test_linear_packs_in_the_timed_layout(monkeypatch, margin, layout):
 
 
 @BF16
+def test_linear_split_packed_together_matches_float64():
+    """ops.linear_split (weights packed as one, the output split into views) against float64
+    F.linear per weight: widths not multiples of 16, a bias on some weights only, 3-d input; then
+    after an in-place change of one weight (the joint copy must follow)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 37, 48, generator=g).bfloat16()
+    ws = [(torch.randn(n, 48, generator=g) / 48**0.5).bfloat16() for n in (40, 24, 33)]
+    bs = [torch.randn(40, generator=g).bfloat16(), None, torch.randn(33, generator=g).bfloat16()]
+
+    def check(outs):
+        assert len(outs) == 3
+        for out, w, b in zip(outs, ws, bs):
+            want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+            assert out.dtype == torch.bfloat16 and out.shape == want.shape
+            assert _maxdiff(out.double(), want) <= 1e-2 * want.abs().max().item()
+
+    with ops.kernels("auto"), torch.no_grad():
+        assert ops.packed_linear(x, ws[0])
+        check(ops.linear_split(x, tuple(ws), tuple(bs)))
+        ws[1].mul_(-2.0)
+        check(ops.linear_split(x, tuple(ws), tuple(bs)))
+        with ops.kernels("torch"):  # off the packed path: F.linear itself
+            outs = ops.linear_split(x, tuple(ws), tuple(bs))
+            assert all(torch.equal(o, torch.nn.functional.linear(x, w, b)) for o, w, b in zip(outs, ws, bs))
+
+
+@BF16
+def test_linear_split_reuses_only_an_equal_input_and_unchanged_weights():
+    """With reuse, an equal input (another tensor) gets the kept outputs back; a different input,
+    or the same one after a weight changed in place, gets fresh ones, correct against float64."""
+    g = torch.Generator().manual_seed(12)
+    ctx = torch.randn(2, 77, 64, generator=g).bfloat16()
+    ws = tuple((torch.randn(n, 64, generator=g) / 8).bfloat16() for n in (32, 32))
+    bs = (None, None)
+
+    def want(c):
+        return [torch.nn.functional.linear(c.double(), w.double()) for w in ws]
+
+    with ops.kernels("auto"), torch.no_grad():
+        first = ops.linear_split(ctx, ws, bs, reuse=True)
+        again = ops.linear_split(ctx.clone(), ws, bs, reuse=True)
+        assert all(a is b for a, b in zip(first, again))
+        other = ctx.clone()
+        other[1, 5, 7] += 1.0
+        for c in (other, ctx):
+            outs = ops.linear_split(c, ws, bs, reuse=True)
+            assert all(_maxdiff(o.double(), r) <= 1e-2 * r.abs().max().item() for o, r in zip(outs, want(c)))
+        ws[0].mul_(-1.0)
+        outs = ops.linear_split(ctx, ws, bs, reuse=True)
+        assert outs[0] is not first[0]
+        assert all(_maxdiff(o.double(), r) <= 1e-2 * r.abs().max().item() for o, r in zip(outs, want(ctx)))
+
+
+@BF16
 def test_linear_geglu_packed_path_matches_float64():
     """ops.linear_geglu (two matmuls, gelu and the product as post-ops) against float64
     geglu(F.linear(...)), then after an in-place change of the weight."""

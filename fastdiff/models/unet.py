@@ -132,10 +132,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of x to itself or to `context`, plus `residual` when given."""
         B, N, C = x.shape
-        context = x if context is None else context
-        q = self.to_q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, N, d]
-        k = self.to_k(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, M, d]
-        v = self.to_v(context).view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, M, d]
+        if context is None:  # q, k and v of x as one matmul where the ops can
+            q, k, v = ops.linear_split(x, *zip(*((m.weight, m.bias) for m in (self.to_q, self.to_k, self.to_v))))
+        else:  # k and v of the text: the same at every step, computed once where the ops can
+            q = self.to_q(x)
+            k, v = ops.linear_split(context, (self.to_k.weight, self.to_v.weight), (self.to_k.bias, self.to_v.bias), reuse=True)
+        q = q.view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, N, d]
+        k = k.view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, M, d]
+        v = v.view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, M, d]
         o = ops.attention(q, k, v, self.scale)  # [B, heads, N, d]
         o = o.transpose(1, 2).reshape(B, N, C)  # [B, N, heads * d]
         return self.to_out[0](o, residual)
