@@ -101,8 +101,8 @@ class ResnetBlock2D(nn.Module):
     """GN-SiLU-conv, (+ time embedding), GN-SiLU-conv, plus a (1x1-projected) skip.
 
     `temb_channels=None` builds the VAE variant without `time_emb_proj`. The UNet passes the
-    time embedding already through SiLU (every block applies SiLU to the same tensor, so the UNet
-    does it once).
+    time embedding already through SiLU and `time_emb_proj` (every block applies SiLU to the same
+    tensor, so the UNet does it once, and all blocks' projections as one matmul where the ops can).
     """
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int | None, groups: int, eps: float):
@@ -114,10 +114,12 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, temb_silu: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        """`temb`: the time embedding through SiLU and already through this block's `time_emb_proj`
+        [B, C] (the UNet projects for all blocks at once)."""
         h = self.conv1(group_norm(self.norm1, x, silu=True))
-        if self.time_emb_proj is not None:
-            h = h + self.time_emb_proj(temb_silu)[:, :, None, None]  # [B, C, 1, 1]
+        if temb is not None:
+            h = h + temb[:, :, None, None]  # [B, C, 1, 1]
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return self.conv2(group_norm(self.norm2, h, silu=True), residual=x)  # dropout is identity at inference

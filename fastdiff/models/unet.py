@@ -238,10 +238,10 @@ class DownBlock(nn.Module):
             )
         self.downsamplers = None if last else nn.ModuleList([Downsample2D(out_ch, cfg.downsample_padding)])
 
-    def forward(self, x, temb_silu, context):
+    def forward(self, x, temb, context):
         states = []
         for j, resnet in enumerate(self.resnets):
-            x = resnet(x, temb_silu)
+            x = resnet(x, temb[resnet])
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
             states.append(x)
@@ -273,9 +273,9 @@ class UpBlock(nn.Module):
             )
         self.upsamplers = None if last else nn.ModuleList([Upsample2D(out_ch)])
 
-    def forward(self, x, skips, temb_silu, context, upsample_size=None):
+    def forward(self, x, skips, temb, context, upsample_size=None):
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb_silu)  # skips are used last-first
+            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb[resnet])  # skips are used last-first
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
         if self.upsamplers is not None:
@@ -292,10 +292,10 @@ class UNetMidBlock2DCrossAttn(nn.Module):
             [Transformer2DModel(ch, cfg.heads[-1], cfg.context_dims[-1], g, cfg.transformer_layers_per_block, cfg.use_linear_projection)]
         )
 
-    def forward(self, x, temb_silu, context):
-        x = self.resnets[0](x, temb_silu)
+    def forward(self, x, temb, context):
+        x = self.resnets[0](x, temb[self.resnets[0]])
         x = self.attentions[0](x, context)
-        return self.resnets[1](x, temb_silu)
+        return self.resnets[1](x, temb[self.resnets[1]])
 
 
 class TimestepEmbedding(nn.Module):
@@ -336,6 +336,8 @@ class UNet2DConditionModel(nn.Module):
         )
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+        # the resnets, each with its time_emb_proj (a plain list: no second set of state-dict keys)
+        self.time_resnets = [m for m in self.modules() if isinstance(m, ResnetBlock2D)]
 
     def time_proj(self, timestep: torch.Tensor, batch: int) -> torch.Tensor:
         """Sinusoidal timestep features [B, ch0] (diffusers' `Timesteps`).
@@ -356,22 +358,24 @@ class UNet2DConditionModel(nn.Module):
         if not torch.is_tensor(timestep):
             timestep = torch.tensor(timestep, device=sample.device)
         temb = self.time_embedding(self.time_proj(timestep, sample.shape[0]))
-        temb_silu = ops.silu(temb)  # every resnet applies SiLU to the embedding first: do it once
+        temb = ops.silu(temb)  # every resnet applies SiLU to the embedding first: do it once
+        projs = [r.time_emb_proj for r in self.time_resnets]  # and its time_emb_proj: all as one matmul where the ops can
+        temb = dict(zip(self.time_resnets, ops.linear_split(temb, tuple(p.weight for p in projs), tuple(p.bias for p in projs))))
         context = encoder_hidden_states
 
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, states = block(x, temb_silu, context)
+            x, states = block(x, temb, context)
             skips.extend(states)
 
-        x = self.mid_block(x, temb_silu, context)
+        x = self.mid_block(x, temb, context)
 
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             upsample_size = skips[-1].shape[-2:] if skips else None  # matters for odd latent sizes
-            x = block(x, block_skips, temb_silu, context, upsample_size)
+            x = block(x, block_skips, temb, context, upsample_size)
 
         x = group_norm(self.conv_norm_out, x, silu=True)
         return self.conv_out(x)
