@@ -348,9 +348,13 @@ def transposed_upsample_weight(weight) -> torch.Tensor:
 
 
 def upsample_conv_path(x, weight, size=None) -> str:
-    """Which way `upsample_conv` runs: "transposed" (oneDNN on the packed 4x4 kernel) or "reference"."""
+    """Which way `upsample_conv` runs: "transposed" (oneDNN on the packed 4x4 kernel) or "reference"
+    (as written; on the CPU also where the 3x3 convolution at the doubled size takes the few-rows
+    kernel: bound by reading its weights, it reads 9 taps where the 4x4 kernel reads 16)."""
     if PACKED_CONV_TRANSPOSE and upsample_doubles(x, size) and weight.shape[2:] == (3, 3) and can_pack(x, weight):
-        return "transposed"
+        B, C, H, W = x.shape
+        doubled = x[:, :, :1, :1].expand(B, C, 2 * H, 2 * W)  # the upsampled input's shape, nothing allocated
+        return "reference" if few_rows(doubled, weight, (1, 1), (1, 1)) else "transposed"
     return "reference"
 
 
@@ -359,6 +363,12 @@ def upsample_conv(x, weight, bias, size: tuple[int, int] | None = None):
     convolution with padding 1: see PACKED_CONV_TRANSPOSE."""
     if upsample_conv_path(x, weight, size) == "reference":
         return upsample_conv_ref(x, weight, bias, size)
+    return upsample_conv_transposed(x, weight, bias)
+
+
+def upsample_conv_transposed(x, weight, bias):
+    """`upsample_conv` to twice the sides on its "transposed" path (oneDNN on a packed copy of
+    the 4x4 kernel); `can_pack(x, weight)` must hold."""
     reorder = torch.ops.mkldnn._reorder_convolution_transpose_weight
     shape = list(x.shape)
     packed = packed_copy(weight, ("upsample",), lambda: reorder(transposed_upsample_weight(weight), [1, 1], [0, 0], [2, 2], [1, 1], 1, shape))

@@ -118,6 +118,24 @@ def test_dispatch():
 
 
 @AMX
+def test_an_upsampler_with_few_output_pixels_takes_the_kernel():
+    """ops.upsample_conv: where the 3x3 convolution at the doubled size has few output pixels it
+    upsamples and runs the kernel (not the 4x4 transposed convolution), within bf16 rounding of
+    float64; with more pixels it keeps the transposed path."""
+    g = torch.Generator().manual_seed(5)
+    x, w, b = inputs(2, 64, 48, (4, 4), 3, g)  # 2 x 8 x 8 = 128 output pixels
+    b = b.bfloat16()
+    want = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), w.double(), b.double(), padding=1)
+    with torch.no_grad(), ops.kernels("auto"):
+        assert ops.upsample_conv_path(x, w) == "reference"
+        got = ops.upsample_conv(x, w, b)
+        assert torch.equal(got, kernel.conv2d(F.interpolate(x, scale_factor=2.0, mode="nearest"), kernel.pack(w), b.float(), 48, 3, 1, 1))
+        assert (got.double() - want).abs().max() <= 1e-2 * want.abs().max()
+        more = torch.randn(2, 64, 8, 8, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+        assert ops.upsample_conv_path(more, w) == ("transposed" if ops.PACKED_CONV_TRANSPOSE else "reference")
+
+
+@AMX
 def test_a_changed_weight_is_packed_again():
     """The packed copy follows an in-place change of the weight (a LoRA merge does that)."""
     g = torch.Generator().manual_seed(4)
