@@ -50,13 +50,16 @@ class CLIPAttention(nn.Module):
         self.v_proj = Linear(d, d)
         self.out_proj = Linear(d, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention of x, plus `residual` when given."""
         B, N, C = x.shape
-        q = self.q_proj(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, N, d]
-        k = self.k_proj(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        projs = (self.q_proj, self.k_proj, self.v_proj)  # one matmul where the ops can
+        q, k, v = ops.linear_split(x, tuple(m.weight for m in projs), tuple(m.bias for m in projs))
+        q = q.view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, N, d]
+        k = k.view(B, N, self.heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, N, self.heads, self.head_dim).transpose(1, 2)
         o = ops.attention(q, k, v, self.head_dim**-0.5, causal=True)  # [B, heads, N, d]
-        return self.out_proj(o.transpose(1, 2).reshape(B, N, C))  # [B, N, heads * d]
+        return self.out_proj(o.transpose(1, 2).reshape(B, N, C), residual)  # [B, N, heads * d]
 
 
 class CLIPMLP(nn.Module):
@@ -66,8 +69,8 @@ class CLIPMLP(nn.Module):
         self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size)
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)), residual)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -79,8 +82,8 @@ class CLIPEncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(_ln(self.layer_norm1, x))
-        return x + self.mlp(_ln(self.layer_norm2, x))
+        x = self.self_attn(_ln(self.layer_norm1, x), residual=x)  # x + attention, the add fused where it can be
+        return self.mlp(_ln(self.layer_norm2, x), residual=x)
 
 
 def _ln(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
