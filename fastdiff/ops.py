@@ -479,14 +479,14 @@ def linear_split(x, weights: tuple, biases: tuple, reuse: bool = False) -> tuple
     packed path it is one matmul on the weights packed together, its output split into views: one
     wide matmul runs nearer the machine's rate than narrow ones (`benchmarks/linear_layout_cpu.py`
     times the widths). With `reuse` (an input that repeats, as the text's embeddings at every
-    denoising step) the outputs are kept with a copy of `x` and returned again for an equal input
-    while the weights are unchanged (one kept input per set of weights)."""
+    denoising step) the outputs are kept with a copy of `x` and returned again for the same input
+    unchanged, or an equal one, while the weights are unchanged (one kept input per set of weights)."""
     if not all(packed_linear(x, w) for w in weights):
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
     slot = packed_copy(weights, ("reused",), lambda: [None]) if reuse else None  # emptied when a weight changes
-    last = slot[0] if reuse else None
-    if last is not None and last[0].shape == x.shape and last[0].dtype == x.dtype and torch.equal(last[0], x):
-        return last[1]
+    last = slot[0] if reuse else None  # (weakref to the kept input, its version, its copy, the outputs)
+    if last is not None and ((last[0]() is x and last[1] == x._version) or (last[2].shape == x.shape and last[2].dtype == x.dtype and torch.equal(last[2], x))):
+        return last[3]
     sizes = [w.shape[0] for w in weights]
 
     def pack():
@@ -499,7 +499,7 @@ def linear_split(x, weights: tuple, biases: tuple, reuse: bool = False) -> tuple
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias, "none", [], "")  # [tokens, sum of N]
     outs = tuple(y.view(*x.shape[:-1], y.shape[-1]).split(sizes, dim=-1))
     if reuse:
-        slot[0] = (x.clone(), outs)
+        slot[0] = (weakref.ref(x), x._version, x.clone(), outs)
     return outs
 
 

@@ -370,8 +370,9 @@ def test_linear_split_packed_together_matches_float64():
 
 @BF16
 def test_linear_split_reuses_only_an_equal_input_and_unchanged_weights():
-    """With reuse, an equal input (another tensor) gets the kept outputs back; a different input,
-    or the same one after a weight changed in place, gets fresh ones, correct against float64."""
+    """With reuse, the same input or an equal one (another tensor) gets the kept outputs back; a
+    different input, the same one changed in place, or any after a weight changed in place, gets
+    fresh ones, correct against float64."""
     g = torch.Generator().manual_seed(12)
     ctx = torch.randn(2, 77, 64, generator=g).bfloat16()
     ws = tuple((torch.randn(n, 64, generator=g) / 8).bfloat16() for n in (32, 32))
@@ -392,6 +393,10 @@ def test_linear_split_reuses_only_an_equal_input_and_unchanged_weights():
         ws[0].mul_(-1.0)
         outs = ops.linear_split(ctx, ws, bs, reuse=True)
         assert outs[0] is not first[0]
+        assert all(_maxdiff(o.double(), r) <= 1e-2 * r.abs().max().item() for o, r in zip(outs, want(ctx)))
+        assert ops.linear_split(ctx, ws, bs, reuse=True)[0] is outs[0]  # the same tensor, unchanged
+        ctx[0, 3, 2] -= 2.0  # the same tensor, changed in place
+        outs = ops.linear_split(ctx, ws, bs, reuse=True)
         assert all(_maxdiff(o.double(), r) <= 1e-2 * r.abs().max().item() for o, r in zip(outs, want(ctx)))
 
 
