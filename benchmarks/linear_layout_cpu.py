@@ -5,8 +5,10 @@ instead of 32), and what `fastdiff.ops.linear_layout` chooses when it times the 
     python benchmarks/linear_layout_cpu.py                 # 256x256 images: UNet (CFG batch 2) and VAE
     python benchmarks/linear_layout_cpu.py --size 512 --json layout.json
 
-Shapes come from running SD1.5 on the meta device with torch's ops, recording each F.linear call;
-a GEGLU projection (N = 8 K) counts as its two halves, as the packed path runs it. A row is the
+Shapes come from running SD1.5 on the meta device with torch's ops, recording each F.linear call
+as the packed path runs it: linears of one input (q, k, v; the resnets' time projections) as one
+matmul of their summed width, a GEGLU projection (N = 8 K) as its two halves. (The text's k and v,
+computed once per prompt there, count here at every forward.) A row is the
 time per call with a warm weight, the two layouts interleaved after a warm-up, median of
 `--repeats` rounds; "speed-up" is the median of the rounds' ratios. "rule" is the layout
 `ops.linear_layout` picked for a fresh weight of the shape (from its own, shorter timing). The
@@ -30,18 +32,27 @@ from fastdiff import allocator, ops, precision, testing
 
 
 class Recorder(TorchFunctionMode):
-    """Records each F.linear call's (network, tokens, K, N)."""
+    """Records each matmul the packed path runs as (network, tokens, K, N): F.linear calls in a
+    row on one input as one (`ops.linear_split`: q, k, v; the time projections), a GEGLU
+    projection (N = 8 K) as its two halves."""
 
     def __init__(self, calls: list, network: str):
         super().__init__()
-        self.calls, self.network = calls, network
+        self.calls, self.network, self.last_input = calls, network, None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.linear:
             x, w = args[0], args[1]
             tokens, k, n = x.numel() // x.shape[-1], w.shape[1], w.shape[0]
-            halves = 2 if n == 8 * k else 1  # GEGLU: the packed path runs the gate and value halves apart
-            self.calls.extend([(self.network, tokens, k, n // halves)] * halves)
+            if x is self.last_input:  # the same input as the call before: one joint matmul
+                net, tokens, k, joint = self.calls.pop()
+                self.calls.append((net, tokens, k, joint + n))
+            else:
+                halves = 2 if n == 8 * k else 1  # GEGLU: the packed path runs the gate and value halves apart
+                self.calls.extend([(self.network, tokens, k, n // halves)] * halves)
+            self.last_input = x
+        else:
+            self.last_input = None
         return func(*args, **(kwargs or {}))
 
 

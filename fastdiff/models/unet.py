@@ -133,7 +133,8 @@ class Attention(nn.Module):
         """Attention of x to itself or to `context`, plus `residual` when given."""
         B, N, C = x.shape
         if context is None:  # q, k and v of x as one matmul where the ops can
-            q, k, v = ops.linear_split(x, *zip(*((m.weight, m.bias) for m in (self.to_q, self.to_k, self.to_v))))
+            projs = (self.to_q, self.to_k, self.to_v)
+            q, k, v = ops.linear_split(x, tuple(m.weight for m in projs), tuple(m.bias for m in projs))
         else:  # k and v of the text: the same at every step, computed once where the ops can
             q = self.to_q(x)
             k, v = ops.linear_split(context, (self.to_k.weight, self.to_v.weight), (self.to_k.bias, self.to_v.bias), reuse=True)

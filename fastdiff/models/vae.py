@@ -75,9 +75,8 @@ class VAEAttention(nn.Module):
         B, C, H, W = x.shape
         h = group_norm(self.group_norm, x)
         h = h.view(B, C, H * W).transpose(1, 2)  # [B, tokens, C]
-        q = self.to_q(h)[:, None]  # [B, 1, tokens, C]
-        k = self.to_k(h)[:, None]
-        v = self.to_v(h)[:, None]
+        projs = (self.to_q, self.to_k, self.to_v)  # one matmul where the ops can
+        q, k, v = (t[:, None] for t in ops.linear_split(h, tuple(m.weight for m in projs), tuple(m.bias for m in projs)))  # [B, 1, tokens, C]
         o = ops.attention(q, k, v, C**-0.5)[:, 0]  # [B, tokens, C]
         o = self.to_out[0](o)
         return o.transpose(1, 2).reshape(B, C, H, W) + x
