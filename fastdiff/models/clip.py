@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from fastdiff import ops
-from fastdiff.models.common import ConfigBase, Linear
+from fastdiff.models.common import ConfigBase, Linear, linears
 
 _ACTS = {"quick_gelu": ops.quick_gelu, "gelu": ops.gelu}
 
@@ -53,8 +53,7 @@ class CLIPAttention(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """Causal self-attention of x, plus `residual` when given."""
         B, N, C = x.shape
-        projs = (self.q_proj, self.k_proj, self.v_proj)  # one matmul where the ops can
-        q, k, v = ops.linear_split(x, tuple(m.weight for m in projs), tuple(m.bias for m in projs))
+        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj))  # one matmul where the ops can
         q = q.view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, N, d]
         k = k.view(B, N, self.heads, self.head_dim).transpose(1, 2)
         v = v.view(B, N, self.heads, self.head_dim).transpose(1, 2)

@@ -92,6 +92,12 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias, residual)
 
 
+def linears(x: torch.Tensor, modules, reuse: bool = False) -> tuple:
+    """Each of `modules` (nn.Linear) applied to the one input `x`, as one matmul where the ops can
+    (`ops.linear_split`; `reuse` for an input that repeats, the text's embeddings)."""
+    return ops.linear_split(x, tuple(m.weight for m in modules), tuple(m.bias for m in modules), reuse)
+
+
 def group_norm(norm: nn.GroupNorm, x: torch.Tensor, silu: bool = False) -> torch.Tensor:
     """Run an nn.GroupNorm's parameters through the ops seam (optionally fused with SiLU)."""
     return ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps, silu=silu)

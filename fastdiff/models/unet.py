@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from fastdiff import ops
-from fastdiff.models.common import ConfigBase, Conv2d, Downsample2D, Linear, ResnetBlock2D, Upsample2D, group_norm, per_block
+from fastdiff.models.common import ConfigBase, Conv2d, Downsample2D, Linear, ResnetBlock2D, Upsample2D, group_norm, linears, per_block
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -133,11 +133,10 @@ class Attention(nn.Module):
         """Attention of x to itself or to `context`, plus `residual` when given."""
         B, N, C = x.shape
         if context is None:  # q, k and v of x as one matmul where the ops can
-            projs = (self.to_q, self.to_k, self.to_v)
-            q, k, v = ops.linear_split(x, tuple(m.weight for m in projs), tuple(m.bias for m in projs))
+            q, k, v = linears(x, (self.to_q, self.to_k, self.to_v))
         else:  # k and v of the text: the same at every step, computed once where the ops can
             q = self.to_q(x)
-            k, v = ops.linear_split(context, (self.to_k.weight, self.to_v.weight), (self.to_k.bias, self.to_v.bias), reuse=True)
+            k, v = linears(context, (self.to_k, self.to_v), reuse=True)
         q = q.view(B, N, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, N, d]
         k = k.view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, M, d]
         v = v.view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # [B, heads, M, d]
@@ -360,8 +359,8 @@ class UNet2DConditionModel(nn.Module):
             timestep = torch.tensor(timestep, device=sample.device)
         temb = self.time_embedding(self.time_proj(timestep, sample.shape[0]))
         temb = ops.silu(temb)  # every resnet applies SiLU to the embedding first: do it once
-        projs = [r.time_emb_proj for r in self.time_resnets]  # and its time_emb_proj: all as one matmul where the ops can
-        temb = dict(zip(self.time_resnets, ops.linear_split(temb, tuple(p.weight for p in projs), tuple(p.bias for p in projs))))
+        projected = linears(temb, [r.time_emb_proj for r in self.time_resnets])  # and its time_emb_proj: all as one matmul where the ops can
+        temb = dict(zip(self.time_resnets, projected))
         context = encoder_hidden_states
 
         x = self.conv_in(sample)

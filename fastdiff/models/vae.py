@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from fastdiff import ops
-from fastdiff.models.common import ConfigBase, Conv2d, Downsample2D, Linear, ResnetBlock2D, Upsample2D, group_norm
+from fastdiff.models.common import ConfigBase, Conv2d, Downsample2D, Linear, ResnetBlock2D, Upsample2D, group_norm, linears
 
 _EPS = 1e-6  # every VAE norm uses this eps; diffusers' config has no field for it
 
@@ -75,8 +75,7 @@ class VAEAttention(nn.Module):
         B, C, H, W = x.shape
         h = group_norm(self.group_norm, x)
         h = h.view(B, C, H * W).transpose(1, 2)  # [B, tokens, C]
-        projs = (self.to_q, self.to_k, self.to_v)  # one matmul where the ops can
-        q, k, v = (t[:, None] for t in ops.linear_split(h, tuple(m.weight for m in projs), tuple(m.bias for m in projs)))  # [B, 1, tokens, C]
+        q, k, v = (t[:, None] for t in linears(h, (self.to_q, self.to_k, self.to_v)))  # [B, 1, tokens, C]; one matmul where the ops can
         o = ops.attention(q, k, v, C**-0.5)[:, 0]  # [B, tokens, C]
         o = self.to_out[0](o)
         return o.transpose(1, 2).reshape(B, C, H, W) + x
