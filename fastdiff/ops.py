@@ -445,6 +445,12 @@ def faster_layout(tokens: int, seconds: dict) -> int:
     return 1 if ratios[len(ratios) // 2] >= LAYOUT_MARGIN else tokens
 
 
+def pack_linear(x2, rows_weight, bias):
+    """oneDNN's packed copy of `rows_weight` [N, K] for `x2` [tokens, K], in the layout
+    `linear_layout` picks (timed on the first call of the shape)."""
+    return torch.ops.mkldnn._reorder_linear_weight(rows_weight, linear_layout(x2, rows_weight, bias))
+
+
 def _linear_packed(x, weight, bias, rows: slice, other=None, post: str = "none"):
     """x @ weight[rows].T + bias[rows] on a packed copy of those rows, then `post`: "none",
     "gelu", or with `other` (the output's shape) "add" or "mul". The copy's layout is chosen for
@@ -452,11 +458,7 @@ def _linear_packed(x, weight, bias, rows: slice, other=None, post: str = "none")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [tokens, K]
     b = None if bias is None else bias[rows]
 
-    def pack():
-        rows_weight = weight[rows].contiguous()  # [N, K]
-        return torch.ops.mkldnn._reorder_linear_weight(rows_weight, linear_layout(x2, rows_weight, b))
-
-    packed = packed_copy(weight, ("linear", rows.start, rows.stop), pack)
+    packed = packed_copy(weight, ("linear", rows.start, rows.stop), lambda: pack_linear(x2, weight[rows].contiguous(), b))
     if other is None:
         y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, post, [], "none" if post == "gelu" else "")
     else:
@@ -487,17 +489,16 @@ def linear_split(x, weights: tuple, biases: tuple, reuse: bool = False) -> tuple
     last = slot[0] if reuse else None  # (weakref to the kept input, its version, its copy, the outputs)
     if last is not None and ((last[0]() is x and last[1] == x._version) or (last[2].shape == x.shape and last[2].dtype == x.dtype and torch.equal(last[2], x))):
         return last[3]
-    sizes = [w.shape[0] for w in weights]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [tokens, K]
 
     def pack():
         together = torch.cat(weights)  # [sum of N, K]
         bias = None if all(b is None for b in biases) else torch.cat([w.new_zeros(w.shape[0]) if b is None else b for w, b in zip(weights, biases)])
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [tokens, K]
-        return torch.ops.mkldnn._reorder_linear_weight(together, linear_layout(x2, together, bias)), bias
+        return pack_linear(x2, together, bias), bias
 
     packed, bias = packed_copy(weights, ("split",), pack)
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias, "none", [], "")  # [tokens, sum of N]
-    outs = tuple(y.view(*x.shape[:-1], y.shape[-1]).split(sizes, dim=-1))
+    y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")  # [tokens, sum of N]
+    outs = tuple(y.view(*x.shape[:-1], y.shape[-1]).split([w.shape[0] for w in weights], dim=-1))
     if reuse:
         slot[0] = (weakref.ref(x), x._version, x.clone(), outs)
     return outs
