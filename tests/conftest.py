@@ -27,6 +27,12 @@ os.environ["FASTDIFF_DTYPE"] = "float32"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist the workers share this machine's cores: each runs torch on its share, so that
+# N workers' OpenMP threads (which spin while they wait) do not outnumber the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+
 # The two small UNets of fastdiff.testing (they differ in every dimension the model code reads:
 # depth, widths, heads as int vs per-block list, context width, groups, eps, projections, time
 # embedding); "b" here also has out_channels != in_channels, which the model code must not assume.
