@@ -5,7 +5,7 @@
 # pyproject.toml's SPDX license string, and the install below uses the machine's own or this one):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
-#       diffusers==0.42.1 importlib_metadata setuptools==84.2.1
+#       diffusers==0.42.1 importlib_metadata setuptools==84.2.1 pytest-xdist==3.8.0 execnet==2.1.2
 # Then run it there with the device tool: command `bash benchmarks/device_check.sh`, carry [".whl"].
 # Logs and JSON land in $OUT (or /tmp/device_check); the last thing printed is a short table.
 # STEPS="cuda_tests kernels" (a space-separated subset of the step names below) reruns only those.
@@ -75,7 +75,9 @@ step latency_tiny 60 python3 benchmarks/latency.py --device cuda --dtype float16
 # are CPU CI's (run here they oversubscribed the 16 cores: 12 workers x 16 torch threads each, and
 # timed out); one torch thread per worker for the rest.
 PYTEST=(python3 -m pytest -v -p no:cacheprovider -rfE --tb=short --durations=15)
-python3 -c "import xdist" 2>/dev/null && PYTEST+=(-n 12)
+# pyproject's addopts put each test file on one worker: here the tests of one file spread over
+# the 12 (--dist load); without pytest-xdist those addopts are dropped and the tests run serially.
+if python3 -c "import xdist" 2>/dev/null; then PYTEST+=(-n 12 --dist load); else PYTEST+=(-o "addopts=-ra"); fi
 python3 -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 120)
 export FASTDIFF_FAILURE_LOG="$OUT/failures.txt"
 OMP_NUM_THREADS=1 step cuda_tests 145 "${PYTEST[@]}" -k "not sm90 and not cpu" tests/test_gpu_path.py tests/test_kernels.py tests/test_tensorrt.py
