@@ -245,10 +245,11 @@ def test_upsample_conv_transposed_matches_float64(shape, out_channels, bias, cha
         return torch.nn.functional.conv2d(up, w.double(), None if b is None else b.double(), padding=1)
 
     from fastdiff.kernels.attention_cpu import cpu_has_amx
+    from fastdiff.kernels.matmul_few_rows_cpu import MAX_CONV_ROWS
 
-    # bf16 on an AMX CPU with at most 128 output pixels: upsampling, then the few-rows kernel
-    # (tests/test_matmul_few_rows_cpu.py); the comparisons below hold for both paths
-    few = dtype == torch.bfloat16 and cpu_has_amx() and shape[0] * 4 * shape[2] * shape[3] <= 128
+    # bf16 on an AMX CPU with at most MAX_CONV_ROWS output pixels: upsampling, then the few-rows
+    # kernel (tests/test_matmul_few_rows_cpu.py); the comparisons below hold for both paths
+    few = dtype == torch.bfloat16 and cpu_has_amx() and shape[0] * 4 * shape[2] * shape[3] <= MAX_CONV_ROWS
     with ops.kernels("auto"), torch.no_grad():
         assert ops.upsample_conv_path(x, w) == ("reference" if few else "transposed")
         got = ops.upsample_conv(x, w, b)
