@@ -243,8 +243,8 @@ def check_request(facts: ModelFacts, limits: Limits, steps: int, height, width, 
             "export it without --static for other sizes"
         )
     check_pixels(height, width, images, limits)
-    sched = schedulers.make_scheduler(scheduler, facts.scheduler_config, int(steps), device=device, dtype=torch.float32,
-                                      strength=edit.strength if edit is not None else 1.0)
+    sched = schedulers.shared_scheduler(scheduler, facts.scheduler_config, int(steps), device=device, dtype=torch.float32,
+                                        strength=edit.strength if edit is not None else 1.0)
     return height, width, sched
 
 

@@ -305,6 +305,29 @@ def test_to_dtype_and_lengths():
     assert torch.equal(half.to(dtype=torch.float64).timesteps, make_scheduler("pndm", cfg, 20).timesteps[10:])
 
 
+
+def test_shared_scheduler_is_built_once_per_request():
+    """What a pipeline call gets: one scheduler per distinct arguments, equal to a fresh one; other
+    arguments give another; the argument checks still run (strength=True is not 1.0); a config
+    that cannot be hashed is built unshared."""
+    cfg = SchedulerConfig.from_dict(SD15)
+    a = schedulers.shared_scheduler("dpmpp_2m", cfg, 17, strength=0.75)
+    assert schedulers.shared_scheduler("dpmpp_2m", SchedulerConfig.from_dict(SD15), 17, strength=0.75) is a
+    fresh = make_scheduler("dpmpp_2m", cfg, 17, strength=0.75)
+    for table in ("timesteps", "c_in", "coef", "noise_coefs"):
+        assert torch.equal(getattr(a, table), getattr(fresh, table))
+    others = [schedulers.shared_scheduler(n, cfg, s, strength=st) for n, s, st in
+              (("dpmpp_2m", 18, 0.75), ("dpmpp_2m", 17, 1.0), ("euler", 17, 0.75))]  # fmt: skip
+    assert all(o is not a for o in others) and len({id(o) for o in others}) == 3
+    with pytest.raises(ValueError, match="strength=True"):
+        schedulers.shared_scheduler("dpmpp_2m", cfg, 17, strength=True)
+    unhashable = dataclasses.replace(cfg, skip_prk_steps=[True])  # a PNDM field, as a json list
+    with pytest.raises(TypeError):
+        hash(unhashable)
+    b, c = (schedulers.shared_scheduler("dpmpp_2m", unhashable, 17, strength=0.75) for _ in range(2))
+    assert b is not c and torch.equal(b.coef, fresh.coef)
+
+
 def test_step_traces_as_one_graph():
     """A step with a tensor index is pure tensor code (no .item(), no branch on a tensor value):
     torch.compile(fullgraph=True) raises on any graph break. This is what lets the pipeline
