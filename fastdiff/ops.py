@@ -165,7 +165,7 @@ def group_norm(x, num_groups: int, weight, bias, eps: float, silu: bool = False)
     if path == "cpu":
         from fastdiff.kernels.group_norm_cpu import group_norm as kernel
 
-        return kernel(x, num_groups, weight, bias, eps, silu=silu)
+        return kernel(x, num_groups, fp32_copy(weight), fp32_copy(bias), eps, silu=silu)
     return group_norm_ref(x, num_groups, weight, bias, eps, silu)
 
 
@@ -241,6 +241,16 @@ def packed_copy(weight, what: tuple, pack):
     return packed
 
 
+def fp32_copy(t):
+    """A contiguous float32 copy of a parameter the CPU kernels read in float32 (biases, norm
+    affines), kept as `packed_copy` keeps packed weights: a bf16 model's were converted at every
+    call, several aten ops each, and every small op is dearest right after a large one
+    (`benchmarks/NOTES-cpu.md`). None stays None; a contiguous float32 tensor is returned as is."""
+    if t is None or (t.dtype == torch.float32 and t.is_contiguous()):
+        return t
+    return packed_copy(t, ("fp32",), lambda: t.detach().float().contiguous())
+
+
 def packed_conv(x, weight) -> bool:
     """Whether `conv2d` runs oneDNN on a packed weight (see `can_pack`)."""
     return PACKED_CONV and can_pack(x, weight)
@@ -298,8 +308,7 @@ def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int], r
         n, k = weight.shape[0], weight.shape[-1]
         out = (x.shape[0], n, *kernel.output_size(x, k, stride[0], padding[0]))
         fused = residual is not None and residual.dtype == x.dtype and tuple(residual.shape) == out
-        b = None if bias is None else bias.float()
-        y = kernel.conv2d(x, few_rows_weight(weight), b, n, k, stride[0], padding[0], residual if fused else None)
+        y = kernel.conv2d(x, few_rows_weight(weight), fp32_copy(bias), n, k, stride[0], padding[0], residual if fused else None)
         return y if residual is None or fused else y + residual
     if path == "im2col":
         y = torch.ops.aten.thnn_conv2d(x, weight, weight.shape[2:], bias, stride, padding)

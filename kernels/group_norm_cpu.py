@@ -64,13 +64,18 @@ def pays(x: torch.Tensor) -> bool:
     return x.shape[2] * x.shape[3] >= MIN_PIXELS
 
 
+def as_fp32(p: torch.Tensor | None) -> torch.Tensor | None:
+    """`p` as a contiguous float32 tensor: itself where it is one (`ops.fp32_copy` keeps such a
+    copy of a bf16 model's parameters), else converted for this call."""
+    return p if p is None or (p.dtype == torch.float32 and p.is_contiguous()) else p.detach().float().contiguous()
+
+
 def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, silu: bool = False) -> torch.Tensor:
     """F.group_norm (then SiLU) of a channels-last `x` (`supported`), channels-last out; the
-    affine parameters are read in fp32. `library()` must not be None."""
+    affine parameters are read in fp32 (`as_fp32`). `library()` must not be None."""
     B, C, H, W = x.shape
     y = torch.empty_like(x)  # channels-last, as x
-    w = None if weight is None else weight.detach().float().contiguous()
-    b = None if bias is None else bias.detach().float().contiguous()
+    w, b = as_fp32(weight), as_fp32(bias)
     with torch.profiler.record_function("fastdiff::group_norm_nhwc"):  # profilers see ctypes calls only by name
         status = library().group_norm_nhwc(
             x.data_ptr(), y.data_ptr(), int(x.dtype == torch.bfloat16), None if w is None else w.data_ptr(),

@@ -112,6 +112,26 @@ def test_dispatch():
         assert ops.group_norm_path(x, 32) == "torch"
 
 
+
+@AVX512
+def test_bf16_affine_is_converted_once_and_again_after_a_change():
+    """ops.group_norm hands the kernel float32 copies of a bf16 model's affine parameters, made
+    once (`ops.fp32_copy`) and again after an in-place change of the parameter; the result
+    matches float64 before and after."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, 8, 8, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=g).bfloat16(), torch.randn(64, generator=g).bfloat16()
+    with torch.no_grad(), ops.kernels("auto"):
+        assert ops.group_norm_path(x, 32, w) == "cpu"
+        copy = ops.fp32_copy(w)
+        assert copy.dtype == torch.float32 and ops.fp32_copy(w) is copy and torch.equal(copy, w.float())
+        for step in range(2):
+            got = ops.group_norm(x, 32, w, b, 1e-5, silu=True)
+            assert errors(got, reference(x, 32, w, b, 1e-5, True))[0] < 1e-2, step
+            w.mul_(-2)  # in place, as a weight load or merge would
+            b.add_(1)
+        assert ops.fp32_copy(w) is not copy and torch.equal(ops.fp32_copy(w), w.float())
+
 @pytest.mark.parametrize("side", [4, 8, 12])
 def test_an_image_normalizes_the_same_alone_or_in_a_batch(side):
     """Batching (the server pads batches) must not change an image's result: the path and the

@@ -148,6 +148,21 @@ def test_a_changed_weight_is_packed_again():
     assert not torch.allclose(after.float(), before.float(), rtol=0.1, atol=0.1)
 
 
+
+@AMX
+def test_a_changed_bias_is_read_again():
+    """A bf16 bias reaches the kernel as a kept float32 copy (`ops.fp32_copy`) that follows an
+    in-place change of the bias."""
+    g = torch.Generator().manual_seed(6)
+    x, w, b = inputs(2, 32, 32, (4, 4), 3, g)
+    b = b.bfloat16()
+    with torch.no_grad(), ops.kernels("auto"):
+        assert ops.conv_path(x, w, (1, 1), (1, 1)) == "few_rows"
+        before = ops.conv2d(x, w, b, (1, 1), (1, 1))
+        b.add_(4)
+        after = ops.conv2d(x, w, b, (1, 1), (1, 1))
+    assert torch.allclose(after.float(), before.float() + 4, rtol=1e-2, atol=5e-2)
+
 @AMX
 @pytest.mark.parametrize("batch", [1, 2])
 def test_an_image_gives_the_same_alone_or_in_a_batch(batch):
