@@ -24,20 +24,26 @@
 /* Ask Linux for the AMX tile state (once per process). 0 on success. */
 int few_rows_init(void) { return amx_request(); }
 
-/* A tile rows for step s (tap s / steps_per_tap, channels 32 (s % steps_per_tap) ..) of rows
-   m0 .. m0 + 16: the input pixel each output pixel sees through that tap, or zeros. */
-static void im2col_rows(const bf16 *x, int64_t xn, int64_t xh, int64_t xw, int64_t H, int64_t W, int64_t C,
-                        int64_t kw, int64_t stride, int64_t pad, int64_t OH, int64_t OW, int64_t M,
-                        int64_t steps_per_tap, int64_t s, int64_t m0, bf16 *a) {
-    const int64_t tap = s / steps_per_tap, c = (s % steps_per_tap) * 32, ky = tap / kw, kx = tap % kw;
-    const __mmask32 channels = C - c >= 32 ? 0xffffffffu : (__mmask32)((1ull << (C - c)) - 1);
+/* The A tile rows of rows m0 .. m0 + 16 for every step of tap `tap` (steps_per_tap steps of 32
+   channels): the input pixel each output pixel sees through that tap, or zeros. Where each row
+   reads from is worked out once per tap, not once per step. a_block: this row block's rows of
+   step 0 (a step's rows of a row pair are 1024 values further on). */
+static void im2col_tap(const bf16 *x, int64_t xn, int64_t xh, int64_t xw, int64_t H, int64_t W, int64_t C,
+                       int64_t kw, int64_t stride, int64_t pad, int64_t OH, int64_t OW, int64_t M,
+                       int64_t steps_per_tap, int64_t tap, int64_t m0, bf16 *a_block) {
+    const int64_t ky = tap / kw, kx = tap % kw;
+    const bf16 *src[16]; /* row r's input pixel through this tap, or NULL (padding, or past M) */
     for (int64_t r = 0; r < 16; r++) {
         int64_t m = m0 + r, img = m / (OH * OW), oy = m % (OH * OW) / OW, ox = m % OW;
         int64_t iy = oy * stride - pad + ky, ix = ox * stride - pad + kx;
-        __m512i v = _mm512_setzero_si512();
-        if (m < M && iy >= 0 && iy < H && ix >= 0 && ix < W)
-            v = _mm512_maskz_loadu_epi16(channels, x + img * xn + iy * xh + ix * xw + c);
-        _mm512_store_si512((void *)(a + r * 32), v);
+        src[r] = m < M && iy >= 0 && iy < H && ix >= 0 && ix < W ? x + img * xn + iy * xh + ix * xw : NULL;
+    }
+    for (int64_t j = 0; j < steps_per_tap; j++) {
+        const int64_t c = j * 32;
+        const __mmask32 channels = C - c >= 32 ? 0xffffffffu : (__mmask32)((1ull << (C - c)) - 1);
+        bf16 *a = a_block + (tap * steps_per_tap + j) * 32 * 32;
+        for (int64_t r = 0; r < 16; r++)
+            _mm512_store_si512((void *)(a + r * 32), src[r] ? _mm512_maskz_loadu_epi16(channels, src[r] + c) : _mm512_setzero_si512());
     }
 }
 
@@ -112,10 +118,10 @@ int few_rows_conv_bf16(
 #pragma omp parallel num_threads(threads)
     {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < steps * (m_pad / 16); i++) { /* (16-row block rb, step s) */
-            int64_t rb = i / steps, s = i % steps;
-            im2col_rows(x, xn, xh, xw, H, W, C, kw, stride, pad, OH, OW, M, steps_per_tap, s, rb * 16,
-                        a + (((rb / 2) * steps + s) * 32 + (rb % 2) * 16) * 32);
+        for (int64_t i = 0; i < kh * kw * (m_pad / 16); i++) { /* (16-row block rb, tap) */
+            int64_t rb = i / (kh * kw), tap = i % (kh * kw);
+            im2col_tap(x, xn, xh, xw, H, W, C, kw, stride, pad, OH, OW, M, steps_per_tap, tap, rb * 16,
+                       a + ((rb / 2) * steps * 32 + (rb % 2) * 16) * 32);
         }
         amx_configure_tiles();
         for (int64_t s0 = 0; s0 < steps; s0 += chunk) {
