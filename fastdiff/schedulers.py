@@ -991,32 +991,23 @@ def make_scheduler(
     return entry.cls(config, num_steps, device=device, dtype=dtype, karras=True, start=start)
 
 
-
-def shared_scheduler(
-    name: str,
-    config: SchedulerConfig,
-    num_steps: int,
-    *,
-    device="cpu",
-    dtype: torch.dtype = torch.float32,
-    karras: bool = False,
-    strength: float = 1.0,
-) -> Scheduler:
-    """`make_scheduler(...)`, built once per distinct arguments and shared by every caller: what a
-    pipeline call uses. A scheduler is read-only after construction (`init_state` gives each loop
-    its own buffers), and building its tables on the host in float64 costs milliseconds a request,
-    several times that on a CPU just back from idle (`benchmarks/latency.py`'s end_to_end against
-    the sum of its stages). Callers must not write to it; `make_scheduler` gives a private one."""
+def shared_scheduler(name: str, config: SchedulerConfig, num_steps: int, **options) -> Scheduler:
+    """`make_scheduler(name, config, num_steps, **options)`, built once per distinct arguments and
+    shared by every caller: what a pipeline call uses. A scheduler is read-only after construction
+    (`init_state` gives each loop its own buffers), and building its tables on the host in float64
+    costs milliseconds a request, several times that on a CPU just back from idle
+    (`benchmarks/latency.py`'s end_to_end against the sum of its stages). Callers must not write to
+    it; `make_scheduler` gives a private one."""
     try:
         hash(config)
     except TypeError:  # a config value of an unhashable type (a list in its json): build it, unshared
-        return make_scheduler(name, config, num_steps, device=device, dtype=dtype, karras=karras, strength=strength)
-    return _shared_scheduler(name, config, num_steps, device, dtype, karras, strength)
+        return make_scheduler(name, config, num_steps, **options)
+    return _shared_scheduler(name, config, num_steps, **options)
 
 
 @functools.lru_cache(maxsize=64, typed=True)  # typed: strength=True must still fail make_scheduler's check
-def _shared_scheduler(name, config, num_steps, device, dtype, karras, strength) -> Scheduler:
-    return make_scheduler(name, config, num_steps, device=device, dtype=dtype, karras=karras, strength=strength)
+def _shared_scheduler(name, config, num_steps, **options) -> Scheduler:
+    return make_scheduler(name, config, num_steps, **options)
 
 
 def start_step(num_steps: int, strength: float) -> int:
