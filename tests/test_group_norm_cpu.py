@@ -112,7 +112,6 @@ def test_dispatch():
         assert ops.group_norm_path(x, 32) == "torch"
 
 
-
 @AVX512
 def test_bf16_affine_is_converted_once_and_again_after_a_change():
     """ops.group_norm hands the kernel float32 copies of a bf16 model's affine parameters, made
@@ -131,6 +130,7 @@ def test_bf16_affine_is_converted_once_and_again_after_a_change():
             w.mul_(-2)  # in place, as a weight load or merge would
             b.add_(1)
         assert ops.fp32_copy(w) is not copy and torch.equal(ops.fp32_copy(w), w.float())
+
 
 @pytest.mark.parametrize("side", [4, 8, 12])
 def test_an_image_normalizes_the_same_alone_or_in_a_batch(side):

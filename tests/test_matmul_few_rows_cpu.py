@@ -148,7 +148,6 @@ def test_a_changed_weight_is_packed_again():
     assert not torch.allclose(after.float(), before.float(), rtol=0.1, atol=0.1)
 
 
-
 @AMX
 def test_a_changed_bias_is_read_again():
     """A bf16 bias reaches the kernel as a kept float32 copy (`ops.fp32_copy`) that follows an
@@ -162,6 +161,7 @@ def test_a_changed_bias_is_read_again():
         b.add_(4)
         after = ops.conv2d(x, w, b, (1, 1), (1, 1))
     assert torch.allclose(after.float(), before.float() + 4, rtol=1e-2, atol=5e-2)
+
 
 @AMX
 @pytest.mark.parametrize("batch", [1, 2])

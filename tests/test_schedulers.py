@@ -305,7 +305,6 @@ def test_to_dtype_and_lengths():
     assert torch.equal(half.to(dtype=torch.float64).timesteps, make_scheduler("pndm", cfg, 20).timesteps[10:])
 
 
-
 def test_shared_scheduler_is_built_once_per_request():
     """What a pipeline call gets: one scheduler per distinct arguments, equal to a fresh one; other
     arguments give another; the argument checks still run (strength=True is not 1.0); a config
