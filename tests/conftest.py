@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,8 +13,10 @@ import torch
 
 from fastdiff import sd15, testing
 
-# Tests never read or write the user's cache, nor follow their default-model setting.
-os.environ["FASTDIFF_CACHE"] = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
+# Tests never read or write the user's cache, nor follow their default-model setting. Each process
+# (the controller and every pytest-xdist worker) gets its own, removed when its session ends.
+TEST_CACHE = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
+os.environ["FASTDIFF_CACHE"] = TEST_CACHE
 os.environ.pop("FASTDIFF_MODEL", None)
 # The networks run float32 on every CPU, so parity holds against float32 references whether or not
 # this CPU has bf16 instructions (where it does, bf16 would be the default); tests of the dtype
@@ -110,6 +113,11 @@ def cache_root(exported, monkeypatch):
 # the moment it arrives (with pytest-xdist, in the controller), so a run killed at its time limit
 # still leaves the tracebacks of what failed before.
 _FAILURE_LOG = os.environ.get("FASTDIFF_FAILURE_LOG")
+
+
+def pytest_unconfigure(config):
+    # Leave nothing in the temp folder: runs used to leave one cache per process (up to 35 MB each).
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
 def pytest_runtest_logreport(report):
