@@ -580,16 +580,25 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
     """The tuning path (CUDA-only in use) with a stand-in timer: each candidate timed once, the
     fastest chosen and remembered, the result still right; channels-last input adds its plans."""
     _need("cpu")
-    fake_ms = {}
+    fake_ms, launched, timing = {}, [], []
+    launch = gn_mod.launch
 
     def fake_time(fn):
+        timing.append(True)
         fn()
+        timing.clear()
         fake_ms[len(fake_ms)] = 1.0 / (1 + len(fake_ms))  # later candidates "faster": picks the last
         return fake_ms[len(fake_ms) - 1]
+
+    def recording_launch(plan, *args):
+        launched.append(plan)
+        if not timing:  # timed calls are only recorded: the interpreter would take a while over every plan
+            return launch(plan, *args)
 
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "time_ms", fake_time)
     monkeypatch.setattr(gn_mod, "TUNED", {})
+    monkeypatch.setattr(gn_mod, "launch", recording_launch)
     shape = (1, 64, 40, 40)
     plans = gn_mod.plans(1, 64, 40 * 40, 8, torch.device("cpu"), "nhwc" if channels_last else "nchw")
     assert {p.kind for p in plans.values()} == {"group", "nhwc" if channels_last else "flat"}
@@ -597,8 +606,9 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
     assert len(fake_ms) == len(plans) >= 3
     ((chosen, times),) = gn_mod.TUNED.values()
     assert chosen == list(plans.values())[-1] and list(times) == list(plans)
+    assert launched == [*plans.values(), chosen]  # each candidate timed, then the choice run
     _group_norm_case(shape, 8, torch.float32, "cpu", channels_last)  # remembered: not timed again
-    assert len(fake_ms) == len(plans)
+    assert len(fake_ms) == len(plans) and launched[-1] == chosen
 
 
 def test_group_norm_tuner_rotates_large_inputs(monkeypatch):
@@ -606,16 +616,19 @@ def test_group_norm_tuner_rotates_large_inputs(monkeypatch):
     same input each call would hand those plans L2 hits the network never gives them); smaller
     inputs on themselves. Thresholds shrunk so a CPU-sized input counts as large."""
     _need("cpu")
-    seen = []
+    seen, timing = [], []
     launch = gn_mod.launch
 
     def recording_launch(plan, x3, *args):
         seen.append((plan, x3.data_ptr(), x3.stride()))
-        return launch(plan, x3, *args)
+        if not timing:  # timed calls are only recorded: the interpreter would take minutes over them
+            return launch(plan, x3, *args)
 
     def fake_time(fn):
+        timing.append(True)
         for _ in range(3):
             fn()
+        timing.clear()
         return float(len(seen))
 
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
