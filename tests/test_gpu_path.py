@@ -45,7 +45,7 @@ def test_triton_kernels_in_pipeline_match_torch(folder, tmp_path):
             pipe = Pipeline.from_pretrained({str(folder)!r}, backend="torch", device=device,
                                             dtype=torch.float32, kernels=mode, cuda_graph=False)
             # One prompt: guidance still gives the networks a batch of 2, and Triton's CPU
-            # interpreter runs every program of every launch in Python (minutes at 2 prompts).
+            # interpreter runs every program of every launch in Python (the suite's longest test).
             out[mode] = pipe.generate(["a red circle"], steps=1, height=16, width=24, seed=4,
                                       scheduler="dpmpp_2m", output_type="np")
         np.save({str(tmp_path / "torch.npy")!r}, out["torch"])

@@ -592,7 +592,7 @@ def test_group_norm_tuner_picks_the_fastest_plan(monkeypatch, channels_last):
 
     def recording_launch(plan, *args):
         launched.append(plan)
-        if not timing:  # timed calls are only recorded: the interpreter would take a while over every plan
+        if not timing:  # timed calls are only recorded: Triton's interpreter runs every program in Python
             return launch(plan, *args)
 
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
@@ -621,7 +621,7 @@ def test_group_norm_tuner_rotates_large_inputs(monkeypatch):
 
     def recording_launch(plan, x3, *args):
         seen.append((plan, x3.data_ptr(), x3.stride()))
-        if not timing:  # timed calls are only recorded: the interpreter would take minutes over them
+        if not timing:  # timed calls are only recorded: Triton's interpreter runs every program in Python
             return launch(plan, x3, *args)
 
     def fake_time(fn):
