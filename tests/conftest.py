@@ -109,6 +109,25 @@ def cache_root(exported, monkeypatch):
     return exported[2]
 
 
+@pytest.fixture
+def fake_trace(exported, monkeypatch):
+    """Replace the slow trace step of an export by a copy of the shared export's file (the rest of
+    the export, its checks included, runs); counts the calls."""
+    from fastdiff.export import onnx_export
+
+    good = exported[1]
+    calls = []
+
+    def copy_network(name, module, configs, path, options):
+        calls.append(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(good / name / "model.onnx", path)
+        return {"seconds": 0.0, "weight_bytes": 0, "external_data": False, "fp32_islands": 0, "mha_nodes": 0}
+
+    monkeypatch.setattr(onnx_export, "export_network", copy_network)
+    return calls
+
+
 # benchmarks/device_check.sh sets FASTDIFF_FAILURE_LOG: each failure's report is appended there
 # the moment it arrives (with pytest-xdist, in the controller), so a run killed at its time limit
 # still leaves the tracebacks of what failed before.

@@ -282,22 +282,6 @@ def _encoder_matches_torch_backend(folder, out, dtype, *, batch, height, width, 
 # cache behaviour
 
 
-@pytest.fixture
-def fake_trace(exported, monkeypatch):
-    """Replace the slow trace step by a copy of the real file; counts the calls."""
-    good = exported[1]
-    calls = []
-
-    def copy_network(name, module, configs, path, options):
-        calls.append(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(good / name / "model.onnx", path)
-        return {"seconds": 0.0, "weight_bytes": 0, "external_data": False, "fp32_islands": 0, "mha_nodes": 0}
-
-    monkeypatch.setattr(ox, "export_network", copy_network)
-    return calls
-
-
 def _copy_to(exported, root: Path) -> Path:
     """The good export copied into the cache root `root` (same key: same source, options, versions)."""
     out = exported[1]

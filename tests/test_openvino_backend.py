@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import precision, schedulers
+from fastdiff import iospec, precision, schedulers
 from fastdiff.export import cache
 from fastdiff.pipeline import Pipeline
 
@@ -95,9 +95,10 @@ def test_bf16_encode_image_stays_near_float32(exported, pipes):
         assert err.mean() <= 1e-2 and err.max() <= 6e-2, f"{what}: mean {err.mean():.2e}, max {err.max():.2e}"
 
 
-def test_damaged_export_is_rebuilt(exported, tmp_path, monkeypatch):
-    """A cached export whose UNet file changed is not compiled: it is exported again, and the
-    pipeline runs from the rebuilt folder."""
+def test_damaged_export_is_rebuilt(exported, tmp_path, monkeypatch, fake_trace):
+    """A cached export whose UNet file changed is not compiled: it is exported again (the trace
+    step a copy of the good file, the rest of the export real), and the pipeline runs from the
+    rebuilt folder."""
     import shutil
 
     folder, out, _ = exported
@@ -110,6 +111,7 @@ def test_damaged_export_is_rebuilt(exported, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTDIFF_CACHE", str(root))
     pipe = Pipeline.from_pretrained(folder, backend="openvino", device="cpu", dtype=torch.float32)
     assert pipe.backend.export_dir == copy and cache.validate(copy)[0]
+    assert fake_trace == list(iospec.NETWORKS)  # every network exported again
     image = pipe.generate("a cat", steps=2, height=H, width=W, seed=1, output_type="np")
     assert np.isfinite(image).all() and image.std() > 1e-3
 
