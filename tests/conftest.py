@@ -135,7 +135,7 @@ _FAILURE_LOG = os.environ.get("FASTDIFF_FAILURE_LOG")
 
 
 def pytest_unconfigure(config):
-    # Leave nothing in the temp folder: runs used to leave one cache per process (up to 35 MB each).
+    # Leave nothing in the temp folder: runs used to leave one cache per process behind.
     shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
