@@ -7,6 +7,7 @@ import functools
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,17 @@ from fastdiff import sd15, testing
 TEST_CACHE = tempfile.mkdtemp(prefix="fastdiff-test-cache-")
 os.environ["FASTDIFF_CACHE"] = TEST_CACHE
 os.environ.pop("FASTDIFF_MODEL", None)
+
+# Exports that several test files need of one model (tiny model "a", the embedded model) go to one
+# folder for the whole run instead: the controller (or the only process) makes it before any worker
+# starts, the pytest-xdist workers inherit its path, and the export's own lock
+# (fastdiff.export.cache.locked) makes a second asker wait and reuse the first one's export. Only
+# the fixtures below write there; each process's FASTDIFF_CACHE stays its own.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    SHARED = Path(os.environ["FASTDIFF_TEST_SHARED"])
+else:
+    SHARED = Path(tempfile.mkdtemp(prefix="fastdiff-test-shared-"))
+    os.environ["FASTDIFF_TEST_SHARED"] = str(SHARED)
 # The networks run float32 on every CPU, so parity holds against float32 references whether or not
 # this CPU has bf16 instructions (where it does, bf16 would be the default); tests of the dtype
 # rule and of bf16 unset it (tests/test_precision.py).
@@ -86,20 +98,45 @@ def perturb():
     return functools.partial(testing.perturb_, scale=0.05)
 
 
+def shared_model(name: str, arch: str, seed: int, **kwargs) -> Path:
+    """testing.build_random_folder(SHARED/models/name, ...), built once per run: the first asker
+    builds it under a lock into a temp folder and renames it into place."""
+    from fastdiff.export import cache
+
+    folder = SHARED / "models" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with cache.locked(folder.parent / f".{name}.lock"):
+        if not folder.is_dir():
+            tmp = folder.parent / f".tmp-{name}-{os.getpid()}"
+            testing.build_random_folder(tmp, arch, seed=seed, **kwargs)
+            os.replace(tmp, folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory):
+def shared_cache() -> Path:
+    """The FASTDIFF_CACHE root of the exports shared by the whole run (set it for the export)."""
+    return SHARED / "cache"
+
+
+@pytest.fixture(scope="session")
+def model_a() -> Path:
+    """Tiny model "a" (seed 3, as save_pretrained writes it): the model of the shared export."""
+    return shared_model("tiny-sd-a", "a", seed=3, sd15_layout=False)
+
+
+@pytest.fixture(scope="session")
+def exported(model_a, shared_cache):
     """(model folder, export folder, cache root) for tiny model "a", fp32, dynamic axes, MHA
-    attention: exported once per session, shared by the export and onnxruntime tests."""
+    attention: exported once per run, shared by the export, backend, LoRA and editing tests.
+    Read-only: a test that damages or changes an export works on a copy (fresh_root)."""
     pytest.importorskip("onnxruntime")
     from fastdiff.export import onnx_export
 
-    base = tmp_path_factory.getbasetemp()
-    folder = testing.build_random_folder(base / "tiny-sd-a", "a", seed=3, sd15_layout=False)
-    root = base / "fastdiff-cache"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTDIFF_CACHE", str(root))
-        out = onnx_export.export(folder)
-    return folder, out, root
+        mp.setenv("FASTDIFF_CACHE", str(shared_cache))
+        out = onnx_export.export(model_a)
+    return model_a, out, shared_cache
 
 
 @pytest.fixture
@@ -135,8 +172,11 @@ _FAILURE_LOG = os.environ.get("FASTDIFF_FAILURE_LOG")
 
 
 def pytest_unconfigure(config):
-    # Leave nothing in the temp folder: runs used to leave one cache per process behind.
+    # Leave nothing in the temp folder: runs used to leave one cache per process behind. The shared
+    # folder goes with the process that made it (the controller ends after every worker).
     shutil.rmtree(TEST_CACHE, ignore_errors=True)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        shutil.rmtree(SHARED, ignore_errors=True)
 
 
 def pytest_runtest_logreport(report):
