@@ -27,9 +27,14 @@ latency = testing.load_script(BENCH / "latency.py")
 STEPS, REPEATS = 2, 2
 
 
+# The embedded model (what the CI gate times): its onnxruntime / OpenVINO export is the one
+# tests/test_tiny_shapes.py makes, in the run's shared cache.
+FOLDER = Path(__file__).resolve().parents[1] / "fastdiff" / "assets" / "tiny-shapes"
+
+
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return testing.build_random_folder(tmp_path_factory.mktemp("tiny-sd"), "tiny", seed=3)
+def folder():
+    return FOLDER
 
 
 def _argv(folder, *extra):
@@ -37,16 +42,18 @@ def _argv(folder, *extra):
 
 
 @pytest.fixture(scope="module")
-def run(folder, tmp_path_factory):
+def run(folder, tmp_path_factory, shared_cache):
     """One harness run with a lenient gate; returns its exit status and JSON results."""
     tmp = tmp_path_factory.mktemp("bench")
     gate = tmp / "gate.json"
     gate.write_text(json.dumps({"cpu": {"min_speedup": {"torch": {"end_to_end": 1e-6}}, "min_psnr_db": {"torch": 0.0}}}))
     out = tmp / "results.json"
-    status = latency.main(
-        _argv(folder, "--repeats", str(REPEATS), "--warmup", "1", "--json", str(out), "--gate", str(gate),
-              "--report", str(tmp / "report"))
-    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FASTDIFF_CACHE", str(shared_cache))  # each runner's process inherits it
+        status = latency.main(
+            _argv(folder, "--repeats", str(REPEATS), "--warmup", "1", "--json", str(out), "--gate", str(gate),
+                  "--report", str(tmp / "report"))
+        )
     return status, json.loads(out.read_text()), tmp
 
 

@@ -56,9 +56,9 @@ CONFIGS = [
 
 
 @pytest.fixture(scope="module")
-def adherence(tmp_path_factory):
-    """(colour, shape) match rates per (backend, scheduler, steps), each generated once."""
-    cache = tmp_path_factory.mktemp("fastdiff-cache")
+def adherence(shared_cache):
+    """(colour, shape) match rates per (backend, scheduler, steps), each generated once. The
+    onnxruntime export goes to the run's shared cache, where tests/test_latency.py reuses it."""
     results = {}
 
     def measure(config):
@@ -67,7 +67,7 @@ def adherence(tmp_path_factory):
             if dtype == "bfloat16" and not precision.cpu_runs_fast(torch.bfloat16):
                 pytest.skip("this CPU has no bf16 instructions (AMX-BF16 or AVX512-BF16): fastdiff runs float32 here")
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("FASTDIFF_CACHE", str(cache))
+                mp.setenv("FASTDIFF_CACHE", str(shared_cache))
                 pipe = Pipeline.from_pretrained(MODEL, backend=backend, device="cpu", dtype=dtype)
             images = pipe.generate(
                 [p for p, _ in PROMPTS], steps=steps, guidance_scale=GUIDANCE, seed=0, scheduler=scheduler,
