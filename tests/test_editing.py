@@ -41,13 +41,11 @@ def box_mask(h: int = H, w: int = W) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    """Model "a" (4-channel UNet) and model "b" with a 9-channel inpainting UNet."""
+def folders(tmp_path_factory, model_a):
+    """Model "a" (4-channel UNet; the run's shared one, whose export other files use too) and
+    model "b" with a 9-channel inpainting UNet."""
     root = tmp_path_factory.mktemp("editing")
-    return {
-        "a": testing.build_random_folder(root / "a", "a", seed=11, sd15_layout=False),
-        "b9": testing.build_random_folder(root / "b9", "b", seed=12, inpainting=True),
-    }
+    return {"a": model_a, "b9": testing.build_random_folder(root / "b9", "b", seed=12, inpainting=True)}
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +54,12 @@ def ours(folders):
 
 
 @pytest.fixture(scope="module")
-def ours_ort(folders, tmp_path_factory):
-    """onnxruntime pipelines of both models, exported into a cache of this module's own."""
+def ours_ort(folders, shared_cache):
+    """onnxruntime pipelines of both models, exported into the run's shared cache (model "a"'s
+    export is the one the export and backend tests check)."""
     pytest.importorskip("onnxruntime")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FASTDIFF_CACHE", str(tmp_path_factory.mktemp("editing-cache")))
+        mp.setenv("FASTDIFF_CACHE", str(shared_cache))
         return {k: Pipeline.from_pretrained(v, backend="onnxruntime", device="cpu") for k, v in folders.items()}
 
 
@@ -149,15 +148,8 @@ def test_resize_and_num_images_match_diffusers(reference, ours, mode, model):
              num_images=2, scheduler="euler_a")  # fmt: skip
 
 
-def test_strength_changes_the_output_and_one_keeps_the_input_close(ours):
-    """Low strength stays near the input picture, high strength moves away from it."""
-    pipe, image = ours["a"], random_image(3)
-    x = np.asarray(image, np.float32) / 255
-    near = pipe.generate(PROMPTS[0], image=image, strength=0.1, steps=20, seed=1, output_type="np")[0]
-    far = pipe.generate(PROMPTS[0], image=image, strength=1.0, steps=20, seed=1, output_type="np")[0]
-    assert np.abs(near - x).mean() < np.abs(far - x).mean()
-
-
+# What strength does to a picture is judged on the trained model (tests/test_tiny_shapes.py, img2img
+# at 0.5 and 0.75): through a random model even strength 0.1 lands as far from the input as 1.0.
 @pytest.mark.parametrize("kind", ["RGBA", "L", "uint8", "float", "path"])
 def test_image_kinds(ours, tmp_path, kind):
     """RGBA (alpha dropped), grey (repeated), numpy uint8 and float arrays, and file paths give the
