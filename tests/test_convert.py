@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastdiff import convert, testing
+from fastdiff import convert, iospec, testing
 from fastdiff.pipeline import Pipeline
 
 H, W = 32, 48
@@ -101,7 +101,11 @@ def case(request, tmp_path_factory):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     root = tmp_path_factory.mktemp(f"single-{request.param}")
-    folder = testing.build_random_folder(root / "model", request.param, seed=31, sd15_layout=False)
+    # "a" is the run's shared model: the single-file export below reuses its export's files.
+    if request.param == "a":
+        folder = request.getfixturevalue("model_a")
+    else:
+        folder = testing.build_random_folder(root / "model", request.param, seed=31, sd15_layout=False)
     ref = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     path = write_single_file(ref, root / "model.safetensors")
     single = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), torch_dtype=torch.float32)
@@ -185,15 +189,18 @@ def test_bad_files_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["a"], indirect=True)  # one export is enough
-def test_export_takes_a_single_file(case, tmp_path, monkeypatch):
+def test_export_takes_a_single_file(case, tmp_path, monkeypatch, fake_trace):
     """`python -m fastdiff.export model.safetensors --config folder`: the ONNX export of the
-    converted folder, whose pipeline gives the torch backend's picture."""
+    converted folder, whose pipeline gives the torch backend's picture. The trace step copies the
+    shared export of the same weights (fake_trace); the export's own check of every file against
+    the modules converted from the single file runs, as does the comparison of pictures."""
     from fastdiff.export.__main__ import main
 
     folder, path, single, ours, ref = case
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("FASTDIFF_CACHE", str(tmp_path))
     assert main([str(path), "--config", str(folder)]) == 0
+    assert fake_trace == list(iospec.NETWORKS)  # a new export (the single file's key), every network checked
     onnx = Pipeline.from_pretrained(path, backend="onnxruntime", device="cpu", config=folder)
     kw = dict(steps=3, height=H, width=W, seed=4, output_type="np")
     assert np.abs(onnx.generate("a red circle", **kw) - ours.generate("a red circle", **kw)).max() <= 1e-3
