@@ -24,12 +24,13 @@ os.environ.pop("FASTDIFF_MODEL", None)
 # folder for the whole run instead: the controller (or the only process) makes it before any worker
 # starts, the pytest-xdist workers inherit its path, and the export's own lock
 # (fastdiff.export.cache.locked) makes a second asker wait and reuse the first one's export. Only
-# the fixtures below write there; each process's FASTDIFF_CACHE stays its own.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    SHARED = Path(os.environ["FASTDIFF_TEST_SHARED"])
-else:
-    SHARED = Path(tempfile.mkdtemp(prefix="fastdiff-test-shared-"))
-    os.environ["FASTDIFF_TEST_SHARED"] = str(SHARED)
+# tests that ask for the shared_cache, model_a or exported fixtures below write there; each
+# process's FASTDIFF_CACHE stays its own. The process that made the folder removes it.
+SHARED_OWNER = not (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("FASTDIFF_TEST_SHARED"))
+if SHARED_OWNER:
+    os.environ["FASTDIFF_TEST_SHARED"] = tempfile.mkdtemp(prefix="fastdiff-test-shared-")
+SHARED = Path(os.environ["FASTDIFF_TEST_SHARED"])
+
 # The networks run float32 on every CPU, so parity holds against float32 references whether or not
 # this CPU has bf16 instructions (where it does, bf16 would be the default); tests of the dtype
 # rule and of bf16 unset it (tests/test_precision.py).
@@ -175,7 +176,7 @@ def pytest_unconfigure(config):
     # Leave nothing in the temp folder: runs used to leave one cache per process behind. The shared
     # folder goes with the process that made it (the controller ends after every worker).
     shutil.rmtree(TEST_CACHE, ignore_errors=True)
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
+    if SHARED_OWNER:
         shutil.rmtree(SHARED, ignore_errors=True)
 
 
