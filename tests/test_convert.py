@@ -97,14 +97,13 @@ def write_single_file(ref, path, ema: bool = True):
 
 
 @pytest.fixture(scope="module", params=["a", "b"])
-def case(request, tmp_path_factory):
+def case(request, tmp_path_factory, model_a):
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     root = tmp_path_factory.mktemp(f"single-{request.param}")
     # "a" is the run's shared model: the single-file export below reuses its export's files.
-    if request.param == "a":
-        folder = request.getfixturevalue("model_a")
-    else:
+    folder = model_a
+    if request.param != "a":
         folder = testing.build_random_folder(root / "model", request.param, seed=31, sd15_layout=False)
     ref = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     path = write_single_file(ref, root / "model.safetensors")

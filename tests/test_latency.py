@@ -27,14 +27,11 @@ latency = testing.load_script(BENCH / "latency.py")
 STEPS, REPEATS = 2, 2
 
 
-# The embedded model (what the CI gate times): its onnxruntime / OpenVINO export is the one
-# tests/test_tiny_shapes.py makes, in the run's shared cache.
-FOLDER = Path(__file__).resolve().parents[1] / "fastdiff" / "assets" / "tiny-shapes"
-
-
 @pytest.fixture(scope="module")
 def folder():
-    return FOLDER
+    """The embedded model (what the CI gate times): its onnxruntime / OpenVINO export is the one
+    tests/test_tiny_shapes.py makes, in the run's shared cache."""
+    return testing.TINY_SHAPES
 
 
 def _argv(folder, *extra):
