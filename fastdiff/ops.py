@@ -83,13 +83,16 @@ def kernels(mode: str | None):
         _state.mode = prev
 
 
-def _tracing() -> bool:
-    """Inside a trace, an ONNX export or a torch.compile: the torch reference ops only."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+def tracing() -> bool:
+    """Inside a trace, an ONNX export or a torch.compile: the torch reference ops only. Both ONNX
+    exporters raise one of these two flags (the TorchScript one traces, the dynamo one runs
+    torch.export), and `torch.onnx.is_in_onnx_export()` costs two imports a call, paid by every
+    op in "auto" mode (tests/test_models.py checks each tracer)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    if _tracing():
+    if tracing():
         return False
     mode = get_kernels()
     if mode == "torch":
@@ -134,7 +137,7 @@ def geglu_ref(h):
 def cpu_kernel_may_run(*tensors) -> bool:
     """Whether a C kernel of `fastdiff.kernels` may take these CPU tensors (None is skipped): "auto"
     mode, outside tracing and export, and no gradient wanted (the kernels have no backward)."""
-    if tensors[0].device.type != "cpu" or get_kernels() != "auto" or _tracing():
+    if tensors[0].device.type != "cpu" or get_kernels() != "auto" or tracing():
         return False
     return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
@@ -184,7 +187,7 @@ def im2col_conv(x, weight, stride, padding, packable: bool | None = None) -> boo
     """Whether `conv2d` takes the im2col + GEMM path: fp32 on the CPU in "auto" mode, outside
     tracing, export and autocast, a batch that fills the threads, a 1x1 kernel, or a small output
     where packed oneDNN cannot run (`packable`: `packed_conv(x, weight)` when the caller has it)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or get_kernels() != "auto" or _tracing():
+    if x.device.type != "cpu" or x.dtype != torch.float32 or get_kernels() != "auto" or tracing():
         return False
     if torch.is_autocast_enabled("cpu") or (x.shape[0] > 1 and x.shape[0] % torch.get_num_threads()):
         return False
@@ -214,7 +217,7 @@ def can_pack(x, weight) -> bool:
     bf16 on a CPU with bf16 instructions) input and weight alike, outside tracing, export,
     autocast and autograd, a weight that can change in place only visibly (not an inference-mode
     tensor, whose version is not tracked)."""
-    if x.device.type != "cpu" or get_kernels() != "auto" or _tracing():
+    if x.device.type != "cpu" or get_kernels() != "auto" or tracing():
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype or weight.is_inference():
         return False

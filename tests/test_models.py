@@ -468,6 +468,41 @@ def test_conv2d_im2col_path_needs_a_batch_that_fills_the_threads(monkeypatch):
     assert taken == {1: True, 2: False, 3: False, 4: True, 8: True}
 
 
+class _PathProbe(torch.nn.Module):
+    """Records which way `ops.conv2d` and `ops.group_norm` would run inside its own forward."""
+
+    def __init__(self, paths: list):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(8, 8, 3, 3), requires_grad=False)
+        self.paths = paths  # not the module's state: torch.export runs the forward on a copy
+
+    def forward(self, x):
+        self.paths.append((ops.conv_path(x, self.weight, (1, 1), (1, 1)), ops.group_norm_path(x, 4, None), ops.tracing()))
+        return ops.conv2d(x, self.weight, None, (1, 1), (1, 1))
+
+
+@pytest.mark.filterwarnings("ignore")  # the exporters' own notices
+@pytest.mark.parametrize("tracer", ["jit.trace", "torch.export", "onnx dynamo", "onnx torchscript"])
+def test_tracers_and_exporters_see_the_reference_ops(tracer, tmp_path):
+    """In "auto" mode every way torch traces a forward makes `ops.tracing()` true, so no packed
+    oneDNN call or C kernel ends up in a graph: `ops.tracing` asks torch's tracing and compiling
+    flags only, which both ONNX exporters raise (the dynamo one through torch.export)."""
+    paths: list = []
+    probe, x = _PathProbe(paths), torch.randn(1, 8, 16, 16).contiguous(memory_format=torch.channels_last)
+    run = {
+        "jit.trace": lambda: torch.jit.trace(probe, (x,), check_trace=False),
+        "torch.export": lambda: torch.export.export(probe, (x,), strict=False),
+        "onnx dynamo": lambda: torch.onnx.export(probe, (x,), tmp_path / "m.onnx", dynamo=True, verbose=False),
+        "onnx torchscript": lambda: torch.onnx.export(probe, (x,), tmp_path / "m.onnx", dynamo=False),
+    }[tracer]
+    with ops.kernels("auto"), torch.no_grad():
+        probe(x)
+        eager = paths.pop()
+        run()
+    if ops.PACKED_CONV:
+        assert eager[0] == "packed" and not eager[2], eager  # else the check below would pass for nothing
+    assert paths and all(p == ("reference", "torch", True) for p in paths), paths
+
 def test_unet_fp16_close_to_fp32(unet_pair):
     _, ours = unet_pair
     g = torch.Generator().manual_seed(5)
