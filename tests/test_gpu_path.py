@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import schedulers, testing
+from fastdiff import schedulers
 from fastdiff.pipeline import Pipeline
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/device_check.sh)")
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return testing.build_random_folder(tmp_path_factory.mktemp("sd-gpu"), "a", seed=3, sd15_layout=False)
+def folder(model_a):
+    return model_a  # the run's shared tiny model "a" (tests/conftest.py), read only here
 
 
 def test_triton_kernels_in_pipeline_match_torch(folder, tmp_path):

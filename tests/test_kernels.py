@@ -895,8 +895,7 @@ def test_kernels_benchmark_rows_on_cpu(monkeypatch, capsys):
 
     bench = testing.load_script(Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_bench.py")
 
-    def wall_ms(fn, calls=1, reps=1):
-        fn()
+    def wall_ms(fn, calls=1, reps=1):  # one call, no warm-up: the interpreter runs each the same
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1000 / calls
