@@ -503,6 +503,7 @@ def test_tracers_and_exporters_see_the_reference_ops(tracer, tmp_path):
         assert eager[0] == "packed" and not eager[2], eager  # else the check below would pass for nothing
     assert paths and all(p == ("reference", "torch", True) for p in paths), paths
 
+
 def test_unet_fp16_close_to_fp32(unet_pair):
     _, ours = unet_pair
     g = torch.Generator().manual_seed(5)
