@@ -296,6 +296,32 @@ def test_profile_step_vae_decode_on_cpu(tmp_path, capsys):
     assert "VAE decode tiny, 64x64, batch 1" in capsys.readouterr().out
 
 
+compiled_cpu = testing.load_script(BENCH / "compiled_cpu.py")
+
+
+@pytest.mark.parametrize("network, image", [("unet", (16, 16)), ("vae_decode", (64, 64))])
+def test_compiled_cpu_inputs_are_the_size_asked_for(network, image):
+    """The compiled-forward benchmark (its compiles take minutes, so only its inputs are run here)
+    sizes latents by the model's own VAE scale: the embedded VAE scales by 4, and an older script
+    that divided by 8 timed that model at half the side it named. The backend's module takes
+    them and gives the size asked for."""
+    from fastdiff.backends import make_backend
+
+    x = compiled_cpu.inputs(testing.TINY_SHAPES, network, 64, seed=0)
+    net = make_backend("torch", testing.TINY_SHAPES, device=torch.device("cpu"), dtype=torch.float32)
+    with torch.inference_mode():
+        out = net.network("unet")(*x) if network == "unet" else net.network("vae")(*x)
+    assert tuple(out.shape[-2:]) == image and tuple(x[0].shape[-2:]) == (16, 16)
+    assert out.shape[0] == (2 if network == "unet" else 1)  # a CFG batch; one image
+
+
+@pytest.mark.parametrize("argv", [["--size", "60"], ["--size", "0"], ["--repeats", "0"], ["--dtype", "float64"]])
+def test_compiled_cpu_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit) as e:
+        compiled_cpu.parse(argv)
+    assert e.value.code == 2
+
+
 def test_img2img_mode_runs_diffusers_img2img(folder, tmp_path):
     """--strength: both sides start from the same input image; parity with diffusers'
     StableDiffusionImg2ImgPipeline holds only if fastdiff really ran img2img at that strength."""
