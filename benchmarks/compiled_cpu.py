@@ -55,14 +55,12 @@ def parse(argv) -> argparse.Namespace:
 
 
 def inputs(root: Path, network: str, size: int, seed: int) -> tuple:
-    """The module's positional inputs: a CFG batch of 2 for the UNet, one image's latents for the decoder."""
-    configs = read_configs(root)
+    """The module's positional inputs from the network's I/O spec (`fastdiff.iospec`): a CFG batch
+    of 2 for the UNet, one image's latents for the decoder."""
+    net = iospec.UNET if network == "unet" else iospec.VAE_DECODER
     g = torch.Generator().manual_seed(seed)
-    side = size // iospec.vae_scale_factor(configs["vae"])
-    if network == "vae_decode":
-        return (torch.randn(1, configs["vae"]["latent_channels"], side, side, generator=g),)
-    latents = torch.randn(2, configs["unet"]["in_channels"], side, side, generator=g)
-    return latents, torch.tensor(500.0), torch.randn(2, 77, configs["unet"]["cross_attention_dim"], generator=g)
+    x = iospec.sample_inputs(net, read_configs(root), batch=2 if network == "unet" else 1, height=size, width=size, generator=g)
+    return tuple(x[t.name] for t in net.inputs)
 
 
 def main(argv=None) -> int:
@@ -70,15 +68,13 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cpu")
-    if args.dtype:
-        precision.check_dtype(device, args.dtype, "--dtype")  # before minutes of model building
+    dtype = precision.check_dtype(device, args.dtype, "--dtype") if args.dtype else None  # before minutes of model building
     with tempfile.TemporaryDirectory() as tmp:
         if args.model is None:
             root, what = testing.build_random_folder(Path(tmp) / "sd15", "sd15", seed=args.seed), "sd15 architecture, random weights"
         else:
             root, what = Path(resolve_model(args.model)), args.model
-        unet_params = parameter_count(find_weights(root / "unet"))
-        dtype = precision.check_dtype(device, args.dtype) if args.dtype else precision.default_dtype(device, unet_params=unet_params)
+        dtype = dtype or precision.default_dtype(device, unet_params=parameter_count(find_weights(root / "unet")))
         net = make_backend("torch", root, device=device, dtype=dtype, kernels="auto")
         x = inputs(root, args.network, args.size, args.seed)
         if args.network == "unet":
