@@ -21,7 +21,8 @@ over oneDNN's (`SMALL_CONV_PIXELS`), an upsampler's nearest 2x + 3x3 convolution
 transposed convolution (`PACKED_CONV_TRANSPOSE`; "torch" and "triton" keep `F.conv2d`), bf16
 attention on an AMX CPU runs a C kernel (`attention_path`), and so do bf16 3x3 convolutions with
 few output pixels there (`few_rows`) and GroupNorm(+SiLU) of channels-last tensors on an AVX-512
-CPU (`group_norm_path`).
+CPU (`group_norm_path`); linears run oneDNN on packed weights in bf16, and in fp32 at the shapes
+where that timed faster than F.linear (`packed_linear`).
 The mode comes from the environment variable FASTDIFF_KERNELS, and can be changed with
 `set_kernels()` or the `kernels()` context manager (Pipeline(kernels=...) uses the latter).
 ONNX export always traces the torch reference.
@@ -30,6 +31,7 @@ ONNX export always traces the torch reference.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import time
@@ -399,22 +401,82 @@ def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
 # plain bf16 weight at every call, and at SD1.5's sizes a UNet forward is bound by streaming its
 # weights from memory (`benchmarks/profile_step.py --device cpu --size 64` against 256 shows the
 # fixed part). Packed, a residual add or GEGLU's gelu and product become post-ops of the matmul.
-# The copies cost one more copy of the linear weights (benchmarks/NOTES-cpu.md). fp32 keeps
-# F.linear: packed weights gained at most 2% there (same notes).
+# The copies cost one more copy of the linear weights (benchmarks/NOTES-cpu.md). fp32 linears
+# take the packed path only at the shapes where it timed faster than F.linear (`FP32_PACKED`).
 PACKED_LINEAR = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
 
 
-def packed_linear(x, weight) -> bool:
-    """Whether `linear` and `linear_geglu` run oneDNN on a packed bf16 weight (see `can_pack`)."""
-    return PACKED_LINEAR and x.dtype == torch.bfloat16 and can_pack(x, weight)
+def packed_linear(x, weight, width: int | None = None) -> bool:
+    """Whether `linear`, `linear_split` and `linear_geglu` run oneDNN on a packed copy of `weight`
+    (see `can_pack`): bf16 always, fp32 where `fp32_packing_pays` for the matmul [tokens, K] x
+    [K, width] (width: the weight's rows, or the summed rows of weights run as one)."""
+    if not (PACKED_LINEAR and can_pack(x, weight)):
+        return False
+    tokens = x.numel() // max(x.shape[-1], 1)
+    return x.dtype == torch.bfloat16 or (tokens > 0 and fp32_packing_pays(tokens, x.shape[-1], width or weight.shape[0]))
+
+
+def time_calls(calls: dict, rounds: int, repeat: int = 1, min_seconds: float = 0.0) -> dict:
+    """{name: [seconds a call, per round]} for each zero-argument call in `calls`: one untimed call
+    each (oneDNN builds each primitive on its first call), then `rounds` rounds of `repeat` calls
+    of each, the ways interleaved so that the host's slow phases hit them alike; more calls a
+    round where the first way's untimed call took under `min_seconds` / `repeat` (short calls are
+    noisy)."""
+    for i, call in enumerate(calls.values()):
+        start = time.perf_counter()
+        call()
+        if i == 0 and min_seconds > 0:
+            repeat = max(repeat, math.ceil(min_seconds / max(time.perf_counter() - start, 1e-6)))
+    seconds: dict = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(repeat):
+                call()
+            seconds[name].append((time.perf_counter() - start) / repeat)
+    return seconds
+
+
+# (tokens, K, N, threads) of an fp32 linear -> (whether it runs packed, {way: median seconds a
+# call}). oneDNN's fixed cost per call loses to F.linear (MKL) at small matmuls, as the embedded
+# model's, and its packed weight wins at SD1.5's (`benchmarks/linear_layout_cpu.py --dtype fp32`
+# times both per shape), with no size that divides them on every CPU. So each shape is timed once,
+# at its first call, on constant data. Read by benchmarks and tests.
+FP32_PACKED: dict = {}
+# The packed way must be this much faster: its copy costs memory, so a near tie keeps F.linear.
+FP32_PACKED_MARGIN = 1.05
+
+
+def fp32_packing_pays(tokens: int, k: int, n: int) -> bool:
+    """Whether oneDNN on a packed weight ran an fp32 [tokens, K] x [K, N] matmul (with bias)
+    FP32_PACKED_MARGIN faster than F.linear: the median of 3 interleaved rounds of at least 3 ms,
+    timed on the shape's first call and remembered."""
+    key = (tokens, k, n, torch.get_num_threads())
+    hit = FP32_PACKED.get(key)
+    if hit is None:
+        x, w, b = torch.full((tokens, k), 0.5), torch.full((n, k), 0.01), torch.zeros(n)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, tokens)
+        with torch.no_grad():
+            calls = {"F.linear": lambda: F.linear(x, w, b), "packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")}
+            seconds = time_calls(calls, rounds=3, min_seconds=3e-3)
+        hit = FP32_PACKED[key] = (packed_faster(seconds), {name: sorted(t)[len(t) // 2] for name, t in seconds.items()})
+    return hit[0]
+
+
+def packed_faster(seconds: dict) -> bool:
+    """Whether the median of the rounds' ratios F.linear / packed reaches FP32_PACKED_MARGIN
+    (seconds: {"F.linear": [...], "packed": [...]}, seconds a call per round)."""
+    ratios = sorted(plain / packed for plain, packed in zip(seconds["F.linear"], seconds["packed"]))
+    return ratios[len(ratios) // 2] >= FP32_PACKED_MARGIN
 
 
 # (tokens, K, N, dtype, threads) of a packed linear -> (token count its weight's layout is packed
 # for, {that count: seconds a call}). oneDNN blocks a packed weight by the token count it is made
-# for (in blocks of 32 output columns for many tokens, of 64 for one), and at some shapes the one-token layout
-# runs a many-token matmul faster, with no pattern in the shapes (`benchmarks/linear_layout_cpu.py`
-# times both per SD1.5 shape). So each shape is timed once, at its first call. Read by benchmarks
-# and tests.
+# for (in blocks of 32 output columns for many tokens, of 64 for one), and at some bf16 shapes the
+# one-token layout runs a many-token matmul faster, with no pattern in the shapes
+# (`benchmarks/linear_layout_cpu.py` times both per SD1.5 shape). So each bf16 shape is timed
+# once, at its first call; fp32 keeps oneDNN's own layout, as the one-token layout won at no fp32
+# shape there. Read by benchmarks and tests.
 LINEAR_LAYOUT: dict = {}
 # The one-token layout must be this much faster: a near tie keeps oneDNN's own choice, so that
 # timing noise flips few shapes between processes (the layouts sum in different orders).
@@ -423,27 +485,19 @@ LAYOUT_MARGIN = 1.1
 
 def linear_layout(x2, rows_weight, bias) -> int:
     """The token count `rows_weight` [N, K] is packed for when it serves `x2` [tokens, K]: the
-    tokens themselves, or 1 where `faster_layout` says so from 5 rounds of interleaved calls,
-    timed on the first call of the shape."""
+    tokens themselves, or 1 where `faster_layout` says so from 5 rounds of interleaved calls
+    (two calls a round), timed on the first call of a bf16 shape."""
     tokens = x2.shape[0]
     key = (tokens, x2.shape[1], rows_weight.shape[0], x2.dtype, torch.get_num_threads())
     hit = LINEAR_LAYOUT.get(key)
     if hit is not None:
         return hit[0]
-    if tokens <= 1:
+    if tokens <= 1 or x2.dtype != torch.bfloat16:
         LINEAR_LAYOUT[key] = (tokens, {})
         return tokens
     pack = torch.ops.mkldnn._reorder_linear_weight
     calls = {n: (lambda w=pack(rows_weight, n): torch.ops.mkldnn._linear_pointwise(x2, w, bias, "none", [], "")) for n in (tokens, 1)}
-    seconds: dict = {n: [] for n in calls}
-    for call in calls.values():
-        call()  # oneDNN builds each primitive on its first call
-    for _ in range(5):
-        for n, call in calls.items():
-            start = time.perf_counter()
-            call()
-            call()
-            seconds[n].append((time.perf_counter() - start) / 2)
+    seconds = time_calls(calls, rounds=5, repeat=2)
     best = faster_layout(tokens, seconds)
     LINEAR_LAYOUT[key] = (best, {n: sorted(t)[len(t) // 2] for n, t in seconds.items()})
     return best
@@ -495,7 +549,8 @@ def linear_split(x, weights: tuple, biases: tuple, reuse: bool = False) -> tuple
     times the widths). With `reuse` (an input that repeats, as the text's embeddings at every
     denoising step) the outputs are kept with a copy of `x` and returned again for the same input
     unchanged, or an equal one, while the weights are unchanged (one kept input per set of weights)."""
-    if not all(packed_linear(x, w) for w in weights):
+    width = sum(w.shape[0] for w in weights)
+    if not all(packed_linear(x, w, width) for w in weights):
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
     slot = packed_copy(weights, ("reused",), lambda: [None]) if reuse else None  # emptied when a weight changes
     last = slot[0] if reuse else None  # (weakref to the kept input, its version, its copy, the outputs)

@@ -80,25 +80,34 @@ def test_unet_matches_diffusers(unet_pair, hw, timesteps):
             assert _maxdiff(got, want) <= TOL, f"timestep {t!r}"
 
 
-def test_unet_auto_ops_match_diffusers(unet_pair, monkeypatch):
+@pytest.mark.parametrize("fp32_linears", ["packed", "F.linear"])
+def test_unet_auto_ops_match_diffusers(unet_pair, monkeypatch, fp32_linears):
     """The CPU default ("auto": small convolutions through im2col + GEMM) against diffusers: at
-    8x8 every level's output is at most SMALL_CONV_PIXELS, so every convolution takes that path."""
+    8x8 every level's output is at most SMALL_CONV_PIXELS, so every convolution takes that path.
+    The linears packed (as where packing timed faster) or not; three calls, the text changed in
+    the second, so that the text's k and v kept from one call are not served for another text."""
     ref, ours = unet_pair
     g = torch.Generator().manual_seed(8)
     x = torch.randn(2, ref.config.in_channels, 8, 8, generator=g)
-    ctx = torch.randn(2, 7, ref.config.cross_attention_dim, generator=g)
+    contexts = [torch.randn(2, 7, ref.config.cross_attention_dim, generator=g) for _ in range(2)]
     assert 8 * 8 <= ops.SMALL_CONV_PIXELS
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the rule as on a 2-thread CPU, whatever this one has
-    taken = []
+    monkeypatch.setattr(ops, "FP32_PACKED", {})
+    monkeypatch.setattr(ops, "FP32_PACKED_MARGIN", 0.0 if fp32_linears == "packed" else float("inf"))
+    taken, linear_paths = [], []
     for conv in (m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)):
         conv.register_forward_pre_hook(lambda m, args: taken.append(ops.conv_path(args[0], m.weight, m.stride, m.padding)))
+    for lin in (m for m in ours.modules() if isinstance(m, torch.nn.Linear)):
+        lin.register_forward_pre_hook(lambda m, args: linear_paths.append(ops.packed_linear(args[0], m.weight)))
     upsampled = upsample_paths(ours)
-    with torch.no_grad(), ops.kernels("auto"):
-        got = ours(x, 500, ctx)
+    for ctx in (contexts[0], contexts[1], contexts[0]):
+        with torch.no_grad(), ops.kernels("auto"):
+            got = ours(x, 500, ctx)
+        assert _maxdiff(got, ref(x, 500, ctx).sample) <= TOL
     assert taken and "im2col" in taken  # 1x1 convolutions
     assert set(taken) == ({"im2col", "packed"} if ops.PACKED_CONV else {"im2col"})  # no plain F.conv2d
     assert_upsampled_transposed(upsampled)
-    assert _maxdiff(got, ref(x, 500, ctx).sample) <= TOL
+    assert linear_paths and set(linear_paths) == {ops.PACKED_LINEAR and fp32_linears == "packed"}
 
 
 def upsample_paths(model) -> list:
@@ -277,30 +286,43 @@ def test_upsample_conv_reference_where_not_doubled():
         assert ops.upsample_conv_path(x, torch.randn(8, 8, 3, 3)) == "reference"
 
 
-@BF16
+# Packed linears: bf16 always where the CPU has bf16 instructions, fp32 where the packed way
+# timed faster (forced here by a margin of 0). Relative tolerance per dtype.
+PACKED_DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=BF16)]
+REL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@pytest.fixture
+def fp32_packed(monkeypatch):
+    """fp32 linears take the packed path at every shape (each shape still timed once, afresh)."""
+    monkeypatch.setattr(ops, "FP32_PACKED", {})
+    monkeypatch.setattr(ops, "FP32_PACKED_MARGIN", 0.0)
+
+
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
 @pytest.mark.parametrize("tokens, k, n, bias", [((2, 7), 24, 40, True), ((1, 77), 48, 16, False), ((3,), 16, 33, True)])
-def test_linear_packed_path_matches_float64(tokens, k, n, bias):
-    """ops.linear on a packed bf16 weight against float64 F.linear: with and without a residual
+def test_linear_packed_path_matches_float64(tokens, k, n, bias, dtype, fp32_packed):
+    """ops.linear on a packed weight against float64 F.linear: with and without a residual
     (a post-op of the matmul), at another token count than the one it was packed for, and after
     an in-place change of the weight (the packed copy must follow)."""
     g = torch.Generator().manual_seed(k + n)
-    x = torch.randn(*tokens, k, generator=g).bfloat16()
-    w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
-    b = torch.randn(n, generator=g).bfloat16() if bias else None
-    r = torch.randn(*tokens, n, generator=g).bfloat16()
+    x = torch.randn(*tokens, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    r = torch.randn(*tokens, n, generator=g).to(dtype)
 
     def check(x, residual):
         want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
         want = want if residual is None else want + residual.double()
         got = ops.linear(x, w, b, residual)
-        assert got.dtype == torch.bfloat16 and got.shape == want.shape
-        assert _maxdiff(got.double(), want) <= 1e-2 * want.abs().max().item()
+        assert got.dtype == dtype and got.shape == want.shape
+        assert _maxdiff(got.double(), want) <= REL[dtype] * want.abs().max().item()
 
     with ops.kernels("auto"), torch.no_grad():
         assert ops.packed_linear(x, w)  # the path under test
         check(x, None)
         check(x, r)
-        more = torch.randn(5, *tokens, k, generator=g).bfloat16()  # 5x the tokens it was packed for
+        more = torch.randn(5, *tokens, k, generator=g).to(dtype)  # 5x the tokens it was packed for
         check(more, None)
         w.mul_(-0.5)
         check(x, r)
@@ -314,6 +336,46 @@ def test_faster_layout_takes_the_one_token_layout_only_by_the_margin():
     margin = ops.LAYOUT_MARGIN
     assert ops.faster_layout(64, {64: [0.99 * margin] * 3, 1: [1.0] * 3}) == 64
     assert ops.faster_layout(64, {64: [1.01 * margin] * 3, 1: [1.0] * 3}) == 1
+
+
+def test_packed_faster_only_by_the_margin_in_the_median_round():
+    """One slow round does not decide, and a near tie keeps F.linear."""
+    assert ops.packed_faster({"F.linear": [2.0, 9.0, 2.0], "packed": [1.0, 1.0, 5.0]})
+    assert not ops.packed_faster({"F.linear": [1.0, 9.0, 1.0], "packed": [1.0, 1.0, 1.0]})
+    margin = ops.FP32_PACKED_MARGIN
+    assert not ops.packed_faster({"F.linear": [0.99 * margin] * 3, "packed": [1.0] * 3})
+    assert ops.packed_faster({"F.linear": [1.01 * margin] * 3, "packed": [1.0] * 3})
+
+
+def test_fp32_linears_pack_by_the_timing_of_each_shape(monkeypatch):
+    """Each fp32 matmul shape is timed once (tokens, K, the rows run as one matmul, threads) on
+    the two ways at that shape, and its verdict followed: a linear by its rows, linears of one
+    input by their summed rows."""
+    monkeypatch.setattr(ops, "FP32_PACKED", {})
+    timed = []  # (tokens, N) of each timing
+    verdict = {}  # N -> whether packing is to time faster
+
+    def fake_time_calls(calls, rounds, repeat=1, min_seconds=0.0):
+        plain, packed = calls["F.linear"](), calls["packed"]()  # the two ways, at the shape asked
+        assert plain.shape == packed.shape and torch.allclose(plain, packed)
+        timed.append(tuple(plain.shape))
+        return {"F.linear": [1.0] * rounds, "packed": [0.5 if verdict[plain.shape[1]] else 2.0] * rounds}
+
+    monkeypatch.setattr(ops, "time_calls", fake_time_calls)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 5, 8, generator=g)  # 10 tokens
+    ws = tuple(torch.randn(n, 8, generator=g) for n in (6, 6, 4))
+    verdict.update({6: False, 16: True})
+    with ops.kernels("auto"), torch.no_grad():
+        assert not ops.packed_linear(x, ws[0])  # 6 rows: timed slower packed
+        assert not ops.packed_linear(x, ws[1])  # the same shape: not timed again
+        outs = ops.linear_split(x, ws, (None, None, None))  # q, k, v as one matmul of 16 rows: packed
+        assert ops.packed_linear(x, ws[2], 16)
+    assert timed == [(10, 6), (10, 16)]
+    assert set(ops.FP32_PACKED) == {(10, 8, 6, torch.get_num_threads()), (10, 8, 16, torch.get_num_threads())}
+    for o, w in zip(outs, ws):
+        want = torch.nn.functional.linear(x.double(), w.double())
+        assert _maxdiff(o.double(), want) <= 1e-5 * want.abs().max().item()
 
 
 @BF16
@@ -342,22 +404,22 @@ def test_linear_packs_in_the_timed_layout(monkeypatch, margin, layout):
         assert _maxdiff(ops.linear(few, w, b).double(), want) <= 1e-2 * want.abs().max().item()
 
 
-@BF16
-def test_linear_split_packed_together_matches_float64():
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_linear_split_packed_together_matches_float64(dtype, fp32_packed):
     """ops.linear_split (weights packed as one, the output split into views) against float64
     F.linear per weight: widths not multiples of 16, a bias on some weights only, 3-d input; then
     after an in-place change of one weight (the joint copy must follow)."""
     g = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 37, 48, generator=g).bfloat16()
-    ws = [(torch.randn(n, 48, generator=g) / 48**0.5).bfloat16() for n in (40, 24, 33)]
-    bs = [torch.randn(40, generator=g).bfloat16(), None, torch.randn(33, generator=g).bfloat16()]
+    x = torch.randn(2, 37, 48, generator=g).to(dtype)
+    ws = [(torch.randn(n, 48, generator=g) / 48**0.5).to(dtype) for n in (40, 24, 33)]
+    bs = [torch.randn(40, generator=g).to(dtype), None, torch.randn(33, generator=g).to(dtype)]
 
     def check(outs):
         assert len(outs) == 3
         for out, w, b in zip(outs, ws, bs):
             want = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
-            assert out.dtype == torch.bfloat16 and out.shape == want.shape
-            assert _maxdiff(out.double(), want) <= 1e-2 * want.abs().max().item()
+            assert out.dtype == dtype and out.shape == want.shape
+            assert _maxdiff(out.double(), want) <= REL[dtype] * want.abs().max().item()
 
     with ops.kernels("auto"), torch.no_grad():
         assert ops.packed_linear(x, ws[0])
@@ -369,14 +431,14 @@ def test_linear_split_packed_together_matches_float64():
             assert all(torch.equal(o, torch.nn.functional.linear(x, w, b)) for o, w, b in zip(outs, ws, bs))
 
 
-@BF16
-def test_linear_split_reuses_only_an_equal_input_and_unchanged_weights():
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_linear_split_reuses_only_an_equal_input_and_unchanged_weights(dtype, fp32_packed):
     """With reuse, the same input or an equal one (another tensor) gets the kept outputs back; a
     different input, the same one changed in place, or any after a weight changed in place, gets
     fresh ones, correct against float64."""
     g = torch.Generator().manual_seed(12)
-    ctx = torch.randn(2, 77, 64, generator=g).bfloat16()
-    ws = tuple((torch.randn(n, 64, generator=g) / 8).bfloat16() for n in (32, 32))
+    ctx = torch.randn(2, 77, 64, generator=g).to(dtype)
+    ws = tuple((torch.randn(n, 64, generator=g) / 8).to(dtype) for n in (32, 32))
     bs = (None, None)
 
     def want(c):
@@ -390,24 +452,24 @@ def test_linear_split_reuses_only_an_equal_input_and_unchanged_weights():
         other[1, 5, 7] += 1.0
         for c in (other, ctx):
             outs = ops.linear_split(c, ws, bs, reuse=True)
-            assert all(_maxdiff(o.double(), r) <= 1e-2 * r.abs().max().item() for o, r in zip(outs, want(c)))
+            assert all(_maxdiff(o.double(), r) <= REL[dtype] * r.abs().max().item() for o, r in zip(outs, want(c)))
         ws[0].mul_(-1.0)
         outs = ops.linear_split(ctx, ws, bs, reuse=True)
         assert outs[0] is not first[0]
-        assert all(_maxdiff(o.double(), r) <= 1e-2 * r.abs().max().item() for o, r in zip(outs, want(ctx)))
+        assert all(_maxdiff(o.double(), r) <= REL[dtype] * r.abs().max().item() for o, r in zip(outs, want(ctx)))
         assert ops.linear_split(ctx, ws, bs, reuse=True)[0] is outs[0]  # the same tensor, unchanged
         ctx[0, 3, 2] -= 2.0  # the same tensor, changed in place
         outs = ops.linear_split(ctx, ws, bs, reuse=True)
-        assert all(_maxdiff(o.double(), r) <= 1e-2 * r.abs().max().item() for o, r in zip(outs, want(ctx)))
+        assert all(_maxdiff(o.double(), r) <= REL[dtype] * r.abs().max().item() for o, r in zip(outs, want(ctx)))
 
 
-@BF16
-def test_linear_geglu_packed_path_matches_float64():
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_linear_geglu_packed_path_matches_float64(dtype, fp32_packed):
     """ops.linear_geglu (two matmuls, gelu and the product as post-ops) against float64
     geglu(F.linear(...)), then after an in-place change of the weight."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 9, 32, generator=g).bfloat16()
-    w, b = (torch.randn(2 * 24, 32, generator=g) / 32**0.5).bfloat16(), torch.randn(2 * 24, generator=g).bfloat16()
+    x = torch.randn(2, 9, 32, generator=g).to(dtype)
+    w, b = (torch.randn(2 * 24, 32, generator=g) / 32**0.5).to(dtype), torch.randn(2 * 24, generator=g).to(dtype)
 
     def want():
         return ops.geglu_ref(torch.nn.functional.linear(x.double(), w.double(), b.double()))
@@ -415,24 +477,33 @@ def test_linear_geglu_packed_path_matches_float64():
     with ops.kernels("auto"), torch.no_grad():
         assert ops.packed_linear(x, w)
         got = ops.linear_geglu(x, w, b)
-        assert got.shape == (2, 9, 24) and _maxdiff(got.double(), want()) <= 1e-2 * want().abs().max().item()
+        assert got.shape == (2, 9, 24) and _maxdiff(got.double(), want()) <= REL[dtype] * want().abs().max().item()
         w[:24].mul_(-1.0)  # the value half only: both halves' copies are redone
-        assert _maxdiff(ops.linear_geglu(x, w, b).double(), want()) <= 1e-2 * want().abs().max().item()
+        assert _maxdiff(ops.linear_geglu(x, w, b).double(), want()) <= REL[dtype] * want().abs().max().item()
 
 
-def test_linear_off_the_packed_path_is_f_linear():
-    """fp32, "torch" mode and inference-mode weights keep F.linear (plus the residual) exactly."""
+def test_linear_off_the_packed_path_is_f_linear(monkeypatch):
+    """fp32 where packing did not time faster, "torch" mode and inference-mode weights keep
+    F.linear (plus the residual) exactly."""
+    monkeypatch.setattr(ops, "FP32_PACKED", {})
+    monkeypatch.setattr(ops, "FP32_PACKED_MARGIN", float("inf"))  # packing never pays
     g = torch.Generator().manual_seed(4)
     x, w, b, r = torch.randn(2, 5, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g), torch.randn(2, 5, 6, generator=g)
     with ops.kernels("auto"), torch.no_grad():
-        assert not ops.packed_linear(x, w)  # fp32: not measured packed, so not packed
+        assert not ops.packed_linear(x, w)
         assert torch.equal(ops.linear(x, w, b, r), torch.nn.functional.linear(x, w, b) + r)
         assert torch.equal(ops.linear_geglu(x, torch.cat([w, w]), torch.cat([b, b])), ops.geglu_ref(torch.nn.functional.linear(x, torch.cat([w, w]), torch.cat([b, b]))))
+    monkeypatch.setattr(ops, "FP32_PACKED", {})  # timed afresh, and packing always pays; these still keep F.linear:
+    monkeypatch.setattr(ops, "FP32_PACKED_MARGIN", 0.0)
     xb, wb = x.bfloat16(), w.bfloat16()
     with ops.kernels("torch"), torch.no_grad():
-        assert not ops.packed_linear(xb, wb)
+        assert not ops.packed_linear(xb, wb) and not ops.packed_linear(x, w)
     with ops.kernels("auto"), torch.inference_mode():
-        assert not ops.packed_linear(xb, torch.randn(6, 8).bfloat16())
+        assert not ops.packed_linear(xb, torch.randn(6, 8).bfloat16()) and not ops.packed_linear(x, torch.randn(6, 8))
+    with ops.kernels("auto"):  # autograd wants a gradient through the weight
+        assert not ops.packed_linear(x, w.clone().requires_grad_())
+    with ops.kernels("auto"), torch.no_grad():
+        assert ops.packed_linear(x, w) and not ops.packed_linear(x[:0], w)  # no tokens: F.linear
 
 
 def test_conv2d_im2col_path_only_where_measured(monkeypatch):
@@ -662,9 +733,13 @@ def _token_ids(cfg: dict, batch: int, n: int, g: torch.Generator) -> torch.Tenso
     return ids
 
 
-def test_clip_matches_transformers(clip_small, perturb, tmp_path):
+@pytest.mark.parametrize("mode", ["torch", "auto, fp32 linears packed"])
+def test_clip_matches_transformers(clip_small, perturb, tmp_path, mode, monkeypatch):
     from transformers import CLIPTextConfig as RefConfig
     from transformers import CLIPTextModel as RefCLIP
+
+    monkeypatch.setattr(ops, "FP32_PACKED", {})
+    monkeypatch.setattr(ops, "FP32_PACKED_MARGIN", 0.0)  # in "auto": q, k and v as one packed matmul, out_proj and fc2 with the residual fused
 
     torch.manual_seed(0)
     ref = RefCLIP(RefConfig(**clip_small)).eval()
@@ -675,9 +750,10 @@ def test_clip_matches_transformers(clip_small, perturb, tmp_path):
     ours = _ours(CLIPTextModel, cfg, ref.state_dict())  # the installed transformers' own layout
 
     ids = _token_ids(clip_small, 3, 16, torch.Generator().manual_seed(4))
-    with torch.no_grad():
+    with torch.no_grad(), ops.kernels(mode.split(",")[0]):
         want = ref(input_ids=ids)
         hidden, pooled = ours(ids)
+    assert bool(ops.FP32_PACKED) == (mode != "torch" and ops.PACKED_LINEAR)
     assert hidden.shape == want.last_hidden_state.shape == (3, 16, clip_small["hidden_size"])
     assert _maxdiff(hidden, want.last_hidden_state) <= TOL
     assert _maxdiff(pooled, want.pooler_output) <= TOL
