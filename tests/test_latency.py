@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastdiff import testing
+from fastdiff import ops, testing
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -320,6 +320,28 @@ def test_compiled_cpu_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit) as e:
         compiled_cpu.parse(argv)
     assert e.value.code == 2
+
+
+linear_layout_cpu = testing.load_script(BENCH / "linear_layout_cpu.py")
+
+
+def test_linear_benchmark_shapes_are_the_ones_each_dtype_times():
+    """bf16 times a GEGLU projection as the two halves its packed path runs, fp32 at the whole
+    width its rule times, and fp32 adds the text encoder (CFG: 2 x 77 tokens): q, k, v as one."""
+    bf16, fp32 = (linear_layout_cpu.shapes(256, dtype) for dtype in (torch.bfloat16, torch.float32))
+    assert bf16[("unet", 2048, 320, 1280)] == 2 * 5 and ("unet", 2048, 320, 2560) not in bf16
+    assert fp32[("unet", 2048, 320, 2560)] == 5 and ("unet", 2048, 320, 1280) not in fp32
+    assert fp32[("text", 154, 768, 3 * 768)] == 12 and not any(net == "text" for net, *_ in bf16)
+    assert {key: n for key, n in fp32.items() if key[0] == "vae"} == {key: n for key, n in bf16.items() if key[0] == "vae"}
+
+
+@pytest.mark.skipif(not ops.PACKED_LINEAR, reason="this torch has no oneDNN packed linears")
+def test_linear_benchmark_fp32_row(monkeypatch):
+    """An fp32 row: both ways timed, the rule's own pick, and the error against float64."""
+    monkeypatch.setattr(ops, "FP32_PACKED", {})
+    row = linear_layout_cpu.time_shape(6, 16, 24, torch.float32, repeats=1)
+    assert row["F.linear ms"] > 0 and row["packed ms"] > 0 and row["error"] < 1e-5
+    assert row["rule"] == ("packed" if ops.FP32_PACKED[6, 16, 24, torch.get_num_threads()][0] else "F.linear")
 
 
 def test_img2img_mode_runs_diffusers_img2img(folder, tmp_path):
