@@ -475,8 +475,8 @@ def packed_faster(seconds: dict) -> bool:
 # for (in blocks of 32 output columns for many tokens, of 64 for one), and at some bf16 shapes the
 # one-token layout runs a many-token matmul faster, with no pattern in the shapes
 # (`benchmarks/linear_layout_cpu.py` times both per SD1.5 shape). So each bf16 shape is timed
-# once, at its first call; fp32 keeps oneDNN's own layout, as the one-token layout won at no fp32
-# shape there. Read by benchmarks and tests.
+# once, at its first call; fp32 keeps oneDNN's own layout: the one-token layout won at no fp32
+# SD1.5 shape (benchmarks/NOTES-cpu.md, the AMD host's fp32 linears). Read by benchmarks and tests.
 LINEAR_LAYOUT: dict = {}
 # The one-token layout must be this much faster: a near tie keeps oneDNN's own choice, so that
 # timing noise flips few shapes between processes (the layouts sum in different orders).
