@@ -347,6 +347,20 @@ def test_packed_faster_only_by_the_margin_in_the_median_round():
     assert ops.packed_faster({"F.linear": [1.01 * margin] * 3, "packed": [1.0] * 3})
 
 
+def test_time_calls_interleaves_the_ways_and_lengthens_short_rounds():
+    """One untimed call each, then rounds alternating the ways; a call far under `min_seconds`
+    runs many times a round (one call of a few microseconds alone is mostly timer noise)."""
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    seconds = ops.time_calls(calls, rounds=3, min_seconds=1e-3)
+    assert order[:2] == ["a", "b"] and {k: len(v) for k, v in seconds.items()} == {"a": 3, "b": 3}
+    repeat = (len(order) - 2) // 6
+    assert repeat > 10 and order[2:] == (["a"] * repeat + ["b"] * repeat) * 3
+    order.clear()
+    ops.time_calls(calls, rounds=2, repeat=2)
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2
+
+
 def test_fp32_linears_pack_by_the_timing_of_each_shape(monkeypatch):
     """Each fp32 matmul shape is timed once (tokens, K, the rows run as one matmul, threads) on
     the two ways at that shape, and its verdict followed: a linear by its rows, linears of one
