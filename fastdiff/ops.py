@@ -416,12 +416,12 @@ def packed_linear(x, weight, width: int | None = None) -> bool:
     return x.dtype == torch.bfloat16 or (tokens > 0 and fp32_packing_pays(tokens, x.shape[-1], width or weight.shape[0]))
 
 
-def time_calls(calls: dict, rounds: int, repeat: int = 1, min_seconds: float = 0.0) -> dict:
+def time_calls(calls: dict, rounds: int, repeat: int = 1, min_seconds: float = 0.0, settled=None) -> dict:
     """{name: [seconds a call, per round]} for each zero-argument call in `calls`: one untimed call
     each (oneDNN builds each primitive on its first call), then `rounds` rounds of `repeat` calls
     of each, the ways interleaved so that the host's slow phases hit them alike; more calls a
     round where the first way's untimed call took under `min_seconds` / `repeat` (short calls are
-    noisy)."""
+    noisy); fewer rounds where `settled(seconds so far)` says the answer is already clear."""
     for i, call in enumerate(calls.values()):
         start = time.perf_counter()
         call()
@@ -434,6 +434,8 @@ def time_calls(calls: dict, rounds: int, repeat: int = 1, min_seconds: float = 0
             for _ in range(repeat):
                 call()
             seconds[name].append((time.perf_counter() - start) / repeat)
+        if settled is not None and settled(seconds):
+            break
     return seconds
 
 
@@ -445,12 +447,16 @@ def time_calls(calls: dict, rounds: int, repeat: int = 1, min_seconds: float = 0
 FP32_PACKED: dict = {}
 # The packed way must be this much faster: its copy costs memory, so a near tie keeps F.linear.
 FP32_PACKED_MARGIN = 1.05
+# Two rounds whose ratios are both this far past the margin, the same way, end the timing early:
+# most of SD1.5's shapes are 1.4-3x apart, and the first call pays for every round at every shape.
+FP32_PACKED_CLEAR = 1.3
 
 
 def fp32_packing_pays(tokens: int, k: int, n: int) -> bool:
     """Whether oneDNN on a packed weight ran an fp32 [tokens, K] x [K, N] matmul (with bias)
-    FP32_PACKED_MARGIN faster than F.linear: the median of 3 interleaved rounds of at least 3 ms,
-    timed on the shape's first call and remembered."""
+    FP32_PACKED_MARGIN faster than F.linear: the median of 3 interleaved rounds of at least 3 ms
+    (or of the first 2, both FP32_PACKED_CLEAR past the margin), timed on the shape's first call
+    and remembered."""
     key = (tokens, k, n, torch.get_num_threads())
     hit = FP32_PACKED.get(key)
     if hit is None:
@@ -458,9 +464,18 @@ def fp32_packing_pays(tokens: int, k: int, n: int) -> bool:
         packed = torch.ops.mkldnn._reorder_linear_weight(w, tokens)
         with torch.no_grad():
             calls = {"F.linear": lambda: F.linear(x, w, b), "packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")}
-            seconds = time_calls(calls, rounds=3, min_seconds=3e-3)
+            seconds = time_calls(calls, rounds=3, min_seconds=3e-3, settled=packing_clear)
         hit = FP32_PACKED[key] = (packed_faster(seconds), {name: sorted(t)[len(t) // 2] for name, t in seconds.items()})
     return hit[0]
+
+
+def packing_clear(seconds: dict) -> bool:
+    """Whether two rounds or more, every one so far, put F.linear / packed FP32_PACKED_CLEAR past
+    the margin on the same side (one round alone can be a spike of the host's; seconds as
+    `packed_faster` takes them)."""
+    ratios = [plain / packed for plain, packed in zip(seconds["F.linear"], seconds["packed"])]
+    high, low = FP32_PACKED_MARGIN * FP32_PACKED_CLEAR, FP32_PACKED_MARGIN / FP32_PACKED_CLEAR
+    return len(ratios) >= 2 and (all(r >= high for r in ratios) or all(r <= low for r in ratios))
 
 
 def packed_faster(seconds: dict) -> bool:

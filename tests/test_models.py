@@ -359,6 +359,21 @@ def test_time_calls_interleaves_the_ways_and_lengthens_short_rounds():
     order.clear()
     ops.time_calls(calls, rounds=2, repeat=2)
     assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    order.clear()
+    seen = []
+    seconds = ops.time_calls(calls, rounds=5, settled=lambda s: seen.append(len(s["a"])) or len(s["a"]) == 2)
+    assert seen == [1, 2] and len(seconds["a"]) == len(seconds["b"]) == 2 and len(order) == 2 + 2 * 2
+
+
+def test_packing_clear_only_when_every_round_is_far_past_the_margin():
+    """The fp32 timing stops early only on two rounds or more that all say the same, by
+    FP32_PACKED_CLEAR."""
+    high = ops.FP32_PACKED_MARGIN * ops.FP32_PACKED_CLEAR
+    assert ops.packing_clear({"F.linear": [1.01 * high] * 2, "packed": [1.0] * 2})
+    assert ops.packing_clear({"F.linear": [1.0] * 2, "packed": [1.01 * ops.FP32_PACKED_CLEAR / ops.FP32_PACKED_MARGIN] * 2})
+    assert not ops.packing_clear({"F.linear": [3.0], "packed": [1.0]})  # one round: maybe a spike
+    assert not ops.packing_clear({"F.linear": [1.01 * high, 0.99 * high], "packed": [1.0, 1.0]})  # past the margin, not clearly
+    assert not ops.packing_clear({"F.linear": [3.0, 1.0], "packed": [1.0, 3.0]})  # rounds disagree
 
 
 def test_fp32_linears_pack_by_the_timing_of_each_shape(monkeypatch):
@@ -369,7 +384,7 @@ def test_fp32_linears_pack_by_the_timing_of_each_shape(monkeypatch):
     timed = []  # (tokens, N) of each timing
     verdict = {}  # N -> whether packing is to time faster
 
-    def fake_time_calls(calls, rounds, repeat=1, min_seconds=0.0):
+    def fake_time_calls(calls, rounds, repeat=1, min_seconds=0.0, settled=None):
         plain, packed = calls["F.linear"](), calls["packed"]()  # the two ways, at the shape asked
         assert plain.shape == packed.shape and torch.allclose(plain, packed)
         timed.append(tuple(plain.shape))
