@@ -416,13 +416,14 @@ def packed_linear(x, weight, width: int | None = None) -> bool:
     return x.dtype == torch.bfloat16 or (tokens > 0 and fp32_packing_pays(tokens, x.shape[-1], width or weight.shape[0]))
 
 
-def time_calls(calls: dict, rounds: int, repeat: int = 1, min_seconds: float = 0.0, settled=None) -> dict:
+def time_calls(calls: dict, rounds: int, repeat: int = 1, min_seconds: float = 0.0, settled=None, warm: bool = True) -> dict:
     """{name: [seconds a call, per round]} for each zero-argument call in `calls`: one untimed call
-    each (oneDNN builds each primitive on its first call), then `rounds` rounds of `repeat` calls
-    of each, the ways interleaved so that the host's slow phases hit them alike; more calls a
-    round where the first way's untimed call took under `min_seconds` / `repeat` (short calls are
-    noisy); fewer rounds where `settled(seconds so far)` says the answer is already clear."""
-    for i, call in enumerate(calls.values()):
+    each where `warm` (oneDNN builds each primitive on its first call), then `rounds` rounds of
+    `repeat` calls of each, the ways interleaved so that the host's slow phases hit them alike;
+    more calls a round where the first way's untimed call took under `min_seconds` / `repeat`
+    (short calls are noisy); fewer rounds where `settled(seconds so far)` says the answer is
+    already clear."""
+    for i, call in enumerate(calls.values() if warm else ()):
         start = time.perf_counter()
         call()
         if i == 0 and min_seconds > 0:
@@ -437,6 +438,13 @@ def time_calls(calls: dict, rounds: int, repeat: int = 1, min_seconds: float = 0
         if settled is not None and settled(seconds):
             break
     return seconds
+
+
+def median_ratio(slower: list, faster: list) -> float:
+    """The median of the rounds' ratios slower / faster (the upper one of an even count): one slow
+    round does not decide."""
+    ratios = sorted(a / b for a, b in zip(slower, faster))
+    return ratios[len(ratios) // 2]
 
 
 # (tokens, K, N, threads) of an fp32 linear -> (whether it runs packed, {way: median seconds a
@@ -481,8 +489,7 @@ def packing_clear(seconds: dict) -> bool:
 def packed_faster(seconds: dict) -> bool:
     """Whether the median of the rounds' ratios F.linear / packed reaches FP32_PACKED_MARGIN
     (seconds: {"F.linear": [...], "packed": [...]}, seconds a call per round)."""
-    ratios = sorted(plain / packed for plain, packed in zip(seconds["F.linear"], seconds["packed"]))
-    return ratios[len(ratios) // 2] >= FP32_PACKED_MARGIN
+    return median_ratio(seconds["F.linear"], seconds["packed"]) >= FP32_PACKED_MARGIN
 
 
 # (tokens, K, N, dtype, threads) of a packed linear -> (token count its weight's layout is packed
@@ -522,8 +529,7 @@ def faster_layout(tokens: int, seconds: dict) -> int:
     """1 where the one-token layout's calls ran LAYOUT_MARGIN faster than the `tokens` layout's
     (the median of the rounds' ratios; seconds: {token count: [seconds a call, per round]}),
     else tokens."""
-    ratios = sorted(own / one for own, one in zip(seconds[tokens], seconds[1]))
-    return 1 if ratios[len(ratios) // 2] >= LAYOUT_MARGIN else tokens
+    return 1 if median_ratio(seconds[tokens], seconds[1]) >= LAYOUT_MARGIN else tokens
 
 
 def pack_linear(x2, rows_weight, bias):

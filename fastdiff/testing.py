@@ -15,7 +15,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 
@@ -199,12 +198,9 @@ def cpu_name() -> str:
 def interleaved_medians(ways: dict, repeats: int) -> dict:
     """Median milliseconds of each of `ways` (name -> callable), timed interleaved (one call of each
     per round, `repeats` rounds) so that a noisy machine's slow spells fall on all of them alike."""
-    times: dict = {name: [] for name in ways}
-    for _ in range(repeats):
-        for name, fn in ways.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    from fastdiff import ops
+
+    times = ops.time_calls(ways, rounds=repeats, warm=False)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 

@@ -360,6 +360,9 @@ def test_time_calls_interleaves_the_ways_and_lengthens_short_rounds():
     ops.time_calls(calls, rounds=2, repeat=2)
     assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2
     order.clear()
+    ops.time_calls(calls, rounds=2, warm=False)  # testing.interleaved_medians: the callers warm up
+    assert order == ["a", "b"] * 2
+    order.clear()
     seen = []
     seconds = ops.time_calls(calls, rounds=5, settled=lambda s: seen.append(len(s["a"])) or len(s["a"]) == 2)
     assert seen == [1, 2] and len(seconds["a"]) == len(seconds["b"]) == 2 and len(order) == 2 + 2 * 2
