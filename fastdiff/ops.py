@@ -575,7 +575,10 @@ def linear_split(x, weights: tuple, biases: tuple, reuse: bool = False) -> tuple
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
     slot = packed_copy(weights, ("reused",), lambda: [None]) if reuse else None  # emptied when a weight changes
     last = slot[0] if reuse else None  # (weakref to the kept input, its version, its copy, the outputs)
-    if last is not None and ((last[0]() is x and last[1] == x._version) or (last[2].shape == x.shape and last[2].dtype == x.dtype and torch.equal(last[2], x))):
+    # An inference tensor (as `.to(dtype)` makes under inference mode) has no version to read: it
+    # is a hit only by value.
+    version = None if x.is_inference() else x._version
+    if last is not None and ((version is not None and last[0]() is x and last[1] == version) or (last[2].shape == x.shape and last[2].dtype == x.dtype and torch.equal(last[2], x))):
         return last[3]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [tokens, K]
 
@@ -588,7 +591,7 @@ def linear_split(x, weights: tuple, biases: tuple, reuse: bool = False) -> tuple
     y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")  # [tokens, sum of N]
     outs = tuple(y.view(*x.shape[:-1], y.shape[-1]).split([w.shape[0] for w in weights], dim=-1))
     if reuse:
-        slot[0] = (weakref.ref(x), x._version, x.clone(), outs)
+        slot[0] = (weakref.ref(x), version, x.clone(), outs)
     return outs
 
 

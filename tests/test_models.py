@@ -496,6 +496,27 @@ def test_linear_split_reuses_only_an_equal_input_and_unchanged_weights(dtype, fp
 
 
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
+def test_linear_split_reuse_takes_inference_tensors(dtype, fp32_packed):
+    """The backends run under inference mode, where `context.to(dtype)` makes an inference tensor,
+    which has no version counter: reuse must still work (by value), and an in-place change to the
+    same tensor must still give fresh outputs."""
+    g = torch.Generator().manual_seed(13)
+    ws = tuple((torch.randn(n, 64, generator=g) / 8).to(dtype) for n in (32, 16))
+    ctx32 = torch.randn(2, 77, 64, generator=g)
+
+    def want(c):
+        return [torch.nn.functional.linear(c.double(), w.double()) for w in ws]
+
+    with ops.kernels("auto"), torch.inference_mode():
+        ctx = ctx32.to(dtype) if dtype != torch.float32 else ctx32.clone()
+        assert ctx.is_inference()
+        first = ops.linear_split(ctx, ws, (None, None), reuse=True)
+        assert all(a is b for a, b in zip(first, ops.linear_split(ctx, ws, (None, None), reuse=True)))
+        ctx[1, 4, 9] += 3.0  # in place: no version to see it, the values do
+        outs = ops.linear_split(ctx, ws, (None, None), reuse=True)
+        assert outs[0] is not first[0]
+        assert all(_maxdiff(o.double(), r) <= REL[dtype] * r.abs().max().item() for o, r in zip(outs, want(ctx)))
+@pytest.mark.parametrize("dtype", PACKED_DTYPES)
 def test_linear_geglu_packed_path_matches_float64(dtype, fp32_packed):
     """ops.linear_geglu (two matmuls, gelu and the product as post-ops) against float64
     geglu(F.linear(...)), then after an in-place change of the weight."""
