@@ -516,6 +516,8 @@ def test_linear_split_reuse_takes_inference_tensors(dtype, fp32_packed):
         outs = ops.linear_split(ctx, ws, (None, None), reuse=True)
         assert outs[0] is not first[0]
         assert all(_maxdiff(o.double(), r) <= REL[dtype] * r.abs().max().item() for o, r in zip(outs, want(ctx)))
+
+
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 def test_linear_geglu_packed_path_matches_float64(dtype, fp32_packed):
     """ops.linear_geglu (two matmuls, gelu and the product as post-ops) against float64
