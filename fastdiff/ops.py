@@ -232,6 +232,8 @@ def packed_copy(weight, what: tuple, pack):
     """`pack()`'s copy of `weight` (a tensor, or a tuple of tensors packed together) for `what`,
     made on first use and again after an in-place change of a weight; dropped with the weights."""
     weights = weight if isinstance(weight, tuple) else (weight,)
+    if any(w.is_inference() for w in weights):
+        return pack()  # no version to see an in-place change by: made afresh at every call
     key = (tuple(map(id, weights)), what)
     versions = tuple(w._version for w in weights)
     hit = _packed.get(key)

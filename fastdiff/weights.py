@@ -289,6 +289,7 @@ def _key_list(keys: list[str], limit: int = 20) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+@torch.inference_mode(False)
 def load_module(
     cls: type[nn.Module],
     config,
@@ -303,6 +304,10 @@ def load_module(
     straight to `device`, floating ones cast to `dtype`, and assigned in place of the meta
     parameters. Any key or shape mismatch is an error (the same check as strict=True, with a
     message naming the file): attribute names equal checkpoint keys.
+
+    The tensors are ordinary ones even when the caller is in `torch.inference_mode`: the CPU ops
+    keep packed copies of weights and refresh them after an in-place change (a LoRA merge), seen
+    by the tensor's version, which an inference tensor does not have.
     """
     weights_path = Path(weights_path)
     with torch.device("meta"):

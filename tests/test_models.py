@@ -518,6 +518,36 @@ def test_linear_split_reuse_takes_inference_tensors(dtype, fp32_packed):
         assert all(_maxdiff(o.double(), r) <= REL[dtype] * r.abs().max().item() for o, r in zip(outs, want(ctx)))
 
 
+def test_copies_of_an_inference_tensor_are_made_afresh():
+    """`ops.fp32_copy` (biases and norm affines the CPU kernels read in float32) of an inference
+    tensor, which has no version to follow: the values of now, also after an in-place change."""
+    with torch.inference_mode():
+        w = torch.randn(64, generator=torch.Generator().manual_seed(14)).bfloat16()
+        assert torch.equal(ops.fp32_copy(w), w.float())
+        w.mul_(-3)
+        assert torch.equal(ops.fp32_copy(w), w.float())
+
+
+@BF16
+def test_backend_loaded_and_called_in_inference_mode(tmp_path):
+    """The torch backend built and called inside torch.inference_mode on a bf16 CPU, its context
+    given in float32 (cast inside the call: an inference tensor), gives what the backend built
+    outside gives: the packed weights, the kept text k/v and the kernels' float32 copies must not
+    read a version that inference tensors do not have."""
+    from fastdiff.backends import make_backend
+    from fastdiff import iospec, testing
+    from fastdiff.weights import read_configs
+
+    root = testing.build_random_folder(tmp_path / "m", "tiny", seed=3)
+    g = torch.Generator().manual_seed(15)
+    x = iospec.sample_inputs(iospec.UNET, read_configs(root), batch=2, height=64, width=64, generator=g)
+    args = [x[t.name] for t in iospec.UNET.inputs]
+    want = make_backend("torch", root, device=torch.device("cpu"), dtype=torch.bfloat16, kernels="auto").unet(*args)
+    with torch.inference_mode():
+        net = make_backend("torch", root, device=torch.device("cpu"), dtype=torch.bfloat16, kernels="auto")
+        for _ in range(2):  # the second call takes the kept k/v
+            assert torch.equal(net.unet(*args), want)
+
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 def test_linear_geglu_packed_path_matches_float64(dtype, fp32_packed):
     """ops.linear_geglu (two matmuls, gelu and the product as post-ops) against float64

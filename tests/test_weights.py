@@ -306,6 +306,23 @@ def test_load_module_values_dtype_and_mode(tmp_path, file_dtype, dtype):
     torch.testing.assert_close(m(ids), ref(ids), rtol=0, atol=0)
 
 
+
+def test_load_module_in_inference_mode_gives_ordinary_tensors(tmp_path):
+    """A caller inside torch.inference_mode (as many diffusers scripts load) still gets ordinary
+    tensors: the CPU ops refresh their packed weight copies by a tensor's version, which an
+    inference tensor does not have (a bf16 UNet then failed in its first GroupNorm)."""
+    config = TinyConfig()
+    state = random_state(config)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(state, path)
+    with torch.inference_mode():
+        m = load_module(Tiny, config, path, device="cpu", dtype=torch.bfloat16)
+    for k, v in m.state_dict().items():
+        assert not v.is_inference(), k
+        assert torch.equal(v, state[k].to(torch.bfloat16) if state[k].is_floating_point() else state[k]), k
+    with torch.no_grad():
+        m.state_dict()[next(k for k, v in state.items() if v.is_floating_point())].mul_(2)  # versions are tracked
+
 def test_strict_key_mismatch_names_file_and_keys(tmp_path):
     config = TinyConfig()
     state = random_state(config)
