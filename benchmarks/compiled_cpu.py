@@ -8,7 +8,7 @@ each way for the previous one's OpenMP threads still spinning).
     python benchmarks/compiled_cpu.py --network vae_decode --json compiled.json
 
 Why: on the AMX host the bf16 UNet spends 7-18% of a forward between its ops (benchmarks/NOTES-cpu.md,
-its open predictions), and a compiled forward has none. Under torch.compile the ops seam takes
+where the answers are: inductor's kernels lost there), and a compiled forward has none. Under torch.compile the ops seam takes
 torch's reference ops (`fastdiff.ops.tracing()`), so the compiled forward runs inductor's kernels
 (oneDNN convolutions and linears on weights it packs when frozen, its own C++ loops for the rest)
 where the eager default runs fastdiff's packed oneDNN, few-rows and attention kernels: which wins
