@@ -55,12 +55,10 @@ def parse(argv) -> argparse.Namespace:
 
 
 def inputs(root: Path, network: str, size: int, seed: int) -> tuple:
-    """The module's positional inputs from the network's I/O spec (`fastdiff.iospec`): a CFG batch
-    of 2 for the UNet, one image's latents for the decoder."""
+    """The module's positional inputs from the network's I/O spec (`fastdiff.iospec.call_inputs`): a
+    CFG batch of 2 for the UNet, one image's latents for the decoder."""
     net = iospec.UNET if network == "unet" else iospec.VAE_DECODER
-    g = torch.Generator().manual_seed(seed)
-    x = iospec.sample_inputs(net, read_configs(root), batch=2 if network == "unet" else 1, height=size, width=size, generator=g)
-    return tuple(x[t.name] for t in net.inputs)
+    return iospec.call_inputs(net, read_configs(root), height=size, width=size, generator=torch.Generator().manual_seed(seed))
 
 
 def main(argv=None) -> int:

@@ -36,26 +36,15 @@ NETWORKS = ("text_encoder", "unet", "vae_decode")
 def load(root: Path, dtype: torch.dtype) -> dict:
     """network -> how the torch backend calls it on the shared inputs (its own modules and casts)."""
     net = make_backend("torch", root, device=torch.device("cpu"), dtype=dtype, kernels="auto")
-    return {
-        "text_encoder": lambda i: net.encode_text(i["ids"]),
-        "unet": lambda i: net.unet(i["latents"], i["t"], i["context"]),
-        "vae_decode": lambda i: net.decode(i["vae_latents"]),
-    }
+    return {"text_encoder": net.encode_text, "unet": net.unet, "vae_decode": net.decode}
 
 
 def inputs(root: Path, size: int, seed: int) -> dict:
-    """One CFG batch of 2 for the text encoder and UNet, one image's latents for the decoder."""
-    configs = read_configs(root)
-    g = torch.Generator().manual_seed(seed)
-    side = size // iospec.vae_scale_factor(configs["vae"])
-    return {
-        "ids": torch.randint(0, configs["text_encoder"]["vocab_size"] - 2, (2, 77), generator=g),
-        "latents": torch.randn(2, configs["unet"]["in_channels"], side, side, generator=g),
-        "t": torch.tensor(500.0),
-        "context": torch.randn(2, 77, configs["unet"]["cross_attention_dim"], generator=g),
-        # a decoder input of the scale it meets (denoised latents / scaling_factor)
-        "vae_latents": torch.randn(1, configs["vae"]["latent_channels"], side, side, generator=g),
-    }
+    """network -> its positional inputs from its I/O spec (`fastdiff.iospec.call_inputs`): one CFG
+    batch of 2 for the text encoder and UNet, one image's latents for the decoder."""
+    configs, g = read_configs(root), torch.Generator().manual_seed(seed)
+    specs = {"text_encoder": iospec.TEXT_ENCODER, "unet": iospec.UNET, "vae_decode": iospec.VAE_DECODER}
+    return {network: iospec.call_inputs(spec, configs, height=size, width=size, generator=g) for network, spec in specs.items()}
 
 
 def error(network: str, ref: torch.Tensor, got: torch.Tensor) -> dict:
@@ -97,7 +86,7 @@ def main(argv=None) -> int:
             for n in NETWORKS:
                 for dt, net in nets.items():
                     t0 = time.perf_counter()
-                    outs[n, dt] = net[n](x).float()
+                    outs[n, dt] = net[n](*x[n]).float()
                     if r:
                         times[n, dt].append(time.perf_counter() - t0)
     rows = {}

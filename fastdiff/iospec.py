@@ -165,3 +165,10 @@ def sample_inputs(
         else:
             out[t.name] = torch.randn(shape, generator=generator).to(dtype)
     return out
+
+
+def call_inputs(net: NetworkSpec, configs: dict[str, dict], *, height: int, width: int, generator: torch.Generator | None = None) -> tuple:
+    """`sample_inputs` for one call of `net` as a pipeline of one image makes it (CFG's two rows
+    for the text encoder and UNet, one for the VAE), in the network's positional order."""
+    x = sample_inputs(net, configs, batch=1 if net.per_image else 2, height=height, width=width, generator=generator)
+    return tuple(x[t.name] for t in net.inputs)

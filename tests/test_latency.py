@@ -315,6 +315,22 @@ def test_compiled_cpu_inputs_are_the_size_asked_for(network, image):
     assert out.shape[0] == (2 if network == "unet" else 1)  # a CFG batch; one image
 
 
+network_dtypes = testing.load_script(BENCH / "network_dtypes.py")
+
+
+def test_network_dtypes_inputs_fit_each_network():
+    """The per-network dtype benchmark (bf16 CPUs only, so not run here) calls each network on
+    inputs drawn from its I/O spec (`iospec.call_inputs`): each takes them and gives the rows and
+    size of one CFG call at the side asked for."""
+    x = network_dtypes.inputs(testing.TINY_SHAPES, 64, seed=0)
+    calls = network_dtypes.load(testing.TINY_SHAPES, torch.float32)
+    assert set(x) == set(calls) == set(network_dtypes.NETWORKS)
+    with torch.inference_mode():
+        out = {n: calls[n](*x[n]) for n in network_dtypes.NETWORKS}
+    assert out["text_encoder"].shape[:2] == (2, 77) and out["unet"].shape == x["unet"][0].shape
+    assert tuple(out["vae_decode"].shape) == (1, 3, 64, 64)
+
+
 @pytest.mark.parametrize("argv", [["--size", "60"], ["--size", "0"], ["--repeats", "0"], ["--dtype", "float64"]])
 def test_compiled_cpu_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit) as e:

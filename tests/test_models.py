@@ -540,8 +540,7 @@ def test_backend_loaded_and_called_in_inference_mode(tmp_path):
 
     root = testing.build_random_folder(tmp_path / "m", "tiny", seed=3)
     g = torch.Generator().manual_seed(15)
-    x = iospec.sample_inputs(iospec.UNET, read_configs(root), batch=2, height=64, width=64, generator=g)
-    args = [x[t.name] for t in iospec.UNET.inputs]
+    args = iospec.call_inputs(iospec.UNET, read_configs(root), height=64, width=64, generator=g)
     want = make_backend("torch", root, device=torch.device("cpu"), dtype=torch.bfloat16, kernels="auto").unet(*args)
     with torch.inference_mode():
         net = make_backend("torch", root, device=torch.device("cpu"), dtype=torch.bfloat16, kernels="auto")
