@@ -7,14 +7,15 @@ each way for the previous one's OpenMP threads still spinning).
     python benchmarks/compiled_cpu.py --model tiny-shapes --size 64 --threads 1   # the CI gate's model and config
     python benchmarks/compiled_cpu.py --network vae_decode --json compiled.json
 
-Why: on the AMX host the bf16 UNet spends 7-18% of a forward between its ops (benchmarks/NOTES-cpu.md,
-where the answers are: inductor's kernels lost there), and a compiled forward has none. Under torch.compile the ops seam takes
-torch's reference ops (`fastdiff.ops.tracing()`), so the compiled forward runs inductor's kernels
-(oneDNN convolutions and linears on weights it packs when frozen, its own C++ loops for the rest)
-where the eager default runs fastdiff's packed oneDNN, few-rows and attention kernels: which wins
-per call, and how many calls pay back the compile. Both sides are the torch backend's modules
-loaded once, in the precision asked for; the compiled side is called as the backend calls its
-module (inputs cast, no autograd). The error is the compiled output's against the eager one's.
+Why: on the AMX host the bf16 UNet spends 7-18% of a forward between its ops, and a compiled forward
+has none (benchmarks/NOTES-cpu.md has the answers: there inductor's kernels lost). Under
+torch.compile the ops seam takes torch's reference ops (`fastdiff.ops.tracing()`), so the compiled
+forward runs inductor's kernels (oneDNN convolutions and linears on weights it packs when frozen,
+its own C++ loops for the rest) where the eager default runs fastdiff's packed oneDNN, few-rows
+and attention kernels: which wins per call, and how many calls pay back the compile. Both sides
+are the torch backend's modules loaded once, in the precision asked for; the compiled side is
+called as the backend calls its module (inputs cast, no autograd). The error is the compiled
+output's against the eager one's.
 """
 
 from __future__ import annotations

@@ -547,6 +547,7 @@ def test_backend_loaded_and_called_in_inference_mode(tmp_path):
         for _ in range(2):  # the second call takes the kept k/v
             assert torch.equal(net.unet(*args), want)
 
+
 @pytest.mark.parametrize("dtype", PACKED_DTYPES)
 def test_linear_geglu_packed_path_matches_float64(dtype, fp32_packed):
     """ops.linear_geglu (two matmuls, gelu and the product as post-ops) against float64

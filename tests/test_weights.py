@@ -306,7 +306,6 @@ def test_load_module_values_dtype_and_mode(tmp_path, file_dtype, dtype):
     torch.testing.assert_close(m(ids), ref(ids), rtol=0, atol=0)
 
 
-
 def test_load_module_in_inference_mode_gives_ordinary_tensors(tmp_path):
     """A caller inside torch.inference_mode (as many diffusers scripts load) still gets ordinary
     tensors: the CPU ops refresh their packed weight copies by a tensor's version, which an
@@ -320,8 +319,12 @@ def test_load_module_in_inference_mode_gives_ordinary_tensors(tmp_path):
     for k, v in m.state_dict().items():
         assert not v.is_inference(), k
         assert torch.equal(v, state[k].to(torch.bfloat16) if state[k].is_floating_point() else state[k]), k
+    weight = next(p for p in m.parameters() if p.is_floating_point())
+    before = weight._version  # an in-place change is seen, as a LoRA merge's must be
     with torch.no_grad():
-        m.state_dict()[next(k for k, v in state.items() if v.is_floating_point())].mul_(2)  # versions are tracked
+        weight.mul_(2)
+    assert weight._version > before
+
 
 def test_strict_key_mismatch_names_file_and_keys(tmp_path):
     config = TinyConfig()
