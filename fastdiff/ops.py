@@ -442,11 +442,16 @@ def time_calls(calls: dict, rounds: int, repeat: int = 1, min_seconds: float = 0
     return seconds
 
 
+def upper_median(values) -> float:
+    """The median of `values`, the upper one of an even count (an element, never an average)."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def median_ratio(slower: list, faster: list) -> float:
-    """The median of the rounds' ratios slower / faster (the upper one of an even count): one slow
-    round does not decide."""
-    ratios = sorted(a / b for a, b in zip(slower, faster))
-    return ratios[len(ratios) // 2]
+    """The median of the rounds' ratios slower / faster (`upper_median`): one slow round does not
+    decide."""
+    return upper_median(a / b for a, b in zip(slower, faster))
 
 
 # (tokens, K, N, threads) of an fp32 linear -> (whether it runs packed, {way: median seconds a
@@ -475,7 +480,7 @@ def fp32_packing_pays(tokens: int, k: int, n: int) -> bool:
         with torch.no_grad():
             calls = {"F.linear": lambda: F.linear(x, w, b), "packed": lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")}
             seconds = time_calls(calls, rounds=3, min_seconds=3e-3, settled=packing_clear)
-        hit = FP32_PACKED[key] = (packed_faster(seconds), {name: sorted(t)[len(t) // 2] for name, t in seconds.items()})
+        hit = FP32_PACKED[key] = (packed_faster(seconds), {name: upper_median(t) for name, t in seconds.items()})
     return hit[0]
 
 
@@ -523,7 +528,7 @@ def linear_layout(x2, rows_weight, bias) -> int:
     calls = {n: (lambda w=pack(rows_weight, n): torch.ops.mkldnn._linear_pointwise(x2, w, bias, "none", [], "")) for n in (tokens, 1)}
     seconds = time_calls(calls, rounds=5, repeat=2)
     best = faster_layout(tokens, seconds)
-    LINEAR_LAYOUT[key] = (best, {n: sorted(t)[len(t) // 2] for n, t in seconds.items()})
+    LINEAR_LAYOUT[key] = (best, {n: upper_median(t) for n, t in seconds.items()})
     return best
 
 
