@@ -228,14 +228,20 @@ def can_pack(x, weight) -> bool:
     return not torch.is_autocast_enabled("cpu") and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """`t`'s version counter, which moves at each in-place change; None for an inference tensor
+    (made under torch.inference_mode), which has none."""
+    return None if t.is_inference() else t._version
+
+
 def packed_copy(weight, what: tuple, pack):
     """`pack()`'s copy of `weight` (a tensor, or a tuple of tensors packed together) for `what`,
     made on first use and again after an in-place change of a weight; dropped with the weights."""
     weights = weight if isinstance(weight, tuple) else (weight,)
-    if any(w.is_inference() for w in weights):
+    versions = tuple(map(tensor_version, weights))
+    if None in versions:
         return pack()  # no version to see an in-place change by: made afresh at every call
     key = (tuple(map(id, weights)), what)
-    versions = tuple(w._version for w in weights)
     hit = _packed.get(key)
     alive = hit is not None and all(ref() is w for ref, w in zip(hit[0], weights))
     if alive and hit[1] == versions:
@@ -582,9 +588,7 @@ def linear_split(x, weights: tuple, biases: tuple, reuse: bool = False) -> tuple
         return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
     slot = packed_copy(weights, ("reused",), lambda: [None]) if reuse else None  # emptied when a weight changes
     last = slot[0] if reuse else None  # (weakref to the kept input, its version, its copy, the outputs)
-    # An inference tensor (as `.to(dtype)` makes under inference mode) has no version to read: it
-    # is a hit only by value.
-    version = None if x.is_inference() else x._version
+    version = tensor_version(x)  # None for an inference tensor (`.to(dtype)` under inference mode): a hit only by value
     if last is not None and ((version is not None and last[0]() is x and last[1] == version) or (last[2].shape == x.shape and last[2].dtype == x.dtype and torch.equal(last[2], x))):
         return last[3]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # [tokens, K]
