@@ -31,7 +31,7 @@ import torch
 # gemm/nvjet/cutlass; torch's own norms name themselves.
 CATEGORIES = [
     ("attention (triton)", r"^_attention(_combine)?_kernel\b"),
-    ("attention (amx)", r"^fastdiff::attention_amx$"),  # kernels/attention_cpu.py, a ctypes call
+    ("attention (cpu)", r"^fastdiff::attention_cpu$"),  # kernels/attention_cpu.py, a ctypes call
     ("attention (sdpa)", r"fmha|flash|sdpa|scaled_dot_product|attention"),
     ("group_norm (triton)", r"^_group_norm_\w*kernel\b"),
     ("group_norm (cpu)", r"^fastdiff::group_norm_nhwc$"),  # kernels/group_norm_cpu.py, a ctypes call

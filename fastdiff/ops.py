@@ -650,7 +650,7 @@ def _attention_choice(q, k, v, scale) -> str:
 
 def attention_path(q, k, v, causal: bool = False) -> str:
     """Which way `attention` runs: "triton" (the fused kernel, where "auto" mode may still pick
-    SDPA per shape), "amx" (bf16 on an AMX CPU in "auto" mode: `fastdiff.kernels.attention_cpu`,
+    SDPA per shape), "cpu" (bf16 on an AVX512-BF16 CPU in "auto" mode: `fastdiff.kernels.attention_cpu`,
     at the shapes where it ran faster than SDPA in benchmarks/attention_cpu.py) or "torch" (SDPA)."""
     if causal:
         return "torch"
@@ -660,10 +660,10 @@ def attention_path(q, k, v, causal: bool = False) -> str:
         return "torch"
     try:
         from fastdiff.kernels import attention_cpu
-    except ImportError:  # the kernels package needs triton (Linux x86_64): no AMX elsewhere
+    except ImportError:  # the kernels package needs triton (Linux x86_64): no AVX-512 elsewhere
         return "torch"
     usable = attention_cpu.supported(q, k, v) and attention_cpu.pays(q, k)
-    return "amx" if usable and attention_cpu.library() is not None else "torch"
+    return "cpu" if usable and attention_cpu.library() is not None else "torch"
 
 
 def attention(q, k, v, scale: float | None = None, causal: bool = False):
@@ -680,7 +680,7 @@ def attention(q, k, v, scale: float | None = None, causal: bool = False):
         if get_kernels() == "auto" and _attention_choice(q, k, v, scale) == "torch":
             return attention_ref(q, k, v, scale)
         return kernel(q, k, v, scale=scale)
-    if path == "amx":
+    if path == "cpu":
         from fastdiff.kernels.attention_cpu import attention as kernel
 
         return kernel(q, k, v, scale)

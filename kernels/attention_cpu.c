@@ -1,9 +1,11 @@
-/* Scaled dot-product attention for bf16 on x86 CPUs with AMX-BF16 and AVX512-BF16.
+/* Scaled dot-product attention for bf16 on x86 CPUs with AVX512-BF16, its matmuls on AMX-BF16
+   tiles where the CPU has them.
 
    Why: torch's CPU flash attention spends most of SD1.5's 4096-token self-attention on the
    softmax's per-score work, not on the matmuls (benchmarks/attention_cpu.py measures both).
-   Here the two matmuls run on AMX tiles and the softmax is one AVX-512 pass that computes
-   2^x with a degree-3 polynomial (relative error 8e-5, below bf16's 4e-3 rounding of P).
+   Here the two matmuls run on AMX tiles (or, without AMX, as AVX512-BF16 dot products on the same
+   packed operands) and the softmax is one AVX-512 pass that computes 2^x with a degree-3
+   polynomial (relative error 8e-5, below bf16's 4e-3 rounding of P).
 
    Work item: 32 query rows of one (batch, head). Keys and values of every (batch, head) are
    first packed into the tiles' VNNI layout (zero-padded), then per item:
@@ -12,7 +14,8 @@
      2. per row: m = max(S), P = 2^((S - m) * scale * log2 e) as bf16, l = sum(P) in fp32;
      3. O = P V on tiles, then O / l written as bf16 to the output's strides.
    Tiles (one config for all phases): tmm0-3 accumulators [16 x 16 fp32], tmm4-5 A operands
-   [16 x 32 bf16], tmm6-7 B operands [16 pairs x 16 x 2 bf16]. */
+   [16 x 32 bf16], tmm6-7 B operands [16 pairs x 16 x 2 bf16]. Without AMX each row of a B tile
+   (one pair, 16 columns) is one 512-bit vector for vdpbf16ps, against a broadcast pair of A. */
 
 #include <math.h>
 #include <stdlib.h>
@@ -88,6 +91,50 @@ static void scores(const bf16 *q_rows, int64_t d_pad, const bf16 *kp, int64_t ke
     }
 }
 
+/* Without AMX, steps 1 and 3 for ROWS_AVX rows of A: out[r, 16 col ..] (fp32, row stride lo) = the
+   sum over pairs g < pairs of a[r, 2g : 2g + 2] (bf16, row stride la) times row g of B's tiles
+   col .. col + W - 1, B laid out as the AMX B operands: tile (g / 16, col) at b + ((g / 16) *
+   tiles + col) * 512, pair g % 16 its row of 16 columns x 2. W (1 or 2) is a constant at each call. */
+#define ROWS_AVX 8 /* 8 rows x 2 tiles: 16 accumulators, 2 B vectors, 1 broadcast of 32 registers */
+static inline __attribute__((always_inline)) void dot_rows(const bf16 *a, int64_t la, int64_t pairs, const bf16 *b,
+                                                           int64_t tiles, int64_t col, const int W, float *out, int64_t lo) {
+    __m512 acc[ROWS_AVX][2];
+    for (int r = 0; r < ROWS_AVX; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < pairs; g++) {
+        const bf16 *row = b + ((g / 16) * tiles + col) * 512 + (g % 16) * 32;
+        __m512bh b0 = (__m512bh)_mm512_load_si512((const void *)row);
+        __m512bh b1 = W == 2 ? (__m512bh)_mm512_load_si512((const void *)(row + 512)) : b0;
+        for (int r = 0; r < ROWS_AVX; r++) {
+            int32_t pair;
+            memcpy(&pair, a + r * la + 2 * g, 4);
+            __m512bh ab = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], ab, b0);
+            if (W == 2) acc[r][1] = _mm512_dpbf16_ps(acc[r][1], ab, b1);
+        }
+    }
+    for (int r = 0; r < ROWS_AVX; r++) {
+        _mm512_storeu_ps(out + r * lo + 16 * col, acc[r][0]);
+        if (W == 2) _mm512_storeu_ps(out + r * lo + 16 * col + 16, acc[r][1]);
+    }
+}
+
+/* Step 1 without AMX: as `scores`, over the d / 2 pairs of head dims that are not padding. */
+static void scores_avx512(const bf16 *q_rows, int64_t d_pad, int64_t d, const bf16 *kp, int64_t keys_pad, float *s, int64_t ls) {
+    const int64_t tiles = keys_pad / 16; /* even: keys_pad is a multiple of 32 */
+    for (int64_t r = 0; r < ROWS; r += ROWS_AVX)
+        for (int64_t j = 0; j < tiles; j += 2) dot_rows(q_rows + r * d_pad, d_pad, d / 2, kp, tiles, j, 2, s + r * ls, ls);
+}
+
+/* Step 3 without AMX: as `weighted_values`. */
+static void weighted_values_avx512(const bf16 *p, int64_t lp, int64_t keys_pad, const bf16 *vp, int64_t dv, float *o, int64_t lo) {
+    const int64_t tiles = dv / 16;
+    for (int64_t r = 0; r < ROWS; r += ROWS_AVX) {
+        int64_t t = 0;
+        for (; t + 2 <= tiles; t += 2) dot_rows(p + r * lp, lp, keys_pad / 2, vp, tiles, t, 2, o + r * lo, lo);
+        if (t < tiles) dot_rows(p + r * lp, lp, keys_pad / 2, vp, tiles, t, 1, o + r * lo, lo);
+    }
+}
+
 /* Step 2, one row: p[keys_pad] = 2^((s - max s) * c) as bf16 (zero past `keys`); returns sum(p). */
 static float softmax_row(const float *s, int64_t keys, int64_t keys_pad, float c, bf16 *p) {
     __m512 m = _mm512_set1_ps(-INFINITY);
@@ -147,14 +194,16 @@ static void weighted_values(const bf16 *p, int64_t lp, int64_t keys_pad, const b
 
 /* o[b, h, n, :] = softmax(q k^T * scale) v for bf16 q [B, H, Nq, d], k and v [B, H, Nk, d], each
    addressed by its own (batch, head, token) strides in elements with d contiguous; o likewise.
-   d must be even. Returns 0, or -1 when out of memory (the output is then incomplete). */
+   d must be even. `amx`: 1 runs the matmuls on AMX tiles (the process must hold the tile state,
+   attention_init), 0 as AVX512-BF16 dot products. Returns 0, or -1 when out of memory (the output
+   is then incomplete). */
 int attention_bf16(
     const bf16 *q, int64_t q_sb, int64_t q_sh, int64_t q_sn,  /* queries and their strides */
     const bf16 *k, int64_t k_sb, int64_t k_sh, int64_t k_sn,  /* keys */
     const bf16 *v, int64_t v_sb, int64_t v_sh, int64_t v_sn,  /* values */
     bf16 *o, int64_t o_sb, int64_t o_sh, int64_t o_sn,        /* output */
     int64_t batch, int64_t heads, int64_t queries, int64_t keys, int64_t d,
-    float scale, int threads) {
+    float scale, int threads, int amx) {
     const int64_t keys_pad = round_up(keys, 32), d_pad = round_up(d, 32), dv = round_up(d, 16);
     const int64_t ls = keys_pad + 16, lp = keys_pad + 32; /* row strides of S and P: 64 bytes past a multiple of 128 */
     const int64_t bh = batch * heads, blocks = (queries + ROWS - 1) / ROWS;
@@ -180,7 +229,7 @@ int attention_bf16(
         float *acc = aligned_alloc(64, ROWS * d_pad * sizeof(float));
         float sums[ROWS];
         int ok = packed_ok && s && p && q_rows && acc;
-        if (ok) amx_configure_tiles();
+        if (ok && amx) amx_configure_tiles();
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < bh * blocks; item++) {
             if (!ok) continue;
@@ -189,10 +238,12 @@ int attention_bf16(
             memset(q_rows, 0, ROWS * d_pad * sizeof(bf16));
             for (int64_t r = 0; r < rows; r++)
                 memcpy(q_rows + r * d_pad, q + b * q_sb + h * q_sh + (n0 + r) * q_sn, d * sizeof(bf16));
-            scores(q_rows, d_pad, kp + i * packed, keys_pad, s, ls);
+            if (amx) scores(q_rows, d_pad, kp + i * packed, keys_pad, s, ls);
+            else scores_avx512(q_rows, d_pad, d, kp + i * packed, keys_pad, s, ls);
             for (int64_t r = 0; r < rows; r++) sums[r] = softmax_row(s + r * ls, keys, keys_pad, c, p + r * lp);
             if (rows < ROWS) memset(p + rows * lp, 0, (ROWS - rows) * lp * sizeof(bf16)); /* padding rows */
-            weighted_values(p, lp, keys_pad, vp + i * packed, dv, acc, d_pad);
+            if (amx) weighted_values(p, lp, keys_pad, vp + i * packed, dv, acc, d_pad);
+            else weighted_values_avx512(p, lp, keys_pad, vp + i * packed, dv, acc, d_pad);
             for (int64_t r = 0; r < rows; r++) {
                 bf16 *out = o + b * o_sb + h * o_sh + (n0 + r) * o_sn;
                 __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
@@ -203,7 +254,7 @@ int attention_bf16(
                 }
             }
         }
-        if (ok) _tile_release();
+        if (ok && amx) _tile_release();
         failed |= !ok;
         free(s); free(p); free(q_rows); free(acc);
     }

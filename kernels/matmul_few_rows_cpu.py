@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fastdiff.kernels import attention_cpu, cpu_library
 
 SOURCE = Path(__file__).with_name("matmul_few_rows_cpu.c")
-COMPILE_FLAGS = attention_cpu.COMPILE_FLAGS + ("-mavx512bw",)
+COMPILE_FLAGS = attention_cpu.COMPILE_FLAGS
 # Reduction steps (32 input values each) per chunk: the A tiles of a chunk at 128 rows (1 MiB) stay
 # in L2 while the weights stream past. The packed weights' layout depends on it.
 CHUNK = 128

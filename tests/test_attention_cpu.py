@@ -1,5 +1,5 @@
-"""The AMX attention kernel (fastdiff.kernels.attention_cpu) against SDPA in float64, its dispatch
-in fastdiff.ops, and its build cache."""
+"""The CPU attention kernel (fastdiff.kernels.attention_cpu; AMX or AVX512-BF16 matmuls) against
+SDPA in float64, its dispatch in fastdiff.ops, and its build cache."""
 
 import logging
 
@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from fastdiff import ops
 from fastdiff.kernels import attention_cpu, cpu_library
 
-AMX = pytest.mark.skipif(not attention_cpu.cpu_has_amx(), reason="this CPU has no AMX-BF16 (the kernel's instructions)")
+KERNEL = pytest.mark.skipif(not attention_cpu.cpu_can_run(), reason="this CPU has no AVX512-BF16 (the kernel's instructions)")
+# the kernel's matmuls: AVX512-BF16 dot products on every CPU it runs on, AMX tiles where there are any
+MATMULS = pytest.mark.parametrize("amx", [False, True] if attention_cpu.cpu_has_amx() else [False], ids=lambda a: "amx" if a else "avx512")
 
 
 def views(batch, heads, tokens, d, generator, scale=1.0):
@@ -33,7 +35,7 @@ def mean_error(got, want) -> float:
     return ((got.double() - want).abs().mean() / want.abs().mean()).item()
 
 
-@AMX
+@KERNEL
 @pytest.mark.parametrize(
     "batch, heads, queries, keys, d",
     [
@@ -44,14 +46,16 @@ def mean_error(got, want) -> float:
         (1, 2, 33, 4100, 40),  # keys past 4096 (the score buffer's row stride)
         (2, 1, 31, 33, 80),
         (1, 1, 16, 50, 130),  # a head dim that is neither a multiple of 16 nor of 32
+        (1, 1, 40, 300, 512),  # the VAE's single head
     ],
 )
-def test_matches_float64(batch, heads, queries, keys, d):
+@MATMULS
+def test_matches_float64(batch, heads, queries, keys, d, amx):
     g = torch.Generator().manual_seed(queries * 1000 + keys)
     q, k, v = views(batch, heads, queries, d, g), views(batch, heads, keys, d, g), views(batch, heads, keys, d, g)
     scale = d**-0.5
     want = reference(q, k, v, scale)
-    got = attention_cpu.attention(q, k, v, scale)
+    got = attention_cpu.attention(q, k, v, scale, amx=amx)
     sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale)
     assert got.shape == want.shape and got.dtype == torch.bfloat16
     assert got.transpose(1, 2).is_contiguous()  # laid out as [B, N, heads, d]
@@ -59,21 +63,22 @@ def test_matches_float64(batch, heads, queries, keys, d):
     assert mean_error(got, want) <= 1.25 * mean_error(sdpa, want) + 1e-4  # no worse than SDPA's bf16
 
 
-@AMX
+@KERNEL
 @pytest.mark.parametrize("logit_scale", [0.0, 30.0])
-def test_softmax_edges(logit_scale):
+@MATMULS
+def test_softmax_edges(logit_scale, amx):
     """All scores equal (the output is the mean of v) and scores tens of units apart (one key takes
     nearly all the weight: the row maximum must be subtracted before 2^x)."""
     g = torch.Generator().manual_seed(3)
     q = views(2, 2, 40, 40, g, scale=logit_scale)
     k, v = views(2, 2, 70, 40, g), views(2, 2, 70, 40, g)
     want = reference(q, k, v, 40**-0.5)
-    got = attention_cpu.attention(q, k, v, 40**-0.5)
+    got = attention_cpu.attention(q, k, v, 40**-0.5, amx=amx)
     assert torch.isfinite(got).all()
     assert relative_error(got, want) <= 8e-3
 
 
-@AMX
+@KERNEL
 def test_any_strides():
     """Contiguous [B, heads, N, d] tensors, a slice of the tokens and the default scale."""
     g = torch.Generator().manual_seed(4)
@@ -98,13 +103,35 @@ def test_supported_shapes():
     assert not attention_cpu.supported(q, k, v[:, :, :5])  # keys and values disagree
 
 
-@AMX
+@pytest.mark.parametrize("amx", [False, True])
+def test_pays_by_scores_and_on_amx_by_head_dim(monkeypatch, amx):
+    """SDPA keeps few scores per head everywhere, and on an AMX CPU the heads wider than
+    AMX_MAX_HEAD_DIM (the VAE's), where it led there; the AVX512-BF16 matmuls take those."""
+    monkeypatch.setattr(attention_cpu, "cpu_has_amx", lambda flags=None: amx)
+
+    def qk(queries, keys, d):
+        return torch.zeros(1, 1, queries, d), torch.zeros(1, 1, keys, d)
+
+    assert not attention_cpu.pays(*qk(64, 64, 40))  # SDPA_MAX_SCORES
+    assert attention_cpu.pays(*qk(64, 65, 40))
+    assert attention_cpu.pays(*qk(1024, 1024, attention_cpu.AMX_MAX_HEAD_DIM))
+    assert attention_cpu.pays(*qk(1024, 1024, 512)) is not amx
+
+
+def test_amx_matmuls_need_amx(monkeypatch):
+    monkeypatch.setattr(attention_cpu, "cpu_has_amx", lambda flags=None: False)
+    q = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="amx=True"):
+        attention_cpu.attention(q, q, q, amx=True)
+
+
+@KERNEL
 def test_dispatch():
     """ops.attention runs the kernel for bf16 on the CPU in "auto" mode only, and its result is the kernel's."""
     g = torch.Generator().manual_seed(5)
     q, k, v = (views(1, 2, 80, 40, g) for _ in range(3))
     with ops.kernels("auto"):
-        assert ops.attention_path(q, k, v) == "amx"
+        assert ops.attention_path(q, k, v) == "cpu"
         assert ops.attention_path(q[:, :, :64], k[:, :, :64], v[:, :, :64]) == "torch"  # SDPA_MAX_SCORES
         assert torch.equal(ops.attention(q, k, v, 0.3), attention_cpu.attention(q, k, v, 0.3))
         assert ops.attention_path(q, k, v, causal=True) == "torch"
@@ -112,7 +139,7 @@ def test_dispatch():
         q.requires_grad_(True)
         assert ops.attention_path(q, k, v) == "torch"  # no backward
         with torch.no_grad():
-            assert ops.attention_path(q, k, v) == "amx"
+            assert ops.attention_path(q, k, v) == "cpu"
     with ops.kernels("torch"):
         assert ops.attention_path(q, k, v) == "torch"
 
@@ -126,7 +153,7 @@ def fresh_build(tmp_path, monkeypatch):
     attention_cpu.forget()
 
 
-@AMX
+@KERNEL
 def test_damaged_library_is_rebuilt(fresh_build):
     """A cached library that does not load (truncated by a killed copy, say) is built again. (It is
     damaged before this process maps it: a library in use is only ever replaced, never rewritten.)"""
@@ -141,7 +168,7 @@ def test_damaged_library_is_rebuilt(fresh_build):
     assert relative_error(attention_cpu.attention(q, k, v, 0.2), reference(q, k, v, 0.2)) <= 8e-3
 
 
-@AMX
+@KERNEL
 def test_without_a_compiler_sdpa_runs(fresh_build, monkeypatch, caplog):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     g = torch.Generator().manual_seed(6)

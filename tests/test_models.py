@@ -675,16 +675,17 @@ def test_unet_fp16_close_to_fp32(unet_pair):
 def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
     """The CPU default on a bf16 CPU: every linear on a packed weight (residual adds and GEGLU as
     post-ops), convolutions packed or im2col, attention and the convolutions with few output
-    pixels in the AMX kernels where the CPU has AMX, against diffusers in fp32 at bf16's tolerance."""
+    pixels in the C kernels where the CPU has their instructions (attention: AVX512-BF16; few
+    pixels: AMX), against diffusers in fp32 at bf16's tolerance."""
     from fastdiff.kernels import attention_cpu
 
     ref, ours = unet_pair
     attention_paths = []  # (path taken, the path the kernel's rules call for)
     path = ops.attention_path
-    amx = attention_cpu.library() is not None
+    kernel, amx = attention_cpu.library() is not None, attention_cpu.cpu_has_amx()
 
     def record(q, k, v, causal=False):
-        attention_paths.append((path(q, k, v, causal), "amx" if amx and attention_cpu.pays(q, k) else "torch"))
+        attention_paths.append((path(q, k, v, causal), "cpu" if kernel and attention_cpu.pays(q, k) else "torch"))
         return attention_paths[-1][0]
 
     monkeypatch.setattr(ops, "attention_path", record)
@@ -706,7 +707,7 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
     assert taken and all(taken)  # the GEGLU projections do not call their Linear's forward
     assert_upsampled_transposed(upsampled)
     assert attention_paths and all(taken == wanted for taken, wanted in attention_paths)
-    assert not amx or ("amx", "amx") in attention_paths
+    assert not kernel or ("cpu", "cpu") in attention_paths
     assert_group_norm_kernel_ran(normed)
     assert "packed" in conv_paths and (not amx or "few_rows" in conv_paths)  # 120 pixels and more, 30 and fewer
     assert got.dtype == torch.bfloat16
