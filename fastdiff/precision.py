@@ -7,10 +7,10 @@ than float32 (`benchmarks/latency.py --dtype` measures it on a machine), so aski
 an error rather than a slow surprise. Latents and the scheduler's math stay float32 whatever this
 says (see fastdiff.pipeline).
 
-Per network: the text encoder, UNet and VAE decoder share the dtype. On an AMX CPU bf16 made each of
-SD1.5's three faster, the VAE decoder most, with the decoded image within the error the UNet's bf16
-already brings (`benchmarks/network_dtypes.py`; figures in benchmarks/NOTES-cpu.md), so no network
-is kept in float32.
+Per network: the text encoder, UNet and VAE decoder share the dtype. On an AMX CPU, and on an
+AVX512-BF16 one without AMX, bf16 made each of SD1.5's three faster, with the decoded image
+within the error the UNet's bf16 already brings (`benchmarks/network_dtypes.py`; figures in
+benchmarks/NOTES-cpu.md), so no network is kept in float32.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ REQUIRED_CPU_FLAGS = ("avx512_bf16", "avx512f", "avx512bw", "avx512vl")
 AMX_FLAGS = ("amx_tile", "amx_bf16")
 COMPILE_FLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16", "-mavx512f", "-mavx512bw", "-mavx512vl")
 # Each thread holds the scores of 32 queries against every key in fp32 (and their bf16
-# probabilities); up to this many keys that stays within a core's L2 (2 MiB at the limit).
+# probabilities); up to this many keys that stays within an AMX host's core's L2 (2 MiB at the limit).
 MAX_KEYS = 16384
 # The widest head it takes: the VAE's single 512-wide head.
 MAX_HEAD_DIM = 512
@@ -32,7 +32,9 @@ MAX_HEAD_DIM = 512
 # at every shape, the VAE's included (benchmarks/attention_cpu.py on each CPU; NOTES-cpu.md).
 AMX_MAX_HEAD_DIM = 160
 # At this many scores per head or fewer (SD1.5's lowest level: 64 x 64, 16 x 77 at 256 px) SDPA
-# ran faster: the kernel's fixed cost per call (packing, threads) outweighs its faster softmax.
+# ran faster on AMX: the kernel's fixed cost per call (packing, threads) outweighs its faster
+# softmax. Without AMX the kernel led there but at 16 x 16; the threshold is kept (little
+# time a forward: NOTES-cpu.md's Zen5 section).
 SDPA_MAX_SCORES = 4096
 
 
