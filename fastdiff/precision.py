@@ -1,8 +1,8 @@
 """Which dtype the networks run in, decided by what the device can run fast, not by its name.
 
 CUDA: float16. CPU: bfloat16 where the CPU has bf16 matmul instructions (AMX-BF16 or
-AVX512-BF16) and the model is large enough for bf16 to pay (BF16_MIN_UNET_PARAMS), float32
-elsewhere. Without those instructions torch runs bf16 and fp16 matmuls emulated, many times slower
+AVX512-BF16) and, on an AMX CPU, the model is large enough for bf16 to pay (BF16_MIN_UNET_PARAMS);
+float32 elsewhere. Without those instructions torch runs bf16 and fp16 matmuls emulated, many times slower
 than float32 (`benchmarks/latency.py --dtype` measures it on a machine), so asking for one there is
 an error rather than a slow surprise. Latents and the scheduler's math stay float32 whatever this
 says (see fastdiff.pipeline).
@@ -33,11 +33,14 @@ FAST_FLAGS = {
 }
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# bf16 on the CPU pays for its casts and weight reorders only when the networks do enough work per
-# call: the embedded model's small UNet ran slower in bf16 than in float32 on an AMX CPU, SD1.5's
-# more than twice as fast (`benchmarks/network_dtypes.py --model tiny-shapes` and the default).
+# On an AMX CPU bf16 paid for its casts and weight reorders only when the networks do enough work
+# per call: the embedded model's small UNet ran slower in bf16 than in float32 there, SD1.5's more
+# than twice as fast (`benchmarks/network_dtypes.py --model tiny-shapes` and the default). On an
+# AVX512-BF16 CPU without AMX the embedded model's networks ran faster in bf16 too (the same
+# benchmark; NOTES-cpu.md's Zen5 section), so the size rule holds where the CPU has AMX (SIZE_RULE_FLAGS).
 # The UNet's parameter count, read from its weights file's header, stands for the model's size.
 BF16_MIN_UNET_PARAMS = 100_000_000
+SIZE_RULE_FLAGS = ("amx_bf16",)
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,7 +69,7 @@ def default_dtype(
     device: torch.device, supported: tuple[torch.dtype, ...] | None = None, unet_params: int | None = None
 ) -> torch.dtype:
     """The networks' dtype when the caller names none: $FASTDIFF_DTYPE if set (checked like an
-    argument), else by capability and, on the CPU, the model's size (`unet_params`; None: large);
+    argument), else by capability and, on an AMX CPU, the model's size (`unet_params`; None: large);
     float32 where the backend lacks (`supported`) that dtype."""
     return _default(device, supported, unet_params)[0]
 
@@ -79,8 +82,8 @@ def _default(device, supported, unet_params) -> tuple[torch.dtype, str]:
         chosen, why = torch.float16, "CUDA"
     elif device.type != "cpu" or not cpu_runs_fast(torch.bfloat16):
         chosen, why = torch.float32, "no bf16 matmul instructions"
-    elif unet_params is not None and unet_params < BF16_MIN_UNET_PARAMS:
-        chosen, why = torch.float32, f"a {unet_params / 1e6:.1f}M-parameter UNet, too small for bf16 to pay"
+    elif unet_params is not None and unet_params < BF16_MIN_UNET_PARAMS and any(f in cpu_flags() for f in SIZE_RULE_FLAGS):
+        chosen, why = torch.float32, f"a {unet_params / 1e6:.1f}M-parameter UNet, too small for bf16 to pay on AMX"
     else:
         chosen, why = torch.bfloat16, "bf16 matmul instructions"
     if supported is not None and chosen not in supported:

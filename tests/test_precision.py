@@ -12,6 +12,7 @@ from fastdiff import Pipeline, precision
 
 AMX = frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"})
 ZEN3 = frozenset({"avx2", "fma", "sse4_2"})  # AVX2, no bf16 instructions
+ZEN5 = frozenset({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512_bf16"})  # AVX512-BF16, no AMX
 CPU = torch.device("cpu")
 REAL = precision.cpu_flags()
 
@@ -97,14 +98,19 @@ def test_pipeline_takes_the_rule_before_loading(flags, monkeypatch, caplog):
 
 
 def test_model_size_narrows_the_cpu_default(flags):
-    """bf16 on a bf16 CPU only for a UNet of at least BF16_MIN_UNET_PARAMS; CUDA and no-bf16 CPUs
-    are not asked; unknown size (None) counts as large."""
+    """bf16 on an AMX CPU only for a UNet of at least BF16_MIN_UNET_PARAMS, on an AVX512-BF16 CPU
+    without AMX whatever its size; CUDA and no-bf16 CPUs are not asked; unknown size (None) counts
+    as large."""
     flags(AMX)
     n = precision.BF16_MIN_UNET_PARAMS
     assert precision.default_dtype(CPU, unet_params=n) == torch.bfloat16
     assert precision.default_dtype(CPU, unet_params=n - 1) == torch.float32
     assert precision.default_dtype(CPU, unet_params=None) == torch.bfloat16
     assert precision.default_dtype(torch.device("cuda"), unet_params=1) == torch.float16
+    flags(ZEN5)
+    assert precision.default_dtype(CPU, unet_params=n - 1) == torch.bfloat16
+    assert precision.default_dtype(CPU, unet_params=1) == torch.bfloat16
+    assert precision.default_dtype(CPU, unet_params=n) == torch.bfloat16
     flags(ZEN3)
     assert precision.default_dtype(CPU, unet_params=10 * n) == torch.float32
 
