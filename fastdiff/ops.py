@@ -21,8 +21,9 @@ over oneDNN's (`SMALL_CONV_PIXELS`), an upsampler's nearest 2x + 3x3 convolution
 transposed convolution (`PACKED_CONV_TRANSPOSE`; "torch" and "triton" keep `F.conv2d`), bf16
 attention on an AVX512-BF16 CPU runs a C kernel (`attention_path`; its matmuls on AMX where there
 is AMX), and so do bf16 3x3 convolutions with few output pixels on an AMX CPU (`few_rows`) and
-GroupNorm(+SiLU) of channels-last tensors on an AVX-512 CPU (`group_norm_path`); linears run oneDNN on packed weights in bf16, and in fp32 at the shapes
-where that timed faster than F.linear (`packed_linear`).
+GroupNorm(+SiLU) of channels-last tensors on an AVX-512 CPU (`group_norm_path`); linears run
+oneDNN on packed weights in bf16, and in fp32 at the shapes where that timed faster than F.linear
+(`packed_linear`).
 The mode comes from the environment variable FASTDIFF_KERNELS, and can be changed with
 `set_kernels()` or the `kernels()` context manager (Pipeline(kernels=...) uses the latter).
 ONNX export always traces the torch reference.

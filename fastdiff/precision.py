@@ -2,9 +2,9 @@
 
 CUDA: float16. CPU: bfloat16 where the CPU has bf16 matmul instructions (AMX-BF16 or
 AVX512-BF16) and, on an AMX CPU, the model is large enough for bf16 to pay (BF16_MIN_UNET_PARAMS);
-float32 elsewhere. Without those instructions torch runs bf16 and fp16 matmuls emulated, many times slower
-than float32 (`benchmarks/latency.py --dtype` measures it on a machine), so asking for one there is
-an error rather than a slow surprise. Latents and the scheduler's math stay float32 whatever this
+float32 elsewhere. Without those instructions torch runs bf16 and fp16 matmuls emulated, many
+times slower than float32 (`benchmarks/latency.py --dtype` measures it on a machine), so asking
+for one there is an error rather than a slow surprise. Latents and the scheduler's math stay float32 whatever this
 says (see fastdiff.pipeline).
 
 Per network: the text encoder, UNet and VAE decoder share the dtype. On an AMX CPU, and on an
@@ -37,7 +37,8 @@ DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 # per call: the embedded model's small UNet ran slower in bf16 than in float32 there, SD1.5's more
 # than twice as fast (`benchmarks/network_dtypes.py --model tiny-shapes` and the default). On an
 # AVX512-BF16 CPU without AMX the embedded model's networks ran faster in bf16 too (the same
-# benchmark; NOTES-cpu.md's Zen5 section), so the size rule holds where the CPU has AMX (SIZE_RULE_FLAGS).
+# benchmark; NOTES-cpu.md's Zen5 section), so the size rule holds where the CPU has AMX
+# (SIZE_RULE_FLAGS).
 # The UNet's parameter count, read from its weights file's header, stands for the model's size.
 BF16_MIN_UNET_PARAMS = 100_000_000
 SIZE_RULE_FLAGS = ("amx_bf16",)

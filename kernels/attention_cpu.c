@@ -126,7 +126,8 @@ static void scores_avx512(const bf16 *q_rows, int64_t d_pad, int64_t d, const bf
 }
 
 /* Step 3 without AMX: as `weighted_values`. */
-static void weighted_values_avx512(const bf16 *p, int64_t lp, int64_t keys_pad, const bf16 *vp, int64_t dv, float *o, int64_t lo) {
+static void weighted_values_avx512(const bf16 *p, int64_t lp, int64_t keys_pad, const bf16 *vp, int64_t dv, float *o,
+                                   int64_t lo) {
     const int64_t tiles = dv / 16;
     for (int64_t r = 0; r < ROWS; r += ROWS_AVX) {
         int64_t t = 0;

@@ -94,7 +94,9 @@ def pays(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.shape[2] * k.shape[2] > SDPA_MAX_SCORES and (q.shape[-1] <= AMX_MAX_HEAD_DIM or not cpu_has_amx())
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, amx: bool | None = None) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, amx: bool | None = None
+) -> torch.Tensor:
     """softmax(q k^T * scale) v for bf16 q [B, heads, N, d] and k, v [B, heads, M, d] (`supported`);
     `library()` must not be None. Returns [B, heads, N, d] laid out as [B, N, heads, d], so the
     models' reshape to [B, N, heads * d] is free. `amx`: the matmuls on AMX tiles (None: where the

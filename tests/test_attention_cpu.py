@@ -12,7 +12,9 @@ from fastdiff.kernels import attention_cpu, cpu_library
 
 KERNEL = pytest.mark.skipif(not attention_cpu.cpu_can_run(), reason="this CPU has no AVX512-BF16 (the kernel's instructions)")
 # the kernel's matmuls: AVX512-BF16 dot products on every CPU it runs on, AMX tiles where there are any
-MATMULS = pytest.mark.parametrize("amx", [False, True] if attention_cpu.cpu_has_amx() else [False], ids=lambda a: "amx" if a else "avx512")
+MATMULS = pytest.mark.parametrize(
+    "amx", [False, True] if attention_cpu.cpu_has_amx() else [False], ids=lambda a: "amx" if a else "avx512"
+)
 
 
 def views(batch, heads, tokens, d, generator, scale=1.0):
