@@ -40,6 +40,7 @@ import json
 import math
 import os
 import pickle
+import signal
 import statistics
 import subprocess
 import sys
@@ -421,15 +422,25 @@ class Isolated:
             raise
 
     def ask(self, message):
-        pickle.dump(message, self.proc.stdin)
-        self.proc.stdin.flush()
         try:
+            pickle.dump(message, self.proc.stdin)
+            self.proc.stdin.flush()
             ok, value = pickle.load(self.proc.stdout)
-        except EOFError:
-            raise RuntimeError(f"a latency.py worker exited with status {self.proc.wait()}") from None
+        except (EOFError, BrokenPipeError):  # the worker died before or while answering
+            raise RuntimeError(self.death()) from None
         if not ok:
             raise value
         return value
+
+    def death(self) -> str:
+        """What to say of a worker that ended without answering: its runner, its status and, for
+        SIGKILL (what Linux's out-of-memory killer sends: each runner holds its own model), why."""
+        status = self.proc.wait()
+        who = getattr(self, "name", None) or "a runner being built"
+        text = f"the latency.py worker of {who} exited with status {status}"
+        if status == -signal.SIGKILL:
+            text += " (SIGKILL: out of memory, if Linux's OOM killer sent it; fewer runners in one run need less)"
+        return text
 
     def __call__(self):
         return self.ask("run")

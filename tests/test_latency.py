@@ -371,3 +371,23 @@ def test_img2img_mode_runs_diffusers_img2img(folder, tmp_path):
     assert res["settings"]["strength"] == 0.5
     assert res["parity"]["torch"]["max_abs"] <= 1e-4, res["parity"]
     assert res["parity"]["torch"]["psnr_db"] > 60
+
+
+@pytest.mark.parametrize("when", ["before the request", "while answering"])
+def test_a_killed_worker_is_named_with_its_status(when):
+    """A runner process that dies (the OOM killer's SIGKILL, say) is an error naming the runner and
+    the signal, not a BrokenPipeError from deep in the harness."""
+    import signal
+    import subprocess
+    import sys
+
+    read_first = "sys.stdin.buffer.read(1); " if when == "while answering" else ""
+    code = f"import os, signal, sys; {read_first}os.kill(os.getpid(), signal.SIGKILL)"
+    runner = object.__new__(latency.Isolated)  # no model: only the process matters here
+    runner.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    runner.name = "openvino-peer:fp32"
+    if when == "before the request":
+        runner.proc.wait()
+    with pytest.raises(RuntimeError, match=r"worker of openvino-peer:fp32 exited with status -9 \(SIGKILL"):
+        runner()
+    assert runner.proc.returncode == -signal.SIGKILL
