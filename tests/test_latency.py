@@ -10,7 +10,10 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -377,10 +380,6 @@ def test_img2img_mode_runs_diffusers_img2img(folder, tmp_path):
 def test_a_killed_worker_is_named_with_its_status(when):
     """A runner process that dies (the OOM killer's SIGKILL, say) is an error naming the runner and
     the signal, not a BrokenPipeError from deep in the harness."""
-    import signal
-    import subprocess
-    import sys
-
     read_first = "sys.stdin.buffer.read(1); " if when == "while answering" else ""
     code = f"import os, signal, sys; {read_first}os.kill(os.getpid(), signal.SIGKILL)"
     runner = object.__new__(latency.Isolated)  # no model: only the process matters here
