@@ -4,8 +4,8 @@ CUDA: float16. CPU: bfloat16 where the CPU has bf16 matmul instructions (AMX-BF1
 AVX512-BF16) and, on an AMX CPU, the model is large enough for bf16 to pay (BF16_MIN_UNET_PARAMS);
 float32 elsewhere. Without those instructions torch runs bf16 and fp16 matmuls emulated, many
 times slower than float32 (`benchmarks/latency.py --dtype` measures it on a machine), so asking
-for one there is an error rather than a slow surprise. Latents and the scheduler's math stay float32 whatever this
-says (see fastdiff.pipeline).
+for one there is an error rather than a slow surprise. Latents and the scheduler's math stay
+float32 whatever this says (see fastdiff.pipeline).
 
 Per network: the text encoder, UNet and VAE decoder share the dtype. On an AMX CPU, and on an
 AVX512-BF16 one without AMX, bf16 made each of SD1.5's three faster, with the decoded image
