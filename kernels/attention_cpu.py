@@ -101,9 +101,10 @@ def attention(
     `library()` must not be None. Returns [B, heads, N, d] laid out as [B, N, heads, d], so the
     models' reshape to [B, N, heads * d] is free. `amx`: the matmuls on AMX tiles (None: where the
     CPU has them); False runs the AVX512-BF16 ones on an AMX CPU too (tests check both there)."""
-    amx = cpu_has_amx() if amx is None else amx
-    if amx and not cpu_has_amx():
+    has_amx = cpu_has_amx()
+    if amx and not has_amx:
         raise ValueError("attention: amx=True on a CPU without AMX-BF16")
+    amx = has_amx if amx is None else amx
     B, H, N, D = q.shape
     o = torch.empty(B, N, H, D, dtype=q.dtype).transpose(1, 2)  # [B, heads, N, d]
     args = []
