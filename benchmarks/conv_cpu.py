@@ -16,7 +16,6 @@ channels-last activations (what a channels-last model would feed it); GFLOP/s is
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 from pathlib import Path
 
@@ -24,23 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from fastdiff import ops, testing
-from fastdiff.models.common import Conv2d
-
-
-def unet_conv_shapes(size: int, batch: int) -> collections.Counter:
-    """(input shape, out channels, kernel, stride, padding) -> calls in one UNet forward, found by
-    running SD1.5's UNet on the meta device (no weights, no compute)."""
-    unet, _ = testing.sd15_on_meta()
-    shapes: collections.Counter = collections.Counter()
-
-    def record(mod, args, _out):
-        shapes[(tuple(args[0].shape), mod.out_channels, mod.kernel_size[0], mod.stride, mod.padding)] += 1
-
-    for mod in unet.modules():
-        if isinstance(mod, Conv2d):
-            mod.register_forward_hook(record)
-    testing.run_on_meta(size, unet=unet, batch=batch)  # torch's ops: the meta device has no thnn kernel
-    return shapes
 
 
 WAYS = ("onednn", "packed", "packed nhwc", "im2col")
@@ -86,7 +68,7 @@ def main() -> None:
     rows = []
     print(f"SD1.5 UNet convolutions, {args.size}x{args.size}, batch {args.batch}, {args.dtype}, {torch.get_num_threads()} threads")
     print(f"{'input':>22} {'out':>5} {'k':>2} {'s':>2} {'calls':>5}" + "".join(f" {w + ' ms':>14}" for w in WAYS) + f" {'GFLOP/s':>8}  rule")
-    for (shape, out_ch, k, stride, padding), calls in sorted(unet_conv_shapes(args.size, args.batch).items()):
+    for (shape, out_ch, k, stride, padding), calls in sorted(testing.conv_shapes(args.size, "unet", args.batch).items()):
         t = time_shape(shape, out_ch, k, stride, padding, args.repeats, dtype)
         out_pixels = ((shape[2] + 2 * padding[0] - k) // stride[0] + 1) * ((shape[3] + 2 * padding[1] - k) // stride[1] + 1)
         flops = 2 * shape[0] * out_pixels * out_ch * shape[1] * k * k

@@ -9,6 +9,7 @@ download holds. Random weights time the architecture, not the picture quality.
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import os
@@ -225,6 +226,26 @@ def run_on_meta(size: int, unet=None, vae=None, batch: int = 2) -> None:
             unet(torch.randn(batch, 4, latent, latent), torch.tensor([500.0] * batch), torch.randn(batch, 77, 768))
         if vae is not None:
             vae.decode(torch.randn(1, 4, latent, latent))
+
+
+def conv_shapes(size: int, network: str = "unet", batch: int = 2) -> collections.Counter:
+    """(input shape, out channels, kernel, stride, padding) -> calls in one forward of SD1.5's
+    `network` ("unet", `batch` latents; "vae", one image's decode) at `size` px, recorded by
+    hooks on `sd15_on_meta`'s convolutions."""
+    from fastdiff.models.common import Conv2d
+
+    unet, vae = sd15_on_meta()
+    model = {"unet": unet, "vae": vae}[network]
+    shapes: collections.Counter = collections.Counter()
+
+    def record(mod, args, _out):
+        shapes[(tuple(args[0].shape), mod.out_channels, mod.kernel_size[0], tuple(mod.stride), tuple(mod.padding))] += 1
+
+    for mod in model.modules():
+        if isinstance(mod, Conv2d):
+            mod.register_forward_hook(record)
+    run_on_meta(size, **{network: model}, batch=batch)
+    return shapes
 
 
 def load_avg() -> float | None:
