@@ -39,6 +39,8 @@ CATEGORIES = [
     ("geglu (triton)", r"^_geglu_kernel\b"),
     ("layer_norm", r"layer_norm|LayerNorm"),
     ("convolution (amx)", r"^fastdiff::matmul_few_rows$"),  # kernels/matmul_few_rows_cpu.py, a ctypes call
+    # kernels/winograd_cpu.py: its two transforms (ctypes calls); its 16 matmuls count as matmul
+    ("convolution (winograd transforms)", r"^fastdiff::winograd_cpu$"),
     ("convolution", r"fprop|conv(?!ert)|implicit_gemm|dgrad|winograd"),
     ("matmul", r"gemm|nvjet|cutlass|cublas|addmm|\bmm\b|aten::mm|aten::bmm|aten::linear|mkldnn::_linear_pointwise"),
     ("copies/reorders", r"aten::(copy_|contiguous|_to_copy|clone|cat)\b"),

@@ -299,14 +299,43 @@ def few_rows_weight(weight) -> torch.Tensor:
     return packed_copy(weight, ("few_rows",), lambda: pack(weight))
 
 
+def winograd(x, weight, stride, padding) -> bool:
+    """Whether a bf16 convolution whose weight may be packed (`conv_path` checks `packed_conv`
+    first) runs as Winograd F(2x2, 3x3) (`fastdiff.kernels.winograd_cpu`): a CPU with AVX512-BF16
+    and no AMX, a 3x3 kernel, stride 1, padding 1, and enough output pixels
+    (`benchmarks/winograd_cpu.py`)."""
+    if x.dtype != torch.bfloat16:
+        return False
+    try:
+        from fastdiff.kernels import winograd_cpu as kernel
+    except ImportError:  # the kernels package needs triton (Linux x86_64)
+        return False
+    usable = kernel.supported(x, weight, stride, padding) and kernel.pays(x)
+    return usable and kernel.library() is not None
+
+
+def winograd_weights(weight, x) -> tuple:
+    """The Winograd kernel's 16 transformed copies of a convolution's `weight`, each packed by
+    oneDNN for the first input's tile count (others stay correct)."""
+    from fastdiff.kernels.winograd_cpu import tiles, transform_weight
+
+    def pack():
+        u = transform_weight(weight)  # [16, Co, C]
+        return tuple(torch.ops.mkldnn._reorder_linear_weight(u[k], tiles(x)) for k in range(16))
+
+    return packed_copy(weight, ("winograd",), pack)
+
+
 def conv_path(x, weight, stride, padding) -> str:
-    """Which way `conv2d` runs: "im2col", "few_rows" (see `few_rows`), "packed" (oneDNN on a
-    packed weight) or "reference"."""
+    """Which way `conv2d` runs: "im2col", "few_rows" (see `few_rows`), "winograd" (see
+    `winograd`), "packed" (oneDNN on a packed weight) or "reference"."""
     packable = packed_conv(x, weight)
     if im2col_conv(x, weight, stride, padding, packable):
         return "im2col"
     if packable and few_rows(x, weight, stride, padding):
         return "few_rows"
+    if packable and winograd(x, weight, stride, padding):
+        return "winograd"
     return "packed" if packable else "reference"
 
 
@@ -323,6 +352,13 @@ def conv2d(x, weight, bias, stride: tuple[int, int], padding: tuple[int, int], r
         out = (x.shape[0], n, *kernel.output_size(x, k, stride[0], padding[0]))
         fused = residual is not None and residual.dtype == x.dtype and tuple(residual.shape) == out
         y = kernel.conv2d(x, few_rows_weight(weight), fp32_copy(bias), n, k, stride[0], padding[0], residual if fused else None)
+        return y if residual is None or fused else y + residual
+    if path == "winograd":
+        from fastdiff.kernels import winograd_cpu as kernel
+
+        fused = residual is not None and residual.dtype == x.dtype and residual.shape == x.shape[:1] + (weight.shape[0],) + x.shape[2:]
+        fused = fused and residual.is_contiguous(memory_format=torch.channels_last)
+        y = kernel.conv2d(x, winograd_weights(weight, x), fp32_copy(bias), weight.shape[0], residual if fused else None)
         return y if residual is None or fused else y + residual
     if path == "im2col":
         y = torch.ops.aten.thnn_conv2d(x, weight, weight.shape[2:], bias, stride, padding)

@@ -5,8 +5,9 @@ torch reference in fastdiff/ops.py:
   group_norm.group_norm(x, num_groups, weight, bias, eps, silu)  GroupNorm (+ SiLU)
   geglu.geglu(h)                                              x * gelu(gate), one pass
 
-On the CPU, `attention_cpu.attention` (AVX512-BF16, AMX where present) and `group_norm_cpu.group_norm` (AVX-512) are C kernels
-(`*.c` beside them), compiled at first use by `cpu_library`.
+On the CPU, `attention_cpu.attention` (AVX512-BF16, AMX where present), `group_norm_cpu.group_norm`
+(AVX-512), `matmul_few_rows_cpu.conv2d` (AMX) and `winograd_cpu.conv2d` (AVX512-BF16 without AMX)
+are C kernels (`*.c` beside them), compiled at first use by `cpu_library`.
 
 Each Triton module also has `launches(...)`: its kernel calls as data (`launch.Launch`), which
 benchmarks/sm90_build.py compiles. The package binds no names over its modules, so

@@ -676,8 +676,9 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
     """The CPU default on a bf16 CPU: every linear on a packed weight (residual adds and GEGLU as
     post-ops), convolutions packed or im2col, attention and the convolutions with few output
     pixels in the C kernels where the CPU has their instructions (attention: AVX512-BF16; few
-    pixels: AMX), against diffusers in fp32 at bf16's tolerance."""
-    from fastdiff.kernels import attention_cpu
+    pixels: AMX; Winograd 3x3 convolutions: AVX512-BF16 without AMX), against diffusers in fp32
+    at bf16's tolerance."""
+    from fastdiff.kernels import attention_cpu, winograd_cpu
 
     ref, ours = unet_pair
     attention_paths = []  # (path taken, the path the kernel's rules call for)
@@ -710,6 +711,7 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
     assert not kernel or ("cpu", "cpu") in attention_paths
     assert_group_norm_kernel_ran(normed)
     assert "packed" in conv_paths and (not amx or "few_rows" in conv_paths)  # 120 pixels and more, 30 and fewer
+    assert not winograd_cpu.cpu_can_run() or "winograd" in conv_paths  # the 3x3 ones at 120 pixels
     assert got.dtype == torch.bfloat16
     assert _maxdiff(got.double(), want.double()) <= 3e-2 * want.abs().max().item()
 
