@@ -9,8 +9,8 @@ For a CPU with AVX512-BF16 and no AMX (where the kernel runs). Each shape is tim
 (direct, winograd, direct, ...), median of `--repeats`, channels-last bf16 input as the packed
 convolutions hand it on, random weights scaled to unit output variance, bias and no residual;
 the error is the relative RMS against the same convolution in float64 of the same bf16 values.
-Totals weigh each shape by its calls in one forward; `MIN_PIXELS` in the kernel module is the
-threshold this checks.
+Totals weigh each shape by its calls in one forward; `MIN_PIXELS` and `MIN_MULTIPLY_ADDS` in the
+kernel module are the thresholds this checks.
 """
 
 from __future__ import annotations

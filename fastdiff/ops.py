@@ -302,7 +302,7 @@ def few_rows_weight(weight) -> torch.Tensor:
 def winograd(x, weight, stride, padding) -> bool:
     """Whether a bf16 convolution whose weight may be packed (`conv_path` checks `packed_conv`
     first) runs as Winograd F(2x2, 3x3) (`fastdiff.kernels.winograd_cpu`): a CPU with AVX512-BF16
-    and no AMX, a 3x3 kernel, stride 1, padding 1, and enough output pixels
+    and no AMX, a 3x3 kernel, stride 1, padding 1, and enough output pixels and work
     (`benchmarks/winograd_cpu.py`)."""
     if x.dtype != torch.bfloat16:
         return False
@@ -310,7 +310,7 @@ def winograd(x, weight, stride, padding) -> bool:
         from fastdiff.kernels import winograd_cpu as kernel
     except ImportError:  # the kernels package needs triton (Linux x86_64)
         return False
-    usable = kernel.supported(x, weight, stride, padding) and kernel.pays(x)
+    usable = kernel.supported(x, weight, stride, padding) and kernel.pays(x, weight)
     return usable and kernel.library() is not None
 
 

@@ -27,6 +27,11 @@ AMX_FLAGS = ("amx_tile", "amx_bf16")
 # are read for too few tiles: at SD1.5's 4 x 4 level (256 px) the direct convolution led
 # (benchmarks/winograd_cpu.py).
 MIN_PIXELS = 64
+# And a call has a fixed cost (16 oneDNN calls, two passes) that small convolutions do not repay,
+# nor do the 16 small matmuls split well between threads: at 2 threads it led from SD1.5's
+# smallest UNet 3x3 convolution (943M multiply-adds at 256 px) up, tied or lost at 300-600M and
+# below, the embedded model's included (NOTES-cpu.md's Zen4 section).
+MIN_MULTIPLY_ADDS = 800_000_000
 # B^T d B, G g G^T and A^T M A of F(2x2, 3x3) (the C file applies B and A; the weights are made here)
 G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
@@ -72,9 +77,11 @@ def supported(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last)
 
 
-def pays(x: torch.Tensor) -> bool:
-    """Whether it is worth running: at least MIN_PIXELS output pixels an image."""
-    return x.shape[2] * x.shape[3] >= MIN_PIXELS
+def pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether it is worth running: at least MIN_PIXELS output pixels an image and
+    MIN_MULTIPLY_ADDS in the direct convolution."""
+    pixels = x.shape[2] * x.shape[3]
+    return pixels >= MIN_PIXELS and x.shape[0] * pixels * weight[:, :, 0, 0].numel() * 9 >= MIN_MULTIPLY_ADDS
 
 
 def tiles(x: torch.Tensor) -> int:

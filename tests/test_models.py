@@ -680,6 +680,7 @@ def test_unet_bf16_packed_paths_close_to_diffusers(unet_pair, monkeypatch):
     at bf16's tolerance."""
     from fastdiff.kernels import attention_cpu, winograd_cpu
 
+    monkeypatch.setattr(winograd_cpu, "MIN_MULTIPLY_ADDS", 0)  # these convolutions are far smaller than SD1.5's
     ref, ours = unet_pair
     attention_paths = []  # (path taken, the path the kernel's rules call for)
     path = ops.attention_path

@@ -57,9 +57,13 @@ def test_matches_float64(B, C, Co, H, W, residual):
 
 
 @RUNS
-def test_conv2d_takes_it_where_it_pays():
+def test_conv2d_takes_it_where_it_pays(monkeypatch):
     x, w, b, r = operands(2, 64, 32, 8, 8, seed=3, residual=True)
     with torch.no_grad(), ops.kernels("auto"):
+        assert ops.conv_path(x, w, (1, 1), (1, 1)) == "packed"  # 2.4M multiply-adds: the embedded model's size
+        big = torch.empty(2, 320, 16, 16, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        assert ops.conv_path(big, torch.empty(640, 320, 3, 3, dtype=torch.bfloat16), (1, 1), (1, 1)) == "winograd"  # SD1.5, 256 px
+        monkeypatch.setattr(kernel, "MIN_MULTIPLY_ADDS", 0)
         assert ops.conv_path(x, w, (1, 1), (1, 1)) == "winograd"
         assert ops.conv_path(x[:, :, :4, :4], w, (1, 1), (1, 1)) == "packed"  # 16 pixels, under MIN_PIXELS
         assert ops.conv_path(x, w, (2, 2), (1, 1)) == "packed"  # stride 2
@@ -75,7 +79,8 @@ def test_conv2d_takes_it_where_it_pays():
 
 
 @RUNS
-def test_in_place_weight_change_is_seen():
+def test_in_place_weight_change_is_seen(monkeypatch):
+    monkeypatch.setattr(kernel, "MIN_MULTIPLY_ADDS", 0)
     x, w, b, _ = operands(1, 32, 32, 8, 8, seed=4)
     with torch.no_grad(), ops.kernels("auto"):
         before = ops.conv2d(x, w, b, (1, 1), (1, 1))
