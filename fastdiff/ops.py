@@ -316,12 +316,12 @@ def winograd(x, weight, stride, padding) -> bool:
 
 def winograd_weights(weight, x) -> tuple:
     """The Winograd kernel's 16 transformed copies of a convolution's `weight`, each packed by
-    oneDNN for the first input's tile count (others stay correct)."""
-    from fastdiff.kernels.winograd_cpu import tiles, transform_weight
+    oneDNN for the first input's chunk of tiles (others stay correct)."""
+    from fastdiff.kernels.winograd_cpu import chunk_tiles, transform_weight
 
     def pack():
         u = transform_weight(weight)  # [16, Co, C]
-        return tuple(torch.ops.mkldnn._reorder_linear_weight(u[k], tiles(x)) for k in range(16))
+        return tuple(torch.ops.mkldnn._reorder_linear_weight(u[k], chunk_tiles(x, weight.shape[0])) for k in range(16))
 
     return packed_copy(weight, ("winograd",), pack)
 

@@ -59,14 +59,16 @@ static inline void input_tile(const bf16 *const px[4][4], bf16 *v, int64_t plane
 
 int winograd_input(
     const bf16 *x,                   /* [images, height, width, channels], channels innermost */
-    bf16 *v,                         /* out: [16, tiles, channels], tiles = images * ceil(h/2) * ceil(w/2) */
-    int64_t images, int64_t height,  /* shape */
-    int64_t width, int64_t channels, /* channels a multiple of 16 */
+    bf16 *v,                         /* out: [16, count, channels] for tiles first .. first + count - 1 */
+    int64_t images, int64_t height,  /* shape; the tiles, ceil(h/2) * ceil(w/2) an image, are */
+    int64_t width, int64_t channels, /* numbered image by image, row by row; channels % 16 == 0 */
+    int64_t first, int64_t count,    /* the range of tiles transformed */
     int threads) {                   /* OpenMP threads */
-    const int64_t th = (height + 1) / 2, tw = (width + 1) / 2, tiles = images * th * tw;
-    const int64_t plane = tiles * channels;
+    const int64_t th = (height + 1) / 2, tw = (width + 1) / 2;
+    const int64_t plane = count * channels;
+    (void)images;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < tiles; p++) {
+    for (int64_t p = first; p < first + count; p++) {
         const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
         const bf16 *px[4][4];
         for (int r = 0; r < 4; r++) {
@@ -77,7 +79,7 @@ int winograd_input(
                 px[r][s] = inside ? x + ((n * height + y) * width + xx) * channels : 0;
             }
         }
-        for (int64_t c = 0; c < channels; c += 16) input_tile(px, v + p * channels, plane, c);
+        for (int64_t c = 0; c < channels; c += 16) input_tile(px, v + (p - first) * channels, plane, c);
     }
     return 0;
 }
@@ -115,19 +117,21 @@ static inline void output_tile(const bf16 *const m[16], const float *bias, const
 }
 
 int winograd_output(
-    const bf16 *const *m,            /* 16 pointers, each [tiles, channels]: the matmuls' outputs */
+    const bf16 *const *m,            /* 16 pointers, each [count, channels]: the matmuls' outputs */
     const float *bias,               /* [channels] or NULL */
     const bf16 *residual,            /* [images, height, width, channels] added, or NULL */
     bf16 *y,                         /* out: [images, height, width, channels] */
-    int64_t images, int64_t height,  /* shape of y */
+    int64_t images, int64_t height,  /* shape of y, tiles numbered as in winograd_input */
     int64_t width, int64_t channels, /* channels a multiple of 16 */
+    int64_t first, int64_t count,    /* the range of tiles written */
     int threads) {                   /* OpenMP threads */
-    const int64_t th = (height + 1) / 2, tw = (width + 1) / 2, tiles = images * th * tw;
+    const int64_t th = (height + 1) / 2, tw = (width + 1) / 2;
+    (void)images;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t p = 0; p < tiles; p++) {
+    for (int64_t p = first; p < first + count; p++) {
         const int64_t n = p / (th * tw), i = p / tw % th, j = p % tw;
         const bf16 *mp[16];
-        for (int k = 0; k < 16; k++) mp[k] = m[k] + p * channels;
+        for (int k = 0; k < 16; k++) mp[k] = m[k] + (p - first) * channels;
         bf16 *out[2][2];
         const bf16 *res[2][2];
         for (int r = 0; r < 2; r++)

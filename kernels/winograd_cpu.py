@@ -32,17 +32,21 @@ MIN_PIXELS = 64
 # smallest UNet 3x3 convolution (943M multiply-adds at 256 px) up, tied or lost at 300-600M and
 # below, the embedded model's included (NOTES-cpu.md's Zen4 section).
 MIN_MULTIPLY_ADDS = 800_000_000
+# The transformed input and the products of a chunk of tiles are each at most this large, so a
+# large image's convolution needs no more memory than this twice (unchunked, 16 / 4 times its
+# input and output); smaller chunks, meant to stay in cache, ran no faster (NOTES-cpu.md).
+CHUNK_BYTES = 64 << 20
 # B^T d B, G g G^T and A^T M A of F(2x2, 3x3) (the C file applies B and A; the weights are made here)
 G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
 def declare(lib: ctypes.CDLL) -> None:
     ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    # x, v, images, height, width, channels, threads
-    lib.winograd_input.argtypes = [ptr, ptr, i64, i64, i64, i64, i32]
+    # x, v, images, height, width, channels, first tile, tiles, threads
+    lib.winograd_input.argtypes = [ptr, ptr, i64, i64, i64, i64, i64, i64, i32]
     lib.winograd_input.restype = ctypes.c_int
-    # m (16 pointers), bias, residual, y, images, height, width, channels, threads
-    lib.winograd_output.argtypes = [ctypes.POINTER(ptr), ptr, ptr, ptr, i64, i64, i64, i64, i32]
+    # m (16 pointers), bias, residual, y, images, height, width, channels, first tile, tiles, threads
+    lib.winograd_output.argtypes = [ctypes.POINTER(ptr), ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i32]
     lib.winograd_output.restype = ctypes.c_int
 
 
@@ -85,8 +89,15 @@ def pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def tiles(x: torch.Tensor) -> int:
-    """How many 2 x 2 output tiles `x`'s convolution has (its matmuls' rows)."""
+    """How many 2 x 2 output tiles `x`'s convolution has."""
     return x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
+
+
+def chunk_tiles(x: torch.Tensor, out_channels: int) -> int:
+    """How many tiles a call transforms and multiplies at a time (its matmuls' rows): as many as
+    keep the transformed input and the products within CHUNK_BYTES each."""
+    per_tile = 16 * 2 * max(x.shape[1], out_channels)  # bytes of one tile's V or M rows
+    return max(1, min(tiles(x), CHUNK_BYTES // per_tile))
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -104,12 +115,17 @@ def conv2d(x: torch.Tensor, packed: tuple, bias, out_channels: int, residual=Non
     must not be None."""
     B, C, H, W = x.shape
     lib, threads = library(), torch.get_num_threads()
-    v = torch.empty(16, tiles(x), C, dtype=torch.bfloat16)  # [16, tiles, C]
+    total, chunk = tiles(x), chunk_tiles(x, out_channels)
+    v = torch.empty(16, chunk, C, dtype=torch.bfloat16)  # [16, chunk tiles, C]
     y = torch.empty(B, out_channels, H, W, dtype=torch.bfloat16, memory_format=torch.channels_last)
-    with torch.profiler.record_function("fastdiff::winograd_cpu"):  # profilers see ctypes calls only by name
-        lib.winograd_input(x.data_ptr(), v.data_ptr(), B, H, W, C, threads)
-        m = [torch.ops.mkldnn._linear_pointwise(v[k], packed[k], None, "none", [], "") for k in range(16)]  # 16 x [tiles, Co]
+    b, res = None if bias is None else bias.data_ptr(), None if residual is None else residual.data_ptr()
+    for first in range(0, total, chunk):
+        count = min(chunk, total - first)
+        vc = v.view(-1)[: 16 * count * C].view(16, count, C)  # the last chunk's may be fewer rows
+        with torch.profiler.record_function("fastdiff::winograd_cpu"):  # profilers see ctypes calls only by name
+            lib.winograd_input(x.data_ptr(), vc.data_ptr(), B, H, W, C, first, count, threads)
+        m = [torch.ops.mkldnn._linear_pointwise(vc[k], packed[k], None, "none", [], "") for k in range(16)]  # 16 x [count, Co]
         pointers = (ctypes.c_void_p * 16)(*(t.data_ptr() for t in m))
-        res = None if residual is None else residual.data_ptr()
-        lib.winograd_output(pointers, None if bias is None else bias.data_ptr(), res, y.data_ptr(), B, H, W, out_channels, threads)
+        with torch.profiler.record_function("fastdiff::winograd_cpu"):
+            lib.winograd_output(pointers, b, res, y.data_ptr(), B, H, W, out_channels, first, count, threads)
     return y

@@ -42,7 +42,10 @@ def test_cpu_can_run_on_faked_flags():
         (3, 320, 320, 16, 16, False),  # an SD1.5 level, batch 3
     ],
 )
-def test_matches_float64(B, C, Co, H, W, residual):
+@pytest.mark.parametrize("chunks", ["one", "several"])
+def test_matches_float64(B, C, Co, H, W, residual, chunks, monkeypatch):
+    if chunks == "several":  # 3 tiles a chunk: a ragged last chunk wherever the tiles are not a multiple of 3
+        monkeypatch.setattr(kernel, "CHUNK_BYTES", 3 * 16 * 2 * max(C, Co))
     x, w, b, r = operands(B, C, Co, H, W, seed=B * 1000 + C + H * W, residual=residual)
     u = kernel.transform_weight(w)
     packed = tuple(torch.ops.mkldnn._reorder_linear_weight(u[k], kernel.tiles(x)) for k in range(16))
