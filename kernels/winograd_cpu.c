@@ -13,9 +13,10 @@
              outputs of channel c, A^T = [[1,1,1,0], [0,1,-1,-1]]; pixels past an odd edge are
              not written.
    The transformed weights G g G^T are made once in Python (float64, then rounded to bf16).
-   Sums are in fp32; V is rounded to bf16 once, which is where the method's extra error comes
-   from (tests/test_winograd_cpu.py bounds it against float64; benchmarks/winograd_cpu.py
-   measures it per shape). Channels are a multiple of 16. */
+   Sums are in fp32; V is rounded to bf16 for the matmuls, and their products M come back in
+   bf16: that is where the method's extra error comes from (tests/test_winograd_cpu.py bounds it
+   against float64; benchmarks/winograd_cpu.py measures it per shape). Channels are a multiple
+   of 16. */
 
 #include <immintrin.h>
 #include <stdint.h>

@@ -3,8 +3,8 @@ launcher of `winograd_cpu.c` (built by `cpu_library`), whose header says how.
 
 Without AMX a bf16 convolution runs at the CPU's dot-product rate, so it is faster only with
 fewer products: 16 matmuls of [tiles, C] x [C, Co] on oneDNN-packed transformed weights do the
-work of 36 per 2 x 2 output pixels. The price is precision: the transformed input is rounded to
-bf16, which adds error (`benchmarks/winograd_cpu.py` measures it and the speed per SD1.5 shape).
+work of 36 per 2 x 2 output pixels. The price is precision: the transformed input and the
+matmuls' products are rounded to bf16, which adds error (`benchmarks/winograd_cpu.py` measures it and the speed per SD1.5 shape).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether it is worth running: at least MIN_PIXELS output pixels an image and
     MIN_MULTIPLY_ADDS in the direct convolution."""
     pixels = x.shape[2] * x.shape[3]
-    return pixels >= MIN_PIXELS and x.shape[0] * pixels * weight[:, :, 0, 0].numel() * 9 >= MIN_MULTIPLY_ADDS
+    return pixels >= MIN_PIXELS and x.shape[0] * pixels * weight.shape[0] * weight.shape[1] * 9 >= MIN_MULTIPLY_ADDS
 
 
 def tiles(x: torch.Tensor) -> int:
