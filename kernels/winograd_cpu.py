@@ -4,7 +4,8 @@ launcher of `winograd_cpu.c` (built by `cpu_library`), whose header says how.
 Without AMX a bf16 convolution runs at the CPU's dot-product rate, so it is faster only with
 fewer products: 16 matmuls of [tiles, C] x [C, Co] on oneDNN-packed transformed weights do the
 work of 36 per 2 x 2 output pixels. The price is precision: the transformed input and the
-matmuls' products are rounded to bf16, which adds error (`benchmarks/winograd_cpu.py` measures it and the speed per SD1.5 shape).
+matmuls' products are rounded to bf16, which adds error (`benchmarks/winograd_cpu.py` measures
+it and the speed per SD1.5 shape).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ AMX_FLAGS = ("amx_tile", "amx_bf16")
 MIN_PIXELS = 64
 # And a call has a fixed cost (16 oneDNN calls, two passes) that small convolutions do not repay,
 # nor do the 16 small matmuls split well between threads: at 2 threads it led from SD1.5's
-# smallest UNet 3x3 convolution (943M multiply-adds at 256 px) up, tied or lost at 300-600M and
-# below, the embedded model's included (NOTES-cpu.md's Zen4 section).
+# smallest UNet 3x3 convolution (943M multiply-adds at 256 px) up, gained at most 1.2x at
+# 300-600M and lost below, at the embedded model's too (NOTES-cpu.md's Zen4 section).
 MIN_MULTIPLY_ADDS = 800_000_000
 # The transformed input and the products of a chunk of tiles are each at most this large, so a
 # large image's convolution needs no more memory than this twice (unchunked, 16 / 4 times its
