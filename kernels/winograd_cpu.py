@@ -16,14 +16,11 @@ from pathlib import Path
 import torch
 
 from fastdiff import precision
-from fastdiff.kernels import cpu_library
+from fastdiff.kernels import attention_cpu, cpu_library
 
 SOURCE = Path(__file__).with_name("winograd_cpu.c")
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
 COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512bf16")
-# Measured on CPUs without AMX only; with AMX oneDNN's convolutions run at another rate and this
-# was not timed there (benchmarks/NOTES-cpu.md), so AMX CPUs keep oneDNN's direct convolutions.
-AMX_FLAGS = ("amx_tile", "amx_bf16")
 # Fewer output pixels an image than this and the transformed weights (16 / 9 of the direct ones)
 # are read for too few tiles: at SD1.5's 4 x 4 level (256 px) the direct convolution led
 # (benchmarks/winograd_cpu.py).
@@ -52,9 +49,11 @@ def declare(lib: ctypes.CDLL) -> None:
 
 
 def cpu_can_run(flags: frozenset[str] | None = None) -> bool:
-    """Whether this is a CPU the kernel is meant for: AVX512-BF16 and no AMX."""
+    """Whether this is a CPU the kernel is meant for: AVX512-BF16 and no AMX (measured on CPUs
+    without AMX only; with AMX oneDNN's convolutions run at another rate and this was not timed
+    there, benchmarks/NOTES-cpu.md, so AMX CPUs keep oneDNN's direct convolutions)."""
     flags = precision.cpu_flags() if flags is None else flags
-    return all(f in flags for f in REQUIRED_CPU_FLAGS) and not all(f in flags for f in AMX_FLAGS)
+    return all(f in flags for f in REQUIRED_CPU_FLAGS) and not attention_cpu.cpu_has_amx(flags)
 
 
 def library() -> ctypes.CDLL | None:
