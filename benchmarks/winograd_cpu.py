@@ -26,10 +26,6 @@ from fastdiff import allocator, ops, testing
 from fastdiff.kernels import winograd_cpu as kernel
 
 
-def relative_rms(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
-
-
 def time_shape(shape, out_channels: int, repeats: int) -> dict:
     """Median ms of each way and its error against float64."""
     x = torch.randn(shape).bfloat16().contiguous(memory_format=torch.channels_last)
@@ -43,7 +39,7 @@ def time_shape(shape, out_channels: int, repeats: int) -> dict:
         "winograd": lambda: kernel.conv2d(x, transformed, b, out_channels),
     }
     ref = F.conv2d(x.double(), w.double(), b.bfloat16().double(), padding=1)
-    errors = {f"{name} error": relative_rms(way(), ref) for name, way in ways.items()}
+    errors = {f"{name} error": testing.relative_rms(way(), ref) for name, way in ways.items()}
     medians = testing.interleaved_medians(ways, repeats)
     with ops.kernels("auto"), torch.no_grad():
         path = ops.conv_path(x, w, (1, 1), (1, 1))

@@ -248,6 +248,13 @@ def conv_shapes(size: int, network: str = "unet", batch: int = 2) -> collections
     return shapes
 
 
+def relative_rms(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """RMS of `got - ref` over the RMS of `ref`, in float64: the error measure of the per-shape
+    and per-network benchmarks and of the kernels' tests against float64 references."""
+    ref = ref.double()
+    return float((got.double() - ref).norm() / ref.norm())
+
+
 def load_avg() -> float | None:
     """The 1-minute load average: above the core count, other processes share the cores and
     multi-threaded CPU timings swing widely (OpenMP threads wait on descheduled peers)."""

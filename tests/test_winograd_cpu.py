@@ -7,14 +7,11 @@ import torch.nn.functional as F
 
 from fastdiff import ops
 from fastdiff.kernels import winograd_cpu as kernel
+from fastdiff.testing import relative_rms
 
 RUNS = pytest.mark.skipif(not kernel.cpu_can_run(), reason="the kernel runs on CPUs with AVX512-BF16 and without AMX; this is not one")
 ZEN4 = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni"})
 AMX = ZEN4 | {"amx_tile", "amx_bf16", "amx_int8"}
-
-
-def relative_rms(got, want) -> float:
-    return ((got.double() - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
 
 
 def operands(B, C, Co, H, W, seed, residual=False):
